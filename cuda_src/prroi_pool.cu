@@ -1,0 +1,169 @@
+// Precise RoI Pooling (IoU-Net) and its position-sensitive variant.
+//
+// f(y, x) = sum_{h,w} F[h,w] tent(y - h) tent(x - w) with tent(t) = max(0, 1 - |t|)
+// is separable, so the exact integral of f over a bin [ys, ye) x [xs, xe) is
+//   sum_{h,w} F[h,w] * Wy(h) * Wx(w),   Wy(h) = integral_{ys}^{ye} tent(y - h) dy,
+// and its derivative w.r.t. a bin edge, e.g. d/dxs = -integral f(y, xs) dy,
+//   = -sum_{h,w} F[h,w] * Wy(h) * tent(xs - w).
+// Each feature is read once per bin instead of once per unit cell it touches.
+#include "roi_common.cuh"
+
+namespace cupy_roi {
+
+template <typename A>
+__device__ __forceinline__ A tent(A t) { return max(A(0), A(1) - fabs(t)); }
+
+// integral_{-inf}^{t} tent(u) du
+template <typename A>
+__device__ __forceinline__ A tent_cdf(A t) {
+  if (t <= A(-1)) return A(0);
+  if (t <= A(0)) return A(0.5) * (t + A(1)) * (t + A(1));
+  if (t < A(1)) return A(1) - A(0.5) * (A(1) - t) * (A(1) - t);
+  return A(1);
+}
+
+// One output bin of a PrRoIPool RoI in feature-map coordinates, and the grid
+// points [lo, hi] (clipped to the map: the surface is zero-padded) it touches.
+template <typename A>
+struct PreciseBin {
+  A ys, ye, xs, xe, bin_h, bin_w, area;
+  int h_lo, h_hi, w_lo, w_hi;
+
+  __device__ __forceinline__ void set(A x1, A y1, A x2, A y2, A scale, int i, int j, int ph, int pw,
+                                      int height, int width) {
+    const A rx1 = x1 * scale, ry1 = y1 * scale;
+    bin_w = max(x2 * scale - rx1, A(0)) / pw;
+    bin_h = max(y2 * scale - ry1, A(0)) / ph;
+    xs = rx1 + j * bin_w; xe = xs + bin_w;
+    ys = ry1 + i * bin_h; ye = ys + bin_h;
+    area = bin_w * bin_h;
+    // Clamp in floating point first so that far-away boxes cannot overflow int.
+    h_lo = (int)min(max(floor(ys), A(0)), A(height));
+    h_hi = (int)min(max(ceil(ye), A(-1)), A(height - 1));
+    w_lo = (int)min(max(floor(xs), A(0)), A(width));
+    w_hi = (int)min(max(ceil(xe), A(-1)), A(width - 1));
+  }
+  __device__ __forceinline__ A weight_y(int h) const { return tent_cdf(ye - h) - tent_cdf(ys - h); }
+  __device__ __forceinline__ A weight_x(int w) const { return tent_cdf(xe - w) - tent_cdf(xs - w); }
+};
+
+}  // namespace cupy_roi
+
+using namespace cupy_roi;
+
+template <typename T, bool PS>
+__global__ void prroi_pool_forward(
+    const T* __restrict__ input, int batch, int height, int width,
+    index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
+    int channels_fastest,
+    T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
+  typedef typename acc_type<T>::type A;
+  const Strides4 out_st = make_strides(out_s0, out_s1, out_s2, out_s3);
+  const index_t total = num_rois * channels_out * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    T* out = output + out_st.at(p.k, p.c, p.i, p.j);
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
+    PreciseBin<A> bin;
+    bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
+    if (!(bin.area > A(0))) { store(out, A(0)); continue; }
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
+    A sum = 0;
+    for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
+      const A wy = bin.weight_y(h);
+      A row = 0;
+      for (int w = bin.w_lo; w <= bin.w_hi; ++w) row += bin.weight_x(w) * to_acc(plane[h * in_s2 + w * in_s3]);
+      sum += wy * row;
+    }
+    store(out, sum / bin.area);
+  }
+}
+
+// One block works on a contiguous chunk of one RoI's output elements, so the
+// four coordinate gradients of that RoI are reduced inside the block and
+// written with four atomics per block instead of four per output element.
+// grad_input and grad_rois ([K, 5]) are zero-filled accumulation buffers of the
+// accumulation type; input is read only when want_coords is set.
+template <typename T, bool PS>
+__global__ void prroi_pool_backward(
+    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
+    const T* __restrict__ input, index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
+    int channels_fastest, int chunks_per_roi, int want_coords,
+    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3,
+    typename acc_type<T>::type* __restrict__ grad_rois) {
+  typedef typename acc_type<T>::type A;
+  __shared__ A scratch[32];
+  const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const index_t per_roi = (index_t)channels_out * ph * pw;
+  const index_t chunk_len = (per_roi + chunks_per_roi - 1) / chunks_per_roi;
+  for (index_t blk = blockIdx.x; blk < num_rois * chunks_per_roi; blk += gridDim.x) {
+    const index_t k = blk / chunks_per_roi;
+    const index_t e_begin = (blk % chunks_per_roi) * chunk_len;
+    const index_t e_end = min(e_begin + chunk_len, per_roi);
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, k, batch, b, x1, y1, x2, y2)) continue;  // uniform over the block
+    A g_x1 = 0, g_y1 = 0, g_x2 = 0, g_y2 = 0;
+    for (index_t e = e_begin + threadIdx.x; e < e_end; e += blockDim.x) {
+      const BinPos p = decompose(k * per_roi + e, channels_out, ph, pw, channels_fastest != 0);
+      PreciseBin<A> bin;
+      bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
+      if (!(bin.area > A(0))) continue;
+      const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]);
+      const A coeff = grad / bin.area;
+      const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+      A* g_plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
+      const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
+      // integral, and edge integrals along xs, xe, ys, ye
+      A integral = 0, e_xs = 0, e_xe = 0, e_ys = 0, e_ye = 0;
+      for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
+        const A wy = bin.weight_y(h);
+        const A ky_s = tent(bin.ys - h), ky_e = tent(bin.ye - h);
+        for (int w = bin.w_lo; w <= bin.w_hi; ++w) {
+          const A wx = bin.weight_x(w);
+          atomicAdd(g_plane + h * gi_s2 + w * gi_s3, coeff * wy * wx);
+          if (want_coords) {
+            const A f = to_acc(plane[h * in_s2 + w * in_s3]);
+            const A fwy = f * wy, fwx = f * wx;
+            integral += fwy * wx;
+            e_xs += fwy * tent(bin.xs - w);
+            e_xe += fwy * tent(bin.xe - w);
+            e_ys += fwx * ky_s;
+            e_ye += fwx * ky_e;
+          }
+        }
+      }
+      if (want_coords) {
+        const A out = integral / bin.area;
+        const A d_xs = (out * bin.bin_h - e_xs) / bin.area, d_xe = (e_xe - out * bin.bin_h) / bin.area;
+        const A d_ys = (out * bin.bin_w - e_ys) / bin.area, d_ye = (e_ye - out * bin.bin_w) / bin.area;
+        // xs = x1' (1 - j/pw) + x2' j/pw and xe = x1' (1 - (j+1)/pw) + x2' (j+1)/pw
+        const A fj0 = A(p.j) / pw, fj1 = A(p.j + 1) / pw;
+        const A fi0 = A(p.i) / ph, fi1 = A(p.i + 1) / ph;
+        const A s = grad * spatial_scale;
+        g_x1 += s * (d_xs * (A(1) - fj0) + d_xe * (A(1) - fj1));
+        g_x2 += s * (d_xs * fj0 + d_xe * fj1);
+        g_y1 += s * (d_ys * (A(1) - fi0) + d_ye * (A(1) - fi1));
+        g_y2 += s * (d_ys * fi0 + d_ye * fi1);
+      }
+    }
+    if (want_coords) {
+      g_x1 = block_sum(g_x1, scratch);
+      g_y1 = block_sum(g_y1, scratch);
+      g_x2 = block_sum(g_x2, scratch);
+      g_y2 = block_sum(g_y2, scratch);
+      if (threadIdx.x == 0) {
+        A* r = grad_rois + k * 5;
+        atomicAdd(r + 1, g_x1); atomicAdd(r + 2, g_y1);
+        atomicAdd(r + 3, g_x2); atomicAdd(r + 4, g_y2);
+      }
+    }
+  }
+}

@@ -1,0 +1,102 @@
+// Device helpers shared by every RoI pooling kernel family.
+// The kernel loader inlines this header into each .cu source before compiling,
+// so CuPy's on-disk cache (keyed by source text) sees edits made here.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace cupy_roi {
+
+typedef long long index_t;
+
+// Half types accumulate in float; double stays double.
+template <typename T> struct acc_type { typedef float type; };
+template <> struct acc_type<double> { typedef double type; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// Strides (in elements) of a 4-d array; lets every kernel read NCHW,
+// channels_last and arbitrary views without a copy.
+struct Strides4 {
+  index_t s0, s1, s2, s3;
+  __device__ __forceinline__ index_t at(index_t a, index_t b, index_t c, index_t d) const {
+    return a * s0 + b * s1 + c * s2 + d * s3;
+  }
+};
+
+__device__ __forceinline__ Strides4 make_strides(index_t s0, index_t s1, index_t s2, index_t s3) {
+  Strides4 s; s.s0 = s0; s.s1 = s1; s.s2 = s2; s.s3 = s3; return s;
+}
+
+// Output position (k, c, i, j) of a flat element index. With channels-fastest
+// order consecutive threads touch consecutive channels, which is what makes
+// channels_last inputs coalesce.
+struct BinPos { index_t k; int c, i, j; };
+
+__device__ __forceinline__ BinPos decompose(index_t idx, int channels, int ph, int pw, bool channels_fastest) {
+  BinPos p;
+  if (channels_fastest) {
+    p.c = (int)(idx % channels); idx /= channels;
+    p.j = (int)(idx % pw); idx /= pw;
+    p.i = (int)(idx % ph); p.k = idx / ph;
+  } else {
+    p.j = (int)(idx % pw); idx /= pw;
+    p.i = (int)(idx % ph); idx /= ph;
+    p.c = (int)(idx % channels); p.k = idx / channels;
+  }
+  return p;
+}
+
+// Position-sensitive pooling reads a different input channel for every bin.
+template <bool PS>
+__device__ __forceinline__ int input_channel(int c_out, int i, int j, int ph, int pw) {
+  return PS ? (c_out * ph + i) * pw + j : c_out;
+}
+
+// A RoI row is (batch_index, x1, y1, x2, y2). Host code validates RoIs, but the
+// check can be switched off for hot loops; kernels must still never read out
+// of bounds, so an invalid row is detected here and its outputs become NaN.
+template <typename A>
+__device__ __forceinline__ bool load_roi(const A* rois, index_t k, int batch, int& b, A& x1, A& y1, A& x2, A& y2) {
+  const A* r = rois + k * 5;
+  A bf = r[0];
+  x1 = r[1]; y1 = r[2]; x2 = r[3]; y2 = r[4];
+  if (!(bf >= A(0) && bf < A(batch)) || !isfinite(x1) || !isfinite(y1) || !isfinite(x2) || !isfinite(y2)) {
+    b = -1;
+    return false;
+  }
+  b = (int)bf;
+  return true;
+}
+
+template <typename A> __device__ __forceinline__ A quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
+template <typename A> __device__ __forceinline__ A negative_infinity();
+template <> __device__ __forceinline__ float negative_infinity<float>() { return __int_as_float(0xff800000); }
+template <> __device__ __forceinline__ double negative_infinity<double>() { return __longlong_as_double(0xfff0000000000000LL); }
+
+// Sum over a thread block; the result is valid in thread 0 only.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* scratch) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) >> 5;
+  v = (threadIdx.x < warps) ? scratch[threadIdx.x] : A(0);
+  if (warp == 0)
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+}  // namespace cupy_roi

@@ -1,0 +1,118 @@
+// RoIPool (max) and position-sensitive RoIPool (mean), torchvision.ops semantics.
+#include "roi_common.cuh"
+
+namespace cupy_roi {
+
+// Integer bin [h0, h1) x [w0, w1) of torchvision's roi_pool / ps_roi_pool.
+// RoIPool counts the rounded end corner as inside the box (+1); PSRoIPool
+// does not, and its forward clips bins to H-1 / W-1 (torchvision does so).
+// Bins are computed in floating point and clamped before any conversion to
+// int, so huge coordinates cannot overflow.
+template <typename A, bool PS>
+struct PoolBin {
+  int h0, h1, w0, w1;
+
+  __device__ __forceinline__ void set(A x1, A y1, A x2, A y2, A scale, int i, int j, int ph, int pw,
+                                      int height, int width) {
+    const A rx1 = round(x1 * scale), ry1 = round(y1 * scale);
+    const A rx2 = round(x2 * scale), ry2 = round(y2 * scale);
+    const A extra = PS ? A(0) : A(1);
+    const A roi_w = max(rx2 - rx1 + extra, A(1));
+    const A roi_h = max(ry2 - ry1 + extra, A(1));
+    const A bin_h = roi_h / ph, bin_w = roi_w / pw;
+    const A max_h = PS ? A(height - 1) : A(height);
+    const A max_w = PS ? A(width - 1) : A(width);
+    h0 = (int)min(max(floor(i * bin_h) + ry1, A(0)), max_h);
+    h1 = (int)min(max(ceil((i + 1) * bin_h) + ry1, A(0)), max_h);
+    w0 = (int)min(max(floor(j * bin_w) + rx1, A(0)), max_w);
+    w1 = (int)min(max(ceil((j + 1) * bin_w) + rx1, A(0)), max_w);
+  }
+  __device__ __forceinline__ bool empty() const { return h1 <= h0 || w1 <= w0; }
+};
+
+}  // namespace cupy_roi
+
+using namespace cupy_roi;
+
+// argmax (RoIPool only) receives h * W + w of the maximum, -1 for an empty bin.
+template <typename T, bool PS>
+__global__ void roi_pool_forward(
+    const T* __restrict__ input, int batch, int height, int width,
+    index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
+    int channels_fastest,
+    T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3,
+    int* __restrict__ argmax) {
+  typedef typename acc_type<T>::type A;
+  const Strides4 out_st = make_strides(out_s0, out_s1, out_s2, out_s3);
+  const index_t total = num_rois * channels_out * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    T* out = output + out_st.at(p.k, p.c, p.i, p.j);
+    // argmax is always contiguous NCHW, whatever the output layout.
+    const index_t arg_at = ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j;
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) {
+      store(out, quiet_nan<A>());
+      if (!PS) argmax[arg_at] = -1;
+      continue;
+    }
+    PoolBin<A, PS> bin;
+    bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
+    if (PS) {
+      A sum = 0;
+      for (int h = bin.h0; h < bin.h1; ++h)
+        for (int w = bin.w0; w < bin.w1; ++w) sum += to_acc(plane[h * in_s2 + w * in_s3]);
+      const A area = A((bin.h1 - bin.h0) * (bin.w1 - bin.w0));
+      store(out, bin.empty() ? A(0) : sum / area);
+    } else {
+      A best = bin.empty() ? A(0) : negative_infinity<A>();
+      int best_at = -1;
+      for (int h = bin.h0; h < bin.h1; ++h)
+        for (int w = bin.w0; w < bin.w1; ++w) {
+          const A v = to_acc(plane[h * in_s2 + w * in_s3]);
+          if (v > best) { best = v; best_at = h * width + w; }
+        }
+      store(out, best);
+      argmax[arg_at] = best_at;
+    }
+  }
+}
+
+template <typename T, bool PS>
+__global__ void roi_pool_backward(
+    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
+    int channels_fastest, const int* __restrict__ argmax,
+    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3) {
+  typedef typename acc_type<T>::type A;
+  const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const index_t total = num_rois * channels_out * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+    const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]);
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    A* plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
+    if (PS) {
+      PoolBin<A, PS> bin;
+      bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
+      if (bin.empty()) continue;
+      const A g = grad / A((bin.h1 - bin.h0) * (bin.w1 - bin.w0));
+      for (int h = bin.h0; h < bin.h1; ++h)
+        for (int w = bin.w0; w < bin.w1; ++w) atomicAdd(plane + h * gi_s2 + w * gi_s3, g);
+    } else {
+      const int at = argmax[((p.k * channels_out + p.c) * ph + p.i) * pw + p.j];
+      if (at < 0 || at >= height * width) continue;
+      atomicAdd(plane + (at / width) * gi_s2 + (at % width) * gi_s3, grad);
+    }
+  }
+}

@@ -1,0 +1,165 @@
+"""RoI argument handling for every operator and every array kind (torch, NumPy, CuPy).
+
+One place for: accepting ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a
+list of ``[L_i, 4]`` boxes (image ``i``), converting them once to the
+accumulation dtype, and checking them (shape, dtype, device, batch index range,
+finiteness). The value check costs one small reduction and one device-to-host
+copy per call; ``roi_checks(False)`` turns it off for hot loops and it is
+skipped while a CUDA graph is being captured. Kernels never read out of bounds
+for invalid RoIs either way: such a RoI's outputs become NaN.
+"""
+import contextlib
+import threading
+
+import numpy as np
+
+_state = threading.local()
+
+
+def roi_checks_enabled():
+    return getattr(_state, "enabled", True)
+
+
+@contextlib.contextmanager
+def roi_checks(enabled):
+    """Context manager enabling or disabling the RoI value check in this thread.
+
+    >>> with cupy_roi.roi_checks(False):   # no device-to-host copy per call
+    ...     out = cupy_roi.ps_roi_align(x, rois, 7)
+    """
+    previous = roi_checks_enabled()
+    _state.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def _kind(x):
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return "torch"
+    if mod.startswith("cupy"):
+        return "cupy"
+    return None
+
+
+def _is_floating(x):
+    if _kind(x) == "torch":
+        return x.is_floating_point()
+    return x.dtype.kind == "f" or str(x.dtype) == "bfloat16"
+
+
+def _device(x):
+    kind = _kind(x)
+    if kind == "torch":
+        return x.device
+    if kind == "cupy":
+        return ("cuda", x.device.id)
+    return "cpu"
+
+
+def accumulation_dtype_name(dtype_name):
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return "float64" if dtype_name == "float64" else "float32"
+
+
+def roi_rows(rois, input, n_images, acc_dtype_name):
+    """``rois`` as a contiguous ``[K, 5]`` array of the accumulation dtype, of the
+    same kind and on the same device as ``input``. Raises TypeError/ValueError
+    naming ``rois`` for anything else."""
+    in_kind, in_device = _kind(input), _device(input)
+
+    def check_piece(piece, what, width):
+        if _kind(piece) != in_kind:
+            raise TypeError(f"{what} must be a {in_kind} array like input, got {type(piece).__name__}")
+        if _device(piece) != in_device:
+            raise ValueError(f"{what} must be on the same device as input ({in_device}), "
+                             f"got {_device(piece)}")
+        if not _is_floating(piece):
+            raise TypeError(f"{what} must have a floating dtype, got {piece.dtype}")
+        if piece.ndim != 2 or piece.shape[1] != width:
+            raise ValueError(f"{what} must have shape [K, {width}], got {tuple(piece.shape)}")
+
+    if isinstance(rois, (list, tuple)):
+        if len(rois) != n_images:
+            raise ValueError(f"rois given as a list must hold one [L, 4] box tensor per image: "
+                             f"input has {n_images} images, rois has {len(rois)} entries")
+        for i, boxes in enumerate(rois):
+            check_piece(boxes, f"rois[{i}]", 4)
+        return _concat_boxes(rois, in_kind, acc_dtype_name, input)
+    check_piece(rois, "rois", 5)
+    return _convert(rois, in_kind, acc_dtype_name)
+
+
+def _convert(a, kind, dtype_name):
+    if kind == "torch":
+        import torch
+        return a.to(dtype=getattr(torch, dtype_name), memory_format=torch.contiguous_format).contiguous()
+    xp = _xp(kind)
+    return xp.ascontiguousarray(a.astype(dtype_name, copy=False))
+
+
+def _xp(kind):
+    if kind == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def _concat_boxes(boxes, kind, dtype_name, like):
+    if kind == "torch":
+        import torch
+        dtype = getattr(torch, dtype_name)
+        parts = [torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype, device=b.device),
+                            b.to(dtype)], dim=1) for i, b in enumerate(boxes)]
+        if not parts:
+            return torch.empty((0, 5), dtype=dtype, device=like.device)
+        return torch.cat(parts, dim=0).contiguous()
+    xp = _xp(kind)
+    parts = [xp.concatenate([xp.full((b.shape[0], 1), float(i), dtype=dtype_name),
+                             b.astype(dtype_name)], axis=1) for i, b in enumerate(boxes)]
+    if not parts:
+        return xp.empty((0, 5), dtype=dtype_name)
+    return xp.ascontiguousarray(xp.concatenate(parts, axis=0))
+
+
+def _bad_row_count(rows, n_images):
+    """Number of rows with a batch index outside [0, n_images), a non-integral
+    batch index, or a non-finite coordinate, as a 0-d array of the rows' kind."""
+    kind = _kind(rows)
+    if kind == "torch":
+        import torch
+        b = rows[:, 0]
+        bad = (b < 0) | (b >= n_images) | (b != torch.floor(b)) | ~torch.isfinite(rows).all(dim=1)
+        return bad.sum()
+    xp = _xp(kind)
+    b = rows[:, 0]
+    bad = (b < 0) | (b >= n_images) | (b != xp.floor(b)) | ~xp.isfinite(rows).all(axis=1)
+    return bad.sum()
+
+
+def check_roi_values(rows, n_images):
+    """Raise ValueError if any row is invalid (one device-to-host copy), unless
+    checks are off or a CUDA graph is being captured."""
+    if rows.shape[0] == 0 or not roi_checks_enabled() or _capturing(rows):
+        return
+    bad = int(_bad_row_count(rows, n_images))
+    if bad:
+        raise ValueError(
+            f"rois: {bad} of {rows.shape[0]} rows are invalid: every row must be "
+            f"(batch_index, x1, y1, x2, y2) with an integral batch_index in [0, {n_images}) "
+            "and finite coordinates")
+
+
+def _capturing(rows):
+    kind = _kind(rows)
+    if kind == "torch" and rows.is_cuda:
+        import torch
+        return torch.cuda.is_current_stream_capturing()
+    if kind == "cupy":
+        import cupy
+        return cupy.cuda.get_current_stream().is_capturing()
+    return False

@@ -1,0 +1,408 @@
+"""Array API: forward and backward of every operator on CuPy arrays (GPU kernels)
+or NumPy arrays (the reference path, on the CPU). For users without autograd.
+
+Conventions shared by every function here:
+
+* ``input``: ``(N, C, H, W)``, any strides (NCHW, channels-last, views);
+  float16, float32, float64, and bfloat16 given as a ``uint16`` array of raw
+  bfloat16 bits with ``scalar_type="bfloat16"`` (CuPy has no bfloat16 dtype).
+* ``rois``: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list of N
+  ``[L_i, 4]`` arrays, in input-image coordinates, any floating dtype.
+* ``output_size``: int or ``(ph, pw)``. Outputs are ``(K, C_out, ph, pw)`` with
+  ``C_out = C``, or ``C / (ph * pw)`` for position-sensitive pooling, laid out
+  like the input (channels-last in, channels-last out).
+* ``out``: optional output array to write (any strides, the input's dtype).
+* Backward functions return gradients in the accumulation dtype (float32 for
+  float16/bfloat16 inputs, else the input's); ``grad_input`` may be passed as a
+  zero-filled buffer of that dtype to accumulate into.
+* ``stream``: a ``cupy.cuda.Stream`` or ``ExternalStream``; default: CuPy's
+  current stream. Nothing here synchronizes with the host, except the RoI
+  value check (see :func:`cupy_roi.roi_checks`).
+"""
+import numpy as np
+
+from . import _kernels, _rois
+
+__all__ = [
+    "roi_align_forward", "roi_align_backward", "ps_roi_align_forward", "ps_roi_align_backward",
+    "roi_pool_forward", "roi_pool_backward", "ps_roi_pool_forward", "ps_roi_pool_backward",
+    "prroi_pool_forward", "prroi_pool_backward",
+]
+
+
+# ---------------------------------------------------------------------------
+# argument handling shared by every operator
+
+def output_size_pair(output_size):
+    if isinstance(output_size, (int, np.integer)):
+        ph = pw = int(output_size)
+    else:
+        try:
+            ph, pw = (int(v) for v in output_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"output_size must be an int or a pair (ph, pw), got {output_size!r}") from None
+    if ph <= 0 or pw <= 0:
+        raise ValueError(f"output_size must be positive, got {(ph, pw)}")
+    return ph, pw
+
+
+def channels_out(channels, output_size, position_sensitive):
+    if not position_sensitive:
+        return channels
+    ph, pw = output_size
+    if channels % (ph * pw):
+        raise ValueError(f"input: position-sensitive pooling needs channels divisible by "
+                         f"ph * pw = {ph * pw}, got {channels} channels")
+    return channels // (ph * pw)
+
+
+def check_shape4(shape, name="input"):
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be 4-d (N, C, H, W), got shape {tuple(shape)}")
+    if min(shape[2:]) <= 0:
+        raise ValueError(f"{name} must have a non-empty spatial size, got shape {tuple(shape)}")
+
+
+def _scalar_type(a, scalar_type, name):
+    dtype = str(a.dtype)
+    if scalar_type is not None:
+        if scalar_type != "bfloat16" or dtype not in ("uint16", "int16"):
+            raise TypeError(f"{name}: scalar_type={scalar_type!r} is only for bfloat16 bits held "
+                            f"in a uint16 array, got dtype {dtype}")
+        return "bfloat16"
+    if dtype not in _kernels.CUDA_TYPES:
+        raise TypeError(f"{name} must be float16, float32 or float64 (bfloat16 as uint16 bits "
+                        f"with scalar_type='bfloat16'), got {dtype}")
+    return dtype
+
+
+def _ptr(a):
+    return np.uint64(a.data.ptr)
+
+
+def _strides(a):
+    return [np.int64(s // a.itemsize) for s in a.strides]
+
+
+def _channels_fastest(strides, shape):
+    """Iterate channels fastest when the channel stride is the smallest one:
+    consecutive threads then touch consecutive addresses of a channels-last map."""
+    s = [abs(int(x)) for x in strides]
+    return shape[1] > 1 and s[1] <= min(s[2], s[3])
+
+
+class _Call:
+    """One GPU operator call: validated sizes, RoI rows, stream and device."""
+
+    def __init__(self, like, shape, rois, output_size, position_sensitive, stream, scalar_type, name):
+        import cupy
+
+        check_shape4(shape, name)
+        self.cupy = cupy
+        self.scalar = _scalar_type(like, scalar_type, name)
+        self.acc = _rois.accumulation_dtype_name(self.scalar)
+        self.output_size = output_size_pair(output_size)
+        self.n, self.c, self.h, self.w = (int(v) for v in shape)
+        self.c_out = channels_out(self.c, self.output_size, position_sensitive)
+        self.ps = bool(position_sensitive)
+        self.device = like.device.id
+        self.stream = stream if stream is not None else cupy.cuda.get_current_stream()
+        with cupy.cuda.Device(self.device), self.stream:
+            self.rows = _rois.roi_rows(rois, like, self.n, self.acc)
+            _rois.check_roi_values(self.rows, self.n)
+        self.k = int(self.rows.shape[0])
+        self.out_shape = (self.k, self.c_out) + self.output_size
+        self.acc_scalar = np.dtype(self.acc).type
+
+    def new_array(self, shape, dtype, layout_like):
+        """Allocate ``shape``; channels-last when ``layout_like`` is."""
+        with self.cupy.cuda.Device(self.device):
+            if _channels_fastest(layout_like.strides, layout_like.shape):
+                return self.cupy.empty((shape[0], shape[2], shape[3], shape[1]), dtype).transpose(0, 3, 1, 2)
+            return self.cupy.empty(shape, dtype)
+
+    def output(self, out, like):
+        if out is None:
+            return self.new_array(self.out_shape, like.dtype, like)
+        _check_array(out, self.out_shape, like.dtype, "out", self.device)
+        return out
+
+    def grad_input(self, grad_input, layout_like):
+        shape = (self.n, self.c, self.h, self.w)
+        if grad_input is None:
+            g = self.new_array(shape, self.acc, layout_like)
+            with self.cupy.cuda.Device(self.device), self.stream:
+                g.fill(0)
+            return g
+        _check_array(grad_input, shape, np.dtype(self.acc), "grad_input", self.device)
+        return grad_input
+
+    def check_grad_output(self, grad_output):
+        _check_array(grad_output, self.out_shape, None, "grad_output", self.device)
+        if _scalar_type(grad_output, self.scalar if self.scalar == "bfloat16" else None,
+                        "grad_output") != self.scalar:
+            raise TypeError(f"grad_output must have the input's dtype ({self.scalar}), got {grad_output.dtype}")
+
+    def function(self, family, kernel):
+        return _kernels.get_function(family, kernel, self.scalar, self.ps, self.device)
+
+    def rois_args(self):
+        ph, pw = self.output_size
+        return [_ptr(self.rows), np.int64(self.k), np.int32(self.c_out), np.int32(ph), np.int32(pw)]
+
+    def map_args(self, a):
+        """pointer, N, H, W and the four strides of an (N, C, H, W) array"""
+        return [_ptr(a), np.int32(self.n), np.int32(self.h), np.int32(self.w), *_strides(a)]
+
+    def order(self, a):
+        return np.int32(_channels_fastest(a.strides, a.shape))
+
+    def run(self, function, args, blocks=None):
+        total = self.k * self.c_out * self.output_size[0] * self.output_size[1]
+        if total == 0:
+            return
+        with self.cupy.cuda.Device(self.device):
+            _kernels.launch(function, total, args, self.stream, blocks=blocks)
+
+
+def _check_array(a, shape, dtype, name, device):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {a.dtype}")
+    if a.device.id != device:
+        raise ValueError(f"{name} must be on device {device}, got device {a.device.id}")
+
+
+def _is_numpy(a):
+    return isinstance(a, np.ndarray)
+
+
+# ---------------------------------------------------------------------------
+# CPU path: the reference implementation, through torch
+
+def _cpu_rows(rois, input):
+    import torch
+
+    rows = _rois.roi_rows(rois, input, input.shape[0], _rois.accumulation_dtype_name(str(input.dtype)))
+    _rois.check_roi_values(rows, input.shape[0])
+    return torch.from_numpy(rows)
+
+
+def _cpu_forward(fn, input, rois, *args, **kwargs):
+    import torch
+
+    from . import _reference
+
+    check_shape4(input.shape)
+    _scalar_type(input, None, "input")
+    rows = _cpu_rows(rois, input)
+    out = getattr(_reference, fn)(torch.from_numpy(np.ascontiguousarray(input)), rows, *args, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(o.numpy() for o in out)
+    return out.numpy()
+
+
+def _cpu_backward(fn, grad_output, input, rois, *args, rois_grad=False):
+    """Vector-Jacobian product of the reference, in the accumulation dtype."""
+    import torch
+
+    from . import _reference
+
+    check_shape4(input.shape)
+    _scalar_type(input, None, "input")
+    acc = getattr(torch, _rois.accumulation_dtype_name(str(input.dtype)))
+    x = torch.from_numpy(np.ascontiguousarray(input)).to(acc).requires_grad_(True)
+    rows = _cpu_rows(rois, input).requires_grad_(rois_grad)
+    out = getattr(_reference, fn)(x, rows, *args)
+    go = torch.from_numpy(np.ascontiguousarray(grad_output)).to(acc)
+    if tuple(go.shape) != tuple(out.shape):
+        raise ValueError(f"grad_output must have shape {tuple(out.shape)}, got {tuple(go.shape)}")
+    wrt = [x, rows] if rois_grad else [x]
+    grads = torch.autograd.grad(out, wrt, go, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g.detach() for g, w in zip(grads, wrt)]
+    if rois_grad:
+        grads[1][:, 0] = 0
+        return grads[0].numpy(), grads[1].numpy()
+    return grads[0].numpy()
+
+
+# ---------------------------------------------------------------------------
+# RoIAlign / PSRoIAlign
+
+def roi_align_forward(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
+                      position_sensitive=False, *, out=None, stream=None, scalar_type=None):
+    """RoIAlign (or PSRoIAlign) forward with torchvision.ops semantics: returns
+    ``(K, C_out, ph, pw)``."""
+    if _is_numpy(input):
+        return _cpu_forward("roi_align", input, rois, output_size_pair(output_size), float(spatial_scale),
+                            int(sampling_ratio), bool(aligned), bool(position_sensitive))
+    call = _Call(input, input.shape, rois, output_size, position_sensitive, stream, scalar_type, "input")
+    out = call.output(out, input)
+    call.run(call.function("roi_align", "roi_align_forward"), [
+        *call.map_args(input), *call.rois_args(),
+        call.acc_scalar(spatial_scale), np.int32(sampling_ratio), np.int32(bool(aligned)), call.order(input),
+        _ptr(out), *_strides(out)])
+    return out
+
+
+def roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                       aligned=False, position_sensitive=False, *, grad_input=None, stream=None,
+                       scalar_type=None):
+    """Gradient of :func:`roi_align_forward` w.r.t. its input, shape ``input_shape``."""
+    if _is_numpy(grad_output):
+        like = np.zeros(tuple(input_shape), grad_output.dtype)
+        return _cpu_backward("roi_align", grad_output, like, rois, output_size_pair(output_size),
+                             float(spatial_scale), int(sampling_ratio), bool(aligned), bool(position_sensitive))
+    call = _Call(grad_output, input_shape, rois, output_size, position_sensitive, stream, scalar_type,
+                 "grad_output")
+    call.check_grad_output(grad_output)
+    grad_input = call.grad_input(grad_input, grad_output)
+    call.run(call.function("roi_align", "roi_align_backward"), [
+        _ptr(grad_output), *_strides(grad_output), *call.rois_args(),
+        call.acc_scalar(spatial_scale), np.int32(sampling_ratio), np.int32(bool(aligned)),
+        call.order(grad_output), *call.map_args(grad_input)])
+    return grad_input
+
+
+def ps_roi_align_forward(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True, **kw):
+    """PSRoIAlign forward; ``aligned=True`` is what torchvision.ops.ps_roi_align computes."""
+    return roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned, True, **kw)
+
+
+def ps_roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                          aligned=True, **kw):
+    return roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scale, sampling_ratio,
+                              aligned, True, **kw)
+
+
+# ---------------------------------------------------------------------------
+# RoIPool / PSRoIPool
+
+def roi_pool_forward(input, rois, output_size, spatial_scale=1.0, position_sensitive=False, *, out=None,
+                     argmax=None, stream=None, scalar_type=None):
+    """RoIPool (max) or PSRoIPool (mean) forward, torchvision.ops semantics.
+
+    Returns ``(output, argmax)``; ``argmax`` (int32, ``(K, C, ph, pw)``, the
+    ``h * W + w`` of each maximum, -1 for an empty bin) feeds
+    :func:`roi_pool_backward`; pass ``argmax`` (contiguous int32) to have it
+    written there. It is None for PSRoIPool."""
+    ps = bool(position_sensitive)
+    if _is_numpy(input):
+        res = _cpu_forward("roi_pool", input, rois, output_size_pair(output_size), float(spatial_scale), ps,
+                           return_argmax=not ps)
+        return (res, None) if ps else (res[0], res[1].astype(np.int32))
+    call = _Call(input, input.shape, rois, output_size, ps, stream, scalar_type, "input")
+    out = call.output(out, input)
+    if ps:
+        argmax = None
+    elif argmax is None:
+        with call.cupy.cuda.Device(call.device):
+            argmax = call.cupy.empty(call.out_shape, np.int32)
+    else:
+        _check_array(argmax, call.out_shape, np.dtype(np.int32), "argmax", call.device)
+        if not argmax.flags.c_contiguous:
+            raise ValueError("argmax must be C-contiguous")
+    call.run(call.function("roi_pool", "roi_pool_forward"), [
+        *call.map_args(input), *call.rois_args(), call.acc_scalar(spatial_scale), call.order(input),
+        _ptr(out), *_strides(out), np.uint64(0 if argmax is None else argmax.data.ptr)])
+    return out, argmax
+
+
+def roi_pool_backward(grad_output, rois, argmax, input_shape, output_size, spatial_scale=1.0,
+                      position_sensitive=False, *, grad_input=None, stream=None, scalar_type=None):
+    """Gradient of :func:`roi_pool_forward` w.r.t. its input (``argmax`` is
+    needed for RoIPool, ignored for PSRoIPool)."""
+    ps = bool(position_sensitive)
+    if not ps and (argmax is None or tuple(argmax.shape) != tuple(grad_output.shape)):
+        raise ValueError("argmax: RoIPool's backward needs the argmax returned by roi_pool_forward, "
+                         f"shaped like grad_output {tuple(grad_output.shape)}")
+    if _is_numpy(grad_output):
+        acc = _rois.accumulation_dtype_name(str(grad_output.dtype))
+        if ps:
+            like = np.zeros(tuple(input_shape), grad_output.dtype)
+            return _cpu_backward("roi_pool", grad_output, like, rois, output_size_pair(output_size),
+                                 float(spatial_scale), True)
+        return _argmax_scatter_cpu(grad_output, rois, argmax, input_shape, acc)
+    call = _Call(grad_output, input_shape, rois, output_size, ps, stream, scalar_type, "grad_output")
+    call.check_grad_output(grad_output)
+    if not ps and (argmax.dtype != np.int32 or not argmax.flags.c_contiguous):
+        raise TypeError("argmax must be the contiguous int32 array returned by roi_pool_forward")
+    grad_input = call.grad_input(grad_input, grad_output)
+    call.run(call.function("roi_pool", "roi_pool_backward"), [
+        _ptr(grad_output), *_strides(grad_output), *call.rois_args(), call.acc_scalar(spatial_scale),
+        call.order(grad_output), np.uint64(0 if ps else argmax.data.ptr), *call.map_args(grad_input)])
+    return grad_input
+
+
+def _argmax_scatter_cpu(grad_output, rois, argmax, input_shape, acc):
+    n, c, h, w = (int(v) for v in input_shape)
+    rows = _cpu_rows(rois, np.zeros((n, 1, 1, 1), grad_output.dtype)).numpy()
+    grad = np.zeros((n, c, h * w), acc)
+    k, _, ph, pw = grad_output.shape
+    b = np.broadcast_to(rows[:, 0].astype(np.int64)[:, None, None, None], argmax.shape)
+    ch = np.broadcast_to(np.arange(c)[None, :, None, None], argmax.shape)
+    keep = argmax >= 0
+    np.add.at(grad, (b[keep], ch[keep], argmax[keep]), grad_output[keep].astype(acc))
+    return grad.reshape(n, c, h, w)
+
+
+def ps_roi_pool_forward(input, rois, output_size, spatial_scale=1.0, **kw):
+    """PSRoIPool forward; returns the output only."""
+    return roi_pool_forward(input, rois, output_size, spatial_scale, True, **kw)[0]
+
+
+def ps_roi_pool_backward(grad_output, rois, input_shape, output_size, spatial_scale=1.0, **kw):
+    return roi_pool_backward(grad_output, rois, None, input_shape, output_size, spatial_scale, True, **kw)
+
+
+# ---------------------------------------------------------------------------
+# PrRoIPool / PSPrRoIPool
+
+def prroi_pool_forward(input, rois, output_size, spatial_scale=1.0, position_sensitive=False, *, out=None,
+                       stream=None, scalar_type=None):
+    """Precise RoI Pooling forward: the exact mean of the bilinearly
+    interpolated (zero-padded) feature over each bin."""
+    if _is_numpy(input):
+        return _cpu_forward("prroi_pool", input, rois, output_size_pair(output_size), float(spatial_scale),
+                            bool(position_sensitive))
+    call = _Call(input, input.shape, rois, output_size, position_sensitive, stream, scalar_type, "input")
+    out = call.output(out, input)
+    call.run(call.function("prroi_pool", "prroi_pool_forward"), [
+        *call.map_args(input), *call.rois_args(), call.acc_scalar(spatial_scale), call.order(input),
+        _ptr(out), *_strides(out)])
+    return out
+
+
+def prroi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, position_sensitive=False,
+                        *, rois_grad=True, grad_input=None, grad_rois=None, stream=None, scalar_type=None):
+    """Gradients of :func:`prroi_pool_forward` w.r.t. the input and, with
+    ``rois_grad``, the RoI rows ``[K, 5]`` (column 0, the batch index, gets 0).
+    Returns ``(grad_input, grad_rois or None)``."""
+    if _is_numpy(grad_output):
+        res = _cpu_backward("prroi_pool", grad_output, input, rois, output_size_pair(output_size),
+                            float(spatial_scale), bool(position_sensitive), rois_grad=rois_grad)
+        return res if rois_grad else (res, None)
+    call = _Call(input, input.shape, rois, output_size, position_sensitive, stream, scalar_type, "input")
+    call.check_grad_output(grad_output)
+    grad_input = call.grad_input(grad_input, input)
+    if rois_grad:
+        if grad_rois is None:
+            with call.cupy.cuda.Device(call.device), call.stream:
+                grad_rois = call.cupy.zeros((call.k, 5), call.acc)
+        _check_array(grad_rois, (call.k, 5), np.dtype(call.acc), "grad_rois", call.device)
+    chunks, blocks = _prroi_backward_grid(call)
+    call.run(call.function("prroi_pool", "prroi_pool_backward"), [
+        _ptr(grad_output), *_strides(grad_output), _ptr(input), *_strides(input), *call.rois_args(),
+        call.acc_scalar(spatial_scale), call.order(input), np.int32(chunks), np.int32(bool(rois_grad)),
+        *call.map_args(grad_input), np.uint64(grad_rois.data.ptr if rois_grad else 0)], blocks=blocks)
+    return grad_input, (grad_rois if rois_grad else None)
+
+
+def _prroi_backward_grid(call, target_blocks=4096):
+    """Blocks per RoI (chunks) so that the grid fills the GPU while each block's
+    coordinate-gradient reduction still covers many output elements."""
+    per_roi = call.c_out * call.output_size[0] * call.output_size[1]
+    max_chunks = max(1, -(-per_roi // _kernels.BLOCK))
+    chunks = min(max_chunks, max(1, -(-target_blocks // max(call.k, 1))))
+    return chunks, max(1, min(call.k * chunks, 1 << 22))

@@ -1,0 +1,105 @@
+"""RoIAlign and position-sensitive RoIAlign (``torchvision.ops`` semantics)."""
+from torch import Tensor, nn
+
+from . import _torch_ops as ops
+
+
+def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False) -> Tensor:
+    """RoI Align (Mask R-CNN), a drop-in for ``torchvision.ops.roi_align``.
+
+    Args:
+        input: ``(N, C, H, W)`` features; float16, bfloat16, float32 or float64;
+            any strides (channels_last has its own fast path).
+        boxes: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a list of
+            N ``Tensor[L_i, 4]`` boxes of image i, in input-image coordinates;
+            any floating dtype, on input's device.
+        output_size: int or ``(ph, pw)``.
+        spatial_scale: maps box coordinates to feature coordinates (1/stride).
+        sampling_ratio: samples per bin and axis; ``<= 0``: ``ceil(roi_size / bins)``.
+        aligned: shift boxes by -0.5 pixel (pixel-centre convention).
+
+    Returns:
+        ``(K, C, ph, pw)`` with input's dtype; differentiable w.r.t. ``input``.
+    """
+    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False)
+
+
+def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                 aligned: bool = True) -> Tensor:
+    """Position-sensitive RoI Align (R-FCN, Light-Head R-CNN), a drop-in for
+    ``torchvision.ops.ps_roi_align`` (which computes ``aligned=True``).
+
+    ``input`` has ``C = C_out * ph * pw`` channels; output bin ``(i, j)`` of
+    channel ``c`` reads input channel ``(c * ph + i) * pw + j``. RoIs carry their
+    batch index, so any number of images per call. Returns ``(K, C_out, ph, pw)``.
+    Other arguments as :func:`roi_align`.
+    """
+    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True)
+
+
+def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, ps):
+    rows, (ph, pw) = ops.prepare(input, boxes, output_size, ps)
+    args = (float(spatial_scale), int(sampling_ratio), bool(aligned), ps)
+    if ops.use_kernels(input):
+        return ops.roi_align_fwd(input, rows, ph, pw, *args)
+    return ops.reference("roi_align", input, rows, (ph, pw), *args)
+
+
+class RoIAlign(nn.Module):
+    """See :func:`roi_align`."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
+
+
+class PSRoIAlign(nn.Module):
+    """See :func:`ps_roi_align`; torchvision's module name and signature."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio})")
+
+
+class PSROIAlign(PSRoIAlign):
+    """The R-FCN / Light-Head seed's module: ``(K, pooled_dim, roi_size, roi_size)``
+    from ``C = pooled_dim * roi_size**2`` channels.
+
+    >>> PSROIAlign(spatial_scale=1/16, roi_size=7, sampling_ratio=2, pooled_dim=10)
+    """
+
+    def __init__(self, spatial_scale: float, roi_size: int, sampling_ratio: int, pooled_dim: int):
+        super().__init__((roi_size, roi_size), spatial_scale, sampling_ratio)
+        self.roi_size = roi_size
+        self.pooled_dim = pooled_dim
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        expected = self.pooled_dim * self.roi_size ** 2
+        if input.dim() == 4 and input.shape[1] != expected:
+            raise ValueError(f"input must have pooled_dim * roi_size**2 = {expected} channels, "
+                             f"got {input.shape[1]}")
+        return super().forward(input, rois)
+
+    def __repr__(self):
+        return (f"PSROIAlign(spatial_scale={self.spatial_scale}, roi_size={self.roi_size}, "
+                f"sampling_ratio={self.sampling_ratio}, pooled_dim={self.pooled_dim})")

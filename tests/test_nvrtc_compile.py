@@ -1,0 +1,95 @@
+"""Every kernel of every family compiles with NVRTC for several GPU architectures.
+
+Runs without a GPU: NVRTC is a compiler library and needs no driver. It comes
+from the ``nvidia-cuda-nvrtc-cu12`` wheel (the ``test`` extra), the fp16/bf16
+headers from ``nvidia-cuda-runtime-cu12``. CuPy's own compile path needs a
+driver, so NVRTC is called directly here, with the same source text and name
+expressions the kernel loader hands to ``cupy.RawModule``.
+"""
+import ctypes
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from cupy_roi import _kernels
+
+ARCHITECTURES = ("sm_70", "sm_80", "sm_90")
+
+
+def _nvidia_dir(package):
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root) / package
+        if path.is_dir():
+            return path
+    return None
+
+
+def _load_nvrtc():
+    lib_dir = _nvidia_dir("cuda_nvrtc")
+    libs = sorted((lib_dir / "lib").glob("libnvrtc.so.*")) if lib_dir else []
+    libs = [p for p in libs if "alt" not in p.name]
+    if not libs:
+        pytest.fail("NVRTC not found: install the test extra (nvidia-cuda-nvrtc-cu12)")
+    return ctypes.CDLL(str(libs[0]))
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    return _load_nvrtc()
+
+
+@pytest.fixture(scope="module")
+def cuda_include():
+    include = _nvidia_dir("cuda_runtime")
+    if include is None or not (include / "include" / "cuda_fp16.h").is_file():
+        pytest.fail("cuda_fp16.h not found: install the test extra (nvidia-cuda-runtime-cu12)")
+    return include / "include"
+
+
+def _compile(nvrtc, code, expressions, options):
+    prog = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"kernels.cu", 0, None, None) == 0
+    try:
+        for expr in expressions:
+            assert nvrtc.nvrtcAddNameExpression(prog, expr.encode()) == 0
+        opts = [o.encode() for o in options]
+        result = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        lowered = []
+        if result == 0:
+            for expr in expressions:
+                name = ctypes.c_char_p()
+                assert nvrtc.nvrtcGetLoweredName(prog, expr.encode(), ctypes.byref(name)) == 0
+                lowered.append(name.value.decode())
+            cubin_size = ctypes.c_size_t()
+            assert nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(cubin_size)) == 0
+            assert cubin_size.value > 0
+        return result, log.value.decode(errors="replace"), lowered
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("scalar_type", sorted(_kernels.CUDA_TYPES))
+@pytest.mark.parametrize("family", sorted(_kernels.FAMILIES))
+def test_kernels_compile(nvrtc, cuda_include, family, scalar_type, arch):
+    expressions = _kernels.name_expressions(family, scalar_type)
+    options = [f"--gpu-architecture={arch}", f"-I{cuda_include}", "--std=c++14"]
+    result, log, lowered = _compile(nvrtc, _kernels.source(family), expressions, options)
+    assert result == 0, f"{family}/{scalar_type}/{arch} failed to compile:\n{log}"
+    assert len(set(lowered)) == len(expressions)
+
+
+def test_broken_source_fails(nvrtc, cuda_include):
+    """The check can fail: a kernel with an error does not compile."""
+    code = _kernels.source("roi_align").replace("sum * g.inv_count", "sum * g.no_such_member")
+    result, log, _ = _compile(nvrtc, code, _kernels.name_expressions("roi_align", "float32"),
+                              ["--gpu-architecture=sm_80", f"-I{cuda_include}"])
+    assert result != 0 and "no_such_member" in log
