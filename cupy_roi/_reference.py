@@ -32,6 +32,8 @@ def _per_image(input, rows, compute):
 
 
 def _gather_back(parts, index, shape, like):
+    if not parts and 0 in shape:  # K == 0: stay connected to the graph for zero gradients
+        return like.reshape(-1)[:0].reshape(shape)
     out = like.new_zeros(shape)
     for part, idx in zip(parts, index):
         out = out.index_copy(0, idx, part)

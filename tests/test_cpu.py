@@ -1,0 +1,255 @@
+"""CPU path: reference vs hand-worked cases, vs the independent slow
+implementation, gradcheck, RoI formats, bad inputs, array API on NumPy."""
+import numpy as np
+import pytest
+import torch
+
+import cupy_roi
+from cupy_roi import array_api
+
+from . import cases
+
+DATA = "../shared/testdata/prroi_pool_2x2_s0.5/"
+
+
+def rng():
+    return np.random.default_rng()
+
+
+# ---------------------------------------------------------------- hand-worked
+
+def ramp(h, w):
+    return torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
+
+
+def test_roi_align_hand_worked():
+    # F = 4y + x is linear, so each bin's mean of samples is F at the bin centre
+    out = cupy_roi.roi_align(ramp(4, 4), torch.tensor([[0, 0, 0, 4, 4.]], dtype=torch.float64), 2, 1.0, 2, True)
+    assert torch.equal(out[0, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]], dtype=torch.float64))
+
+
+def test_ps_roi_align_hand_worked():
+    x = torch.arange(4, dtype=torch.float64).view(1, 4, 1, 1).expand(1, 4, 3, 3).contiguous() + 1
+    out = cupy_roi.ps_roi_align(x, torch.tensor([[0, 0, 0, 3, 3.]], dtype=torch.float64), 2, 1.0, 2)
+    assert torch.equal(out[0, 0], torch.tensor([[1., 2.], [3., 4.]], dtype=torch.float64))
+
+
+def test_roi_pool_hand_worked():
+    out = cupy_roi.roi_pool(ramp(4, 4), torch.tensor([[0, 0, 0, 3, 3.]], dtype=torch.float64), 2, 1.0)
+    assert torch.equal(out[0, 0], torch.tensor([[5., 7.], [13., 15.]], dtype=torch.float64))
+
+
+def test_ps_roi_pool_hand_worked():
+    x = torch.arange(4, dtype=torch.float64).view(1, 4, 1, 1).expand(1, 4, 4, 4).contiguous() + 1
+    out = cupy_roi.ps_roi_pool(x, torch.tensor([[0, 0, 0, 4, 4.]], dtype=torch.float64), 2, 1.0)
+    assert torch.equal(out[0, 0], torch.tensor([[1., 2.], [3., 4.]], dtype=torch.float64))
+
+
+def test_prroi_pool_hand_worked():
+    # one pixel of value 1: f = (1 - y)(1 - x) on [0, 1]^2, whose mean there is 1/4
+    one = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    out = cupy_roi.prroi_pool2d(one, torch.tensor([[0, 0, 0, 1, 1.]], dtype=torch.float64), 1, 1, 1.0)
+    assert out.item() == pytest.approx(0.25, abs=1e-15)
+    # a linear map's mean over a bin is its value at the bin centre
+    x = torch.arange(6, dtype=torch.float64).view(1, 1, 1, 6).expand(1, 1, 6, 6).contiguous()
+    out = cupy_roi.prroi_pool2d(x, torch.tensor([[0, 1, 1, 3.5, 3]], dtype=torch.float64), 1, 1, 1.0)
+    assert out.item() == pytest.approx(2.25, abs=1e-14)
+
+
+# ------------------------------------------------- against the slow oracle
+
+@pytest.mark.parametrize("name", sorted(cases.OPS))
+@pytest.mark.parametrize("sampling_ratio,aligned", [(2, True), (-1, True), (0, False), (3, False)])
+def test_reference_matches_slow_implementation(name, sampling_ratio, aligned):
+    g = rng()
+    for ph, pw, scale in [(3, 2, 0.5), (2, 2, 1.0), (1, 3, 0.25)]:
+        x, r = cases.make(g, ph=ph, pw=pw, scale=scale, ps=cases.OPS[name][1], k=12)
+        got = cases.call(name, torch.tensor(x), torch.tensor(r), ph, pw, scale, sampling_ratio, aligned)
+        want = cases.slow(name, x, r, ph, pw, scale, sampling_ratio, aligned)
+        assert np.allclose(got.numpy(), want, rtol=1e-10, atol=1e-12), name
+
+
+def test_golden_prroi_pool_data():
+    import pathlib
+    d = pathlib.Path(__file__).resolve().parent.parent / DATA
+    f = torch.tensor(np.load(d / "features.npy"), dtype=torch.float64, requires_grad=True)
+    r = torch.tensor(np.load(d / "rois.npy"), dtype=torch.float64, requires_grad=True)
+    out = cupy_roi.prroi_pool2d(f, r, 2, 2, 0.5)
+    out.sum().backward()
+    assert np.allclose(out.detach().numpy(), np.load(d / "real_outputs.npy"), rtol=1e-5, atol=1e-6)
+    assert np.allclose(f.grad.numpy(), np.load(d / "gradients0.npy"), rtol=1e-5, atol=1e-6)
+    assert np.allclose(r.grad.numpy(), np.load(d / "gradients1.npy"), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("name", sorted(cases.OPS))
+def test_gradcheck_features(name):
+    g = rng()
+    x, r = cases.make(g, n=2, c_out=2, h=6, w=7, ph=2, pw=2, k=5, ps=cases.OPS[name][1])
+    if name == "roi_pool":  # distinct values keep the max unique (piecewise-linear op)
+        x = g.permutation(x.size).reshape(x.shape) / x.size
+    x = torch.tensor(x, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: cases.call(name, t, torch.tensor(r), 2, 2, 0.5), (x,))
+
+
+@pytest.mark.parametrize("ps", [False, True])
+def test_gradcheck_prroi_coordinates(ps):
+    g = rng()
+    x, _ = cases.make(g, n=2, c_out=2, h=6, w=7, ph=2, pw=2, ps=ps)
+    # fractional corners on both sides of pixel centres, crossing the border
+    r = np.array([[1, -1.3, 2.6, 9.7, 11.4], [0, 3.2, 1.7, 7.9, 6.1], [1, 10.3, 8.6, 15.2, 13.7]])
+    x = torch.tensor(x, requires_grad=True)
+    batch, coords = torch.tensor(r[:, :1]), torch.tensor(r[:, 1:], requires_grad=True)
+    fn = cupy_roi.ps_prroi_pool if ps else (lambda a, b, s, sc: cupy_roi.prroi_pool2d(a, b, 2, 2, sc))
+    # the batch-index column stays fixed: gradcheck must not perturb it
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, torch.cat([batch, b], 1), (2, 2), 0.5), (x, coords))
+
+
+def test_prroi_degenerate_boxes():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([[0, 1, 1, 1, 3.], [0, 2, 2, 4, 2], [0, 40, 40, 50, 50], [0, 3, 3, 1, 1]],
+                     dtype=torch.float64, requires_grad=True)
+    out = cupy_roi.prroi_pool2d(x, r, 2, 2, 1.0)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.isfinite(r.grad).all() and torch.isfinite(x.grad).all()
+    assert torch.equal(r.grad, torch.zeros_like(r.grad))
+
+
+# ----------------------------------------------------------------- RoI formats
+
+@pytest.mark.parametrize("name", sorted(cases.OPS))
+def test_list_and_rows_agree(name):
+    g = rng()
+    x, r = cases.make(g, n=3, ps=cases.OPS[name][1], k=9)
+    x, r = torch.tensor(x), torch.tensor(r)
+    order = torch.argsort(r[:, 0], stable=True)
+    listed = [r[r[:, 0] == i, 1:] for i in range(3)]
+    a = cases.call(name, x, r[order], 3, 2, 0.5)
+    b = cases.call(name, x, listed, 3, 2, 0.5)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(cases.OPS))
+def test_zero_rois(name):
+    x = torch.randn(2, 12, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = cases.call(name, x, torch.zeros(0, 5, dtype=torch.float64), 2, 2, 1.0)
+    c_out = 3 if cases.OPS[name][1] else 12
+    assert out.shape == (0, c_out, 2, 2)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x.grad))
+
+
+# ----------------------------------------------------------------- bad input
+
+BAD = [
+    ("batch index", torch.tensor([[2, 0, 0, 3, 3.]]), ValueError, "rois"),
+    ("negative batch", torch.tensor([[-1, 0, 0, 3, 3.]]), ValueError, "rois"),
+    ("fractional batch", torch.tensor([[0.5, 0, 0, 3, 3.]]), ValueError, "rois"),
+    ("nan", torch.tensor([[0, float("nan"), 0, 3, 3.]]), ValueError, "rois"),
+    ("inf", torch.tensor([[0, 0, 0, float("inf"), 3.]]), ValueError, "rois"),
+    ("shape", torch.tensor([[0, 0, 3, 3.]]), ValueError, "rois"),
+    ("1-d", torch.tensor([0, 0, 0, 3, 3.]), ValueError, "rois"),
+    ("int dtype", torch.tensor([[0, 0, 0, 3, 3]]), TypeError, "rois"),
+    ("list length", [torch.tensor([[0, 0, 3, 3.]])], ValueError, "rois"),
+    ("list shape", [torch.tensor([[0, 0, 3.]]), torch.zeros(0, 4)], ValueError, "rois[0]"),
+    ("numpy rois", np.array([[0, 0, 0, 3, 3.]]), TypeError, "rois"),
+]
+
+
+@pytest.mark.parametrize("name", sorted(cases.OPS))
+@pytest.mark.parametrize("what,rois,error,word", BAD, ids=[b[0] for b in BAD])
+def test_bad_rois(name, what, rois, error, word):
+    x = torch.randn(2, 8, 5, 5)
+    before = x.clone()
+    snapshot = rois.clone() if isinstance(rois, torch.Tensor) else None
+    with pytest.raises(error, match=word.replace("[", r"\[").replace("]", r"\]")):
+        cases.call(name, x, rois, 2, 2, 1.0)
+    assert torch.equal(x, before)
+    if snapshot is not None:
+        assert torch.equal(rois, snapshot, ) or torch.isnan(snapshot).any()
+
+
+@pytest.mark.parametrize("name", sorted(cases.OPS))
+def test_bad_input(name):
+    rois = torch.tensor([[0, 0, 0, 3, 3.]])
+    with pytest.raises(ValueError, match="input"):
+        cases.call(name, torch.randn(8, 5, 5), rois, 2, 2, 1.0)
+    with pytest.raises(TypeError, match="input"):
+        cases.call(name, torch.ones(1, 8, 5, 5, dtype=torch.int32), rois, 2, 2, 1.0)
+    with pytest.raises(ValueError, match="output_size"):
+        cases.call(name, torch.randn(1, 8, 5, 5), rois, 0, 2, 1.0)
+
+
+@pytest.mark.parametrize("name", ["ps_roi_align", "ps_roi_pool", "ps_prroi_pool"])
+def test_position_sensitive_channel_count(name):
+    with pytest.raises(ValueError, match="channels"):
+        cases.call(name, torch.randn(1, 10, 5, 5), torch.tensor([[0, 0, 0, 3, 3.]]), 2, 2, 1.0)
+
+
+def test_seed_module_shapes_and_check():
+    m = cupy_roi.PSROIAlign(spatial_scale=1 / 16, roi_size=7, sampling_ratio=2, pooled_dim=10)
+    x = torch.randn(4, 490, 30, 40)
+    rois = torch.tensor(cases.boxes(rng(), 6, 4, 30, 40, 1 / 16), dtype=torch.float32)
+    assert m(x, rois).shape == (6, 10, 7, 7)
+    assert "roi_size=7" in repr(m)
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(4, 49, 30, 40), rois)
+    tv_style = cupy_roi.PSRoIAlign((7, 7), 1 / 16, 2)
+    assert torch.equal(tv_style(x, rois), m(x, rois))
+
+
+def test_modules_match_functions():
+    g = rng()
+    x, r = cases.make(g, ph=2, pw=2, ps=True)
+    x, r = torch.tensor(x), torch.tensor(r)
+    assert torch.equal(cupy_roi.RoIAlign(2, 0.5, 2, True)(x, r), cupy_roi.roi_align(x, r, 2, 0.5, 2, True))
+    assert torch.equal(cupy_roi.RoIPool(2, 0.5)(x, r), cupy_roi.roi_pool(x, r, 2, 0.5))
+    assert torch.equal(cupy_roi.PSRoIPool(2, 0.5)(x, r), cupy_roi.ps_roi_pool(x, r, 2, 0.5))
+    assert torch.equal(cupy_roi.PrRoIPool2D(2, 2, 0.5)(x, r), cupy_roi.prroi_pool2d(x, r, 2, 2, 0.5))
+    assert torch.equal(cupy_roi.PSPrRoIPool2D(2, 2, 0.5)(x, r), cupy_roi.ps_prroi_pool(x, r, 2, 0.5))
+    from cupy_roi.functional import prroi_pool2d
+    assert prroi_pool2d is cupy_roi.prroi_pool2d
+
+
+def test_half_types_on_cpu_follow_float64():
+    g = rng()
+    x, r = cases.make(g, k=6, kinds=("inside", "partial"))
+    want = cupy_roi.roi_align(torch.tensor(x), torch.tensor(r), (3, 2), 0.5, 2)
+    for dtype, tol in [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]:
+        got = cupy_roi.roi_align(torch.tensor(x).to(dtype), torch.tensor(r), (3, 2), 0.5, 2)
+        assert got.dtype == dtype and cases.rel_err(got, want) < tol
+
+
+def test_channels_last_and_views_on_cpu():
+    g = rng()
+    x, r = cases.make(g, ps=True, ph=2, pw=2)
+    x, r = torch.tensor(x), torch.tensor(r)
+    want = cupy_roi.ps_prroi_pool(x, r, 2, 0.5)
+    assert torch.allclose(cupy_roi.ps_prroi_pool(x.to(memory_format=torch.channels_last), r, 2, 0.5), want)
+
+
+# ------------------------------------------------------------ array API (NumPy)
+
+def test_array_api_numpy_matches_torch():
+    g = rng()
+    x, r = cases.make(g, ph=2, pw=2, ps=True, k=7)
+    out = array_api.ps_roi_align_forward(x, r, 2, 0.5, 2)
+    assert np.array_equal(out, cupy_roi.ps_roi_align(torch.tensor(x), torch.tensor(r), 2, 0.5, 2).numpy())
+    go = g.standard_normal(out.shape)
+    gi = array_api.ps_roi_align_backward(go, r, x.shape, 2, 0.5, 2)
+    xt = torch.tensor(x, requires_grad=True)
+    cupy_roi.ps_roi_align(xt, torch.tensor(r), 2, 0.5, 2).backward(torch.tensor(go))
+    assert np.allclose(gi, xt.grad.numpy())
+
+    out, argmax = array_api.roi_pool_forward(x, r, 2, 0.5)
+    go = g.standard_normal(out.shape)
+    gi = array_api.roi_pool_backward(go, r, argmax, x.shape, 2, 0.5)
+    xt = torch.tensor(x, requires_grad=True)
+    cupy_roi.roi_pool(xt, torch.tensor(r), 2, 0.5).backward(torch.tensor(go))
+    assert np.allclose(gi, xt.grad.numpy())
+
+    out = array_api.prroi_pool_forward(x, r, 2, 0.5)
+    gi, gr = array_api.prroi_pool_backward(g.standard_normal(out.shape), x, r, 2, 0.5)
+    assert gi.shape == x.shape and gr.shape == r.shape and np.all(gr[:, 0] == 0)
