@@ -39,10 +39,24 @@ def _scalar_type(t):
     return "bfloat16" if t.dtype == torch.bfloat16 else None
 
 
-def _stream(t):
-    import cupy
+_streams = {}  # (device index, cudaStream_t) -> cupy.cuda.ExternalStream
 
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream, t.device.index)
+
+def _stream(t):
+    """CuPy's handle on PyTorch's current stream of ``t``'s device (cached: it
+    only wraps the pointer, so a reused pointer still names the right stream)."""
+    key = (t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+    stream = _streams.get(key)
+    if stream is None:
+        import warnings
+
+        import cupy
+
+        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external, absent from older CuPy
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = cupy.cuda.ExternalStream(key[1], key[0])
+        stream = _streams.setdefault(key, stream)
+    return stream
 
 
 def _memory_format(like):
@@ -61,7 +75,7 @@ def _empty(shape, like, dtype=None):
 
 
 def _zeros(shape, like, dtype):
-    return torch.zeros(shape, dtype=dtype, device=like.device, memory_format=_memory_format(like))
+    return _empty(shape, like, dtype).zero_()
 
 
 def _out_shape(input, rows, ph, pw, ps):

@@ -1,4 +1,6 @@
 """Random inputs shared by the CPU and GPU tests: fresh draws every run."""
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -82,3 +84,12 @@ def rel_err(a, b):
     b = torch.as_tensor(b).double().cpu()
     assert not torch.isnan(a).any(), "NaN in result"
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def testdata(name="prroi_pool_2x2_s0.5"):
+    """The golden data of shared/: beside the checkout, or copied into it."""
+    repo = Path(__file__).resolve().parent.parent
+    for root in (repo.parent / "shared", repo / "shared"):
+        if (root / "testdata" / name).is_dir():
+            return root / "testdata" / name
+    raise FileNotFoundError(f"testdata {name} not found in ../shared or ./shared")

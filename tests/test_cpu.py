@@ -9,7 +9,6 @@ from cupy_roi import array_api
 
 from . import cases
 
-DATA = "../shared/testdata/prroi_pool_2x2_s0.5/"
 
 
 def rng():
@@ -70,8 +69,7 @@ def test_reference_matches_slow_implementation(name, sampling_ratio, aligned):
 
 
 def test_golden_prroi_pool_data():
-    import pathlib
-    d = pathlib.Path(__file__).resolve().parent.parent / DATA
+    d = cases.testdata()
     f = torch.tensor(np.load(d / "features.npy"), dtype=torch.float64, requires_grad=True)
     r = torch.tensor(np.load(d / "rois.npy"), dtype=torch.float64, requires_grad=True)
     out = cupy_roi.prroi_pool2d(f, r, 2, 2, 0.5)

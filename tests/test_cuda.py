@@ -177,8 +177,7 @@ def test_prroi_coordinate_gradient_matches_reference(ps):
 
 
 def test_golden_prroi_pool_data_on_gpu():
-    import pathlib
-    d = pathlib.Path(__file__).resolve().parent.parent / "../shared/testdata/prroi_pool_2x2_s0.5"
+    d = cases.testdata()
     f = torch.tensor(np.load(d / "features.npy"), device=DEV, requires_grad=True)
     r = torch.tensor(np.load(d / "rois.npy"), device=DEV, requires_grad=True)
     out = cupy_roi.PrRoIPool2D(2, 2, 0.5)(f, r)
