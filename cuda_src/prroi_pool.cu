@@ -10,6 +10,9 @@
 
 namespace cupy_roi {
 
+// Grid columns whose weights a thread keeps in registers at a time.
+constexpr int kColumns = 8;
+
 template <typename A>
 __device__ __forceinline__ A tent(A t) { return max(A(0), A(1) - fabs(t)); }
 
@@ -74,11 +77,20 @@ __global__ void prroi_pool_forward(
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
     A sum = 0;
-    for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
-      const A wy = bin.weight_y(h);
-      A row = 0;
-      for (int w = bin.w_lo; w <= bin.w_hi; ++w) row += bin.weight_x(w) * to_acc(plane[h * in_s2 + w * in_s3]);
-      sum += wy * row;
+    // Columns in register-held chunks: their weights are computed once per
+    // chunk instead of once per grid point.
+    for (int wc = bin.w_lo; wc <= bin.w_hi; wc += kColumns) {
+      A wx[kColumns];
+#pragma unroll
+      for (int t = 0; t < kColumns; ++t) wx[t] = (wc + t <= bin.w_hi) ? bin.weight_x(wc + t) : A(0);
+      for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
+        const T* row = plane + h * in_s2;
+        A acc = 0;
+#pragma unroll
+        for (int t = 0; t < kColumns; ++t)
+          if (wc + t <= bin.w_hi) acc += wx[t] * to_acc(row[(wc + t) * in_s3]);
+        sum += bin.weight_y(h) * acc;
+      }
     }
     store(out, sum / bin.area);
   }
@@ -123,20 +135,33 @@ __global__ void prroi_pool_backward(
       const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
       // integral, and edge integrals along xs, xe, ys, ye
       A integral = 0, e_xs = 0, e_xe = 0, e_ys = 0, e_ye = 0;
-      for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
-        const A wy = bin.weight_y(h);
-        const A ky_s = tent(bin.ys - h), ky_e = tent(bin.ye - h);
-        for (int w = bin.w_lo; w <= bin.w_hi; ++w) {
-          const A wx = bin.weight_x(w);
-          atomicAdd(g_plane + h * gi_s2 + w * gi_s3, coeff * wy * wx);
-          if (want_coords) {
-            const A f = to_acc(plane[h * in_s2 + w * in_s3]);
-            const A fwy = f * wy, fwx = f * wx;
-            integral += fwy * wx;
-            e_xs += fwy * tent(bin.xs - w);
-            e_xe += fwy * tent(bin.xe - w);
-            e_ys += fwx * ky_s;
-            e_ye += fwx * ky_e;
+      for (int wc = bin.w_lo; wc <= bin.w_hi; wc += kColumns) {
+        A wx[kColumns], kx_s[kColumns], kx_e[kColumns];
+#pragma unroll
+        for (int t = 0; t < kColumns; ++t) {
+          const bool in = wc + t <= bin.w_hi;
+          wx[t] = in ? bin.weight_x(wc + t) : A(0);
+          kx_s[t] = in ? tent(bin.xs - (wc + t)) : A(0);
+          kx_e[t] = in ? tent(bin.xe - (wc + t)) : A(0);
+        }
+        for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
+          const A wy = bin.weight_y(h);
+          const A ky_s = tent(bin.ys - h), ky_e = tent(bin.ye - h);
+          A* g_row = g_plane + h * gi_s2;
+          const T* row = plane + h * in_s2;
+#pragma unroll
+          for (int t = 0; t < kColumns; ++t) {
+            if (wc + t > bin.w_hi) continue;
+            atomicAdd(g_row + (wc + t) * gi_s3, coeff * wy * wx[t]);
+            if (want_coords) {
+              const A f = to_acc(row[(wc + t) * in_s3]);
+              const A fwy = f * wy, fwx = f * wx[t];
+              integral += fwy * wx[t];
+              e_xs += fwy * kx_s[t];
+              e_xe += fwy * kx_e[t];
+              e_ys += fwx * ky_s;
+              e_ye += fwx * ky_e;
+            }
           }
         }
       }

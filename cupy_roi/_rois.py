@@ -135,10 +135,28 @@ def _bad_row_count(rows, n_images):
         b = rows[:, 0]
         bad = (b < 0) | (b >= n_images) | (b != torch.floor(b)) | ~torch.isfinite(rows).all(dim=1)
         return bad.sum()
-    xp = _xp(kind)
+    if kind == "cupy":
+        return _cupy_bad_rows()(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4],
+                                rows.dtype.type(n_images))
     b = rows[:, 0]
-    bad = (b < 0) | (b >= n_images) | (b != xp.floor(b)) | ~xp.isfinite(rows).all(axis=1)
+    bad = (b < 0) | (b >= n_images) | (b != np.floor(b)) | ~np.isfinite(rows).all(axis=1)
     return bad.sum()
+
+
+_cupy_kernel = []
+
+
+def _cupy_bad_rows():
+    """One fused reduction kernel (created once; CuPy compiles it per device)."""
+    if not _cupy_kernel:
+        import cupy
+
+        _cupy_kernel.append(cupy.ReductionKernel(
+            "T batch, T x1, T y1, T x2, T y2, T n_images", "int32 bad",
+            "(batch < 0 || batch >= n_images || batch != floor(batch) || !isfinite(x1) || "
+            "!isfinite(y1) || !isfinite(x2) || !isfinite(y2)) ? 1 : 0",
+            "a + b", "bad = a", "0", "cupy_roi_bad_rows"))
+    return _cupy_kernel[0]
 
 
 def check_roi_values(rows, n_images):

@@ -87,6 +87,11 @@ def _array_kwargs(t):
     return {"stream": _stream(t), "scalar_type": _scalar_type(t)}
 
 
+def _backward_context():
+    """Backward ops get the rows their forward already checked: no second check."""
+    return _rois.roi_checks(False)
+
+
 # ---------------------------------------------------------------------------
 # CUDA implementations (real tensors in, PyTorch-allocated tensors out)
 
@@ -102,7 +107,7 @@ def _roi_align_fwd(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, sc
 def _roi_align_bwd(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
                    sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
     grad_input = _zeros((n, c, h, w), grad, _acc(grad.dtype))
-    with torch.cuda.device(grad.device):
+    with torch.cuda.device(grad.device), _backward_context():
         array_api.roi_align_backward(as_cupy(grad), as_cupy(rows), (n, c, h, w), tuple(grad.shape[2:]), scale,
                                      sampling_ratio, aligned, ps, grad_input=as_cupy(grad_input),
                                      **_array_kwargs(grad))
@@ -123,7 +128,7 @@ def _roi_pool_fwd(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, sca
 def _roi_pool_bwd(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.Tensor, n: int, c: int, h: int,
                   w: int, scale: float, ps: bool) -> torch.Tensor:
     grad_input = _zeros((n, c, h, w), grad, _acc(grad.dtype))
-    with torch.cuda.device(grad.device):
+    with torch.cuda.device(grad.device), _backward_context():
         array_api.roi_pool_backward(as_cupy(grad), as_cupy(rows), None if ps else as_cupy(argmax), (n, c, h, w),
                                     tuple(grad.shape[2:]), scale, ps, grad_input=as_cupy(grad_input),
                                     **_array_kwargs(grad))
@@ -143,7 +148,7 @@ def _prroi_bwd(grad: torch.Tensor, input: torch.Tensor, rows: torch.Tensor, scal
                rois_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     grad_input = _zeros(tuple(input.shape), input, _acc(input.dtype))
     grad_rows = torch.zeros((rows.shape[0], 5), dtype=rows.dtype, device=rows.device)
-    with torch.cuda.device(grad.device):
+    with torch.cuda.device(grad.device), _backward_context():
         array_api.prroi_pool_backward(as_cupy(grad), as_cupy(input), as_cupy(rows), tuple(grad.shape[2:]), scale,
                                       ps, rois_grad=rois_grad, grad_input=as_cupy(grad_input),
                                       grad_rois=as_cupy(grad_rows) if rois_grad else None,
