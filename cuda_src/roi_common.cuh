@@ -41,18 +41,28 @@ __device__ __forceinline__ Strides4 make_strides(index_t s0, index_t s1, index_t
 // channels_last inputs coalesce.
 struct BinPos { index_t k; int c, i, j; };
 
-__device__ __forceinline__ BinPos decompose(index_t idx, int channels, int ph, int pw, bool channels_fastest) {
+template <typename I>
+__device__ __forceinline__ BinPos decompose_as(I idx, int channels, int ph, int pw, bool channels_fastest) {
   BinPos p;
+  const I C = (I)channels, H = (I)ph, W = (I)pw;
   if (channels_fastest) {
-    p.c = (int)(idx % channels); idx /= channels;
-    p.j = (int)(idx % pw); idx /= pw;
-    p.i = (int)(idx % ph); p.k = idx / ph;
+    p.c = (int)(idx % C); idx /= C;
+    p.j = (int)(idx % W); idx /= W;
+    p.i = (int)(idx % H); p.k = (index_t)(idx / H);
   } else {
-    p.j = (int)(idx % pw); idx /= pw;
-    p.i = (int)(idx % ph); idx /= ph;
-    p.c = (int)(idx % channels); p.k = idx / channels;
+    p.j = (int)(idx % W); idx /= W;
+    p.i = (int)(idx % H); idx /= H;
+    p.c = (int)(idx % C); p.k = (index_t)(idx / C);
   }
   return p;
+}
+
+// 64-bit division is a long software routine, 32-bit a few instructions, and
+// nearly every launch has fewer than 2^32 output elements.
+__device__ __forceinline__ BinPos decompose(index_t idx, int channels, int ph, int pw, bool channels_fastest) {
+  if (idx <= (index_t)0xffffffffu)
+    return decompose_as<unsigned>((unsigned)idx, channels, ph, pw, channels_fastest);
+  return decompose_as<unsigned long long>((unsigned long long)idx, channels, ph, pw, channels_fastest);
 }
 
 // Position-sensitive pooling reads a different input channel for every bin.

@@ -197,6 +197,29 @@ def test_prroi_degenerate_boxes_on_gpu():
     assert torch.equal(r.grad, torch.zeros_like(r.grad)) and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("size", [(7, 7), (40, 33), (3, 65), (1, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_prroi_large_maps_boxes_and_bin_counts(size):
+    """Bins spanning many column chunks and rows, and many bins per RoI, on
+    NCHW and channels_last maps (which the kernel reads with and without the
+    unit-column-stride path)."""
+    g = rng()
+    ph, pw = size
+    x, r = cases.make(g, n=2, c_out=3, h=int(g.integers(60, 90)), w=int(g.integers(60, 90)), ph=ph, pw=pw,
+                      scale=0.5, k=30)
+    xt, rt = torch.tensor(x, device=DEV), torch.tensor(r, device=DEV)
+    got = cupy_roi.prroi_pool2d(xt, rt, ph, pw, 0.5)
+    want = cupy_roi.prroi_pool2d(torch.tensor(x), torch.tensor(r), ph, pw, 0.5)
+    assert torch.allclose(got.cpu(), want, rtol=1e-10, atol=1e-12)
+    x32, r32 = xt.float(), rt.float()
+    nchw = cupy_roi.prroi_pool2d(x32, r32, ph, pw, 0.5)
+    nhwc = cupy_roi.prroi_pool2d(x32.to(memory_format=torch.channels_last), r32, ph, pw, 0.5)
+    assert torch.allclose(nchw, nhwc, rtol=1e-6, atol=1e-6)
+    # against float64 on the same rounded inputs; bins a thousandth of a pixel
+    # wide lose digits to the difference of two tent integrals, as in the original
+    want32 = cupy_roi.prroi_pool2d(x32.double().cpu(), r32.double().cpu(), ph, pw, 0.5)
+    assert cases.rel_err(nchw, want32) < 1e-4
+
+
 # ------------------------------------------------------------ plumbing
 
 @pytest.mark.parametrize("name", sorted(cases.OPS))
