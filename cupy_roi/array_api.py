@@ -15,8 +15,9 @@ Conventions shared by every function here:
 * Backward functions return gradients in the accumulation dtype (float32 for
   float16/bfloat16 inputs, else the input's); ``grad_input`` may be passed as a
   zero-filled buffer of that dtype to accumulate into.
-* ``stream``: a ``cupy.cuda.Stream`` or ``ExternalStream``; default: CuPy's
-  current stream. Nothing here synchronizes with the host, except the RoI
+* ``stream``: a ``cupy.cuda.Stream`` or ``ExternalStream`` of the input's device;
+  default: CuPy's current stream of that device (not of the current device).
+  Nothing here synchronizes with the host, except the RoI
   value check (see :func:`cupy_roi.roi_checks`).
 """
 import numpy as np
@@ -106,7 +107,7 @@ class _Call:
         self.c_out = channels_out(self.c, self.output_size, position_sensitive)
         self.ps = bool(position_sensitive)
         self.device = like.device.id
-        self.stream = stream if stream is not None else cupy.cuda.get_current_stream()
+        self.stream = _stream_for(stream, self.device)
         with cupy.cuda.Device(self.device), self.stream:
             self.rows = _rois.roi_rows(rois, like, self.n, self.acc)
             _rois.check_roi_values(self.rows, self.n)
@@ -163,6 +164,21 @@ class _Call:
             return
         with self.cupy.cuda.Device(self.device):
             _kernels.launch(function, total, args, self.stream, blocks=blocks)
+
+
+def _stream_for(stream, device):
+    """``stream``, or the current CuPy stream of ``device``: CuPy keeps one per
+    device, and the current device may be another one than the data's."""
+    import cupy
+
+    if stream is None:
+        with cupy.cuda.Device(device):
+            return cupy.cuda.get_current_stream()
+    stream_device = getattr(stream, "device_id", device)
+    if stream_device not in (device, -1):
+        raise ValueError(f"stream must belong to the input's device ({device}), got a stream of device "
+                         f"{stream_device}")
+    return stream
 
 
 def _check_array(a, shape, dtype, name, device):
