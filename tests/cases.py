@@ -1,8 +1,26 @@
-"""Random inputs shared by the CPU and GPU tests: fresh draws every run."""
+"""Random inputs shared by the CPU and GPU tests: fresh draws every run.
+
+Every generator comes from :func:`rng`, which records its seed; a failing test
+prints the seeds it drew (see ``conftest.py``), and setting
+``CUPY_ROI_TEST_SEED`` to one of them replays the failure.
+"""
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+SEED_ENV = "CUPY_ROI_TEST_SEED"
+seeds_drawn = []  # the seeds of the running test, reported by conftest.py on failure
+
+
+def rng():
+    """A fresh NumPy generator; its seed is ``$CUPY_ROI_TEST_SEED`` when set."""
+    seed = os.environ.get(SEED_ENV)
+    seed = int(seed) if seed else int(np.random.SeedSequence().entropy % (1 << 63))
+    seeds_drawn.append(seed)
+    return np.random.default_rng(seed)
+
 
 OPS = {
     # name: (torch function, slow oracle, takes sampling/aligned, position-sensitive)
@@ -87,9 +105,5 @@ def rel_err(a, b):
 
 
 def testdata(name="prroi_pool_2x2_s0.5"):
-    """The golden data of shared/: beside the checkout, or copied into it."""
-    repo = Path(__file__).resolve().parent.parent
-    for root in (repo.parent / "shared", repo / "shared"):
-        if (root / "testdata" / name).is_dir():
-            return root / "testdata" / name
-    raise FileNotFoundError(f"testdata {name} not found in ../shared or ./shared")
+    """Golden data carried by the project (``tests/data/<name>/``, with its README)."""
+    return Path(__file__).resolve().parent / "data" / name

@@ -24,3 +24,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed_record():
+    from . import cases
+
+    cases.seeds_drawn.clear()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        from . import cases
+
+        if cases.seeds_drawn:
+            seeds = ", ".join(str(s) for s in cases.seeds_drawn)
+            report.sections.append(("random seeds", f"seeds drawn: {seeds}; replay with "
+                                                    f"{cases.SEED_ENV}=<seed> (one per generator)"))

@@ -11,8 +11,7 @@ from . import cases
 
 
 
-def rng():
-    return np.random.default_rng()
+rng = cases.rng
 
 
 # ---------------------------------------------------------------- hand-worked

@@ -15,8 +15,7 @@ pytestmark = pytest.mark.cuda
 DEV = "cuda"
 
 
-def rng():
-    return np.random.default_rng()
+rng = cases.rng
 
 
 def ref_call(name, x, r, ph, pw, scale, sr=2, aligned=True):

@@ -64,7 +64,7 @@ def _run_on(name, x, r, go, device, current, stream):
 
 
 def _check_every_device(name, current_of):
-    g = np.random.default_rng()
+    g = cases.rng()
     x, r = cases.make(g, n=3, c_out=4, h=14, w=17, ph=SIZE[0], pw=SIZE[1], scale=SCALE,
                       ps=cases.OPS[name][1], k=30)
     shape = (r.shape[0], x.shape[1] // (SIZE[0] * SIZE[1]) if cases.OPS[name][1] else x.shape[1]) + SIZE
@@ -95,7 +95,7 @@ def test_cupy_array_api_on_every_device():
     takes that device's current stream."""
     import cupy
 
-    g = np.random.default_rng()
+    g = cases.rng()
     x, r = cases.make(g, n=2, c_out=3, h=10, w=12, ph=2, pw=2, scale=SCALE, k=12)
     xt, rt = torch.tensor(x, requires_grad=True), torch.tensor(r, requires_grad=True)
     out_t = cases.call("prroi_pool", xt, rt, 2, 2, SCALE)
