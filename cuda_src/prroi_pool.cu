@@ -15,33 +15,68 @@ namespace cupy_roi {
 // width wins (6 beat 4 and 8 on an H100 at detector scale; benchmarks/NOTES.md).
 constexpr int kColumns = 6;
 
+// What one grid point's tent contributes over a bin side [a, a + width) in the
+// tent's own coordinate (a = bin start - grid point):
+//   weight       = integral_a^b tent(t) dt,
+//   start_moment = integral_a^b (b - u) tent'(u) du = weight - width * tent(a),
+//   end_moment   = integral_a^b (u - a) tent'(u) du = width * tent(b) - weight,
+// with b = a + width. The moments are the bin-edge derivatives of the integral
+// times width^2 (d mean / d start = sum F start_moment / width^2 ...), formed
+// directly instead of as differences of nearly equal terms: for bins far
+// thinner than a pixel, tent_cdf(b) - tent_cdf(a) and weight - width * tent(a)
+// keep only a few digits in float.
 template <typename A>
-__device__ __forceinline__ A tent(A t) { return max(A(0), A(1) - fabs(t)); }
+struct TentSpan { A weight, start_moment, end_moment; };
 
-// integral_{-inf}^{t} tent(u) du, as a select rather than branches; each half
-// is written around its own end so that small values keep their precision.
-template <typename A>
-__device__ __forceinline__ A tent_cdf(A t) {
-  const A u = min(max(t, A(-1)), A(1));
-  const A v = A(1) - fabs(u);
-  const A tail = A(0.5) * v * v;
-  return u >= A(0) ? A(1) - tail : tail;
+// Overlap of [a, b) with one linear piece [p0, p1) of the tent (slope +1 on
+// [-1, 0), -1 on [0, 1)). Its length and its gaps to a and to b are each
+// written around an end they share with a, so that a bin of width 1e-3 keeps
+// its digits wherever it lies.
+template <typename A, bool kMoments>
+__device__ __forceinline__ void add_tent_piece(A a, A width, A b, A p0, A p1, bool rising, TentSpan<A>& s) {
+  if (!(a < p1 && b > p0)) return;
+  const bool clip_lo = a < p0, clip_hi = b > p1;
+  const A len = clip_lo ? (clip_hi ? p1 - p0 : (a - p0) + width) : (clip_hi ? p1 - a : width);
+  const A half = A(0.5) * len;
+  const A lo = clip_lo ? p0 : a;
+  const A mid_height = rising ? (A(1) + lo) + half : (A(1) - lo) - half;  // tent at the overlap's middle
+  s.weight += len * mid_height;
+  if (kMoments) {
+    const A lo_gap = clip_lo ? p0 - a : A(0);           // a to the overlap's start
+    const A hi_gap = clip_hi ? (a - p1) + width : A(0);  // the overlap's end to b
+    const A signed_len = rising ? len : -len;
+    s.start_moment += signed_len * (hi_gap + half);
+    s.end_moment += signed_len * (lo_gap + half);
+  }
+}
+
+template <typename A, bool kMoments>
+__device__ __forceinline__ TentSpan<A> tent_span(A a, A width) {
+  TentSpan<A> s = {A(0), A(0), A(0)};
+  const A b = a + width;
+  add_tent_piece<A, kMoments>(a, width, b, A(-1), A(0), true, s);
+  add_tent_piece<A, kMoments>(a, width, b, A(0), A(1), false, s);
+  return s;
 }
 
 // One output bin of a PrRoIPool RoI in feature-map coordinates, and the grid
 // points [lo, hi] (clipped to the map: the surface is zero-padded) it touches.
+// A grid point's offset is taken as (RoI start - point) + bin offset: the first
+// difference is exact for the points near a small RoI, so a thin bin's position
+// relative to its grid points is not rounded to the size of its coordinates.
 template <typename A>
 struct PreciseBin {
-  A ys, ye, xs, xe, bin_h, bin_w, area;
+  A rx1, ry1, off_x, off_y, bin_h, bin_w, area;
   int h_lo, h_hi, w_lo, w_hi;
 
   __device__ __forceinline__ void set(A x1, A y1, A x2, A y2, A scale, int i, int j, int ph, int pw,
                                       int height, int width) {
-    const A rx1 = x1 * scale, ry1 = y1 * scale;
+    rx1 = x1 * scale; ry1 = y1 * scale;
     bin_w = max(x2 * scale - rx1, A(0)) / pw;
     bin_h = max(y2 * scale - ry1, A(0)) / ph;
-    xs = rx1 + j * bin_w; xe = xs + bin_w;
-    ys = ry1 + i * bin_h; ye = ys + bin_h;
+    off_x = j * bin_w; off_y = i * bin_h;
+    const A xs = rx1 + off_x, ys = ry1 + off_y;
+    const A xe = xs + bin_w, ye = ys + bin_h;
     area = bin_w * bin_h;
     // Clamp in floating point first so that far-away boxes cannot overflow int.
     h_lo = (int)min(max(floor(ys), A(0)), A(height));
@@ -49,8 +84,14 @@ struct PreciseBin {
     w_lo = (int)min(max(floor(xs), A(0)), A(width));
     w_hi = (int)min(max(ceil(xe), A(-1)), A(width - 1));
   }
-  __device__ __forceinline__ A weight_y(int h) const { return tent_cdf(ye - h) - tent_cdf(ys - h); }
-  __device__ __forceinline__ A weight_x(int w) const { return tent_cdf(xe - w) - tent_cdf(xs - w); }
+  template <bool kMoments>
+  __device__ __forceinline__ TentSpan<A> span_y(int h) const {
+    return tent_span<A, kMoments>((ry1 - A(h)) + off_y, bin_h);
+  }
+  template <bool kMoments>
+  __device__ __forceinline__ TentSpan<A> span_x(int w) const {
+    return tent_span<A, kMoments>((rx1 - A(w)) + off_x, bin_w);
+  }
 };
 
 // sum_{h,w} F[h,w] Wy(h) Wx(w) over the bin's grid points. Columns go in
@@ -64,14 +105,14 @@ __device__ __forceinline__ A bin_integral(const T* plane, index_t row_stride, in
   for (int wc = bin.w_lo; wc <= bin.w_hi; wc += kColumns) {
     A wx[kColumns];
 #pragma unroll
-    for (int t = 0; t < kColumns; ++t) wx[t] = (wc + t <= bin.w_hi) ? bin.weight_x(wc + t) : A(0);
+    for (int t = 0; t < kColumns; ++t) wx[t] = (wc + t <= bin.w_hi) ? bin.template span_x<false>(wc + t).weight : A(0);
     const T* row = plane + bin.h_lo * row_stride + wc * cs;
     for (int h = bin.h_lo; h <= bin.h_hi; ++h, row += row_stride) {
       A acc = 0;
 #pragma unroll
       for (int t = 0; t < kColumns; ++t)
         if (wc + t <= bin.w_hi) acc += wx[t] * to_acc(row[t * cs]);
-      sum += bin.weight_y(h) * acc;
+      sum += bin.template span_y<false>(h).weight * acc;
     }
   }
   return sum;
@@ -147,20 +188,18 @@ __global__ void prroi_pool_backward(
       const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
       A* g_plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
       const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
-      // integral, and edge integrals along xs, xe, ys, ye
-      A integral = 0, e_xs = 0, e_xe = 0, e_ys = 0, e_ye = 0;
+      // moments along xs, xe, ys, ye: sum F Wy start_moment_x(w), ... (see TentSpan)
+      A m_xs = 0, m_xe = 0, m_ys = 0, m_ye = 0;
       for (int wc = bin.w_lo; wc <= bin.w_hi; wc += kColumns) {
-        A wx[kColumns], kx_s[kColumns], kx_e[kColumns];
+        A wx[kColumns], mx_s[kColumns], mx_e[kColumns];
 #pragma unroll
         for (int t = 0; t < kColumns; ++t) {
-          const bool in = wc + t <= bin.w_hi;
-          wx[t] = in ? bin.weight_x(wc + t) : A(0);
-          kx_s[t] = in ? tent(bin.xs - (wc + t)) : A(0);
-          kx_e[t] = in ? tent(bin.xe - (wc + t)) : A(0);
+          const TentSpan<A> sx = wc + t <= bin.w_hi ? bin.template span_x<true>(wc + t) : TentSpan<A>{0, 0, 0};
+          wx[t] = sx.weight; mx_s[t] = sx.start_moment; mx_e[t] = sx.end_moment;
         }
         for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
-          const A wy = bin.weight_y(h);
-          const A ky_s = tent(bin.ys - h), ky_e = tent(bin.ye - h);
+          const TentSpan<A> sy = bin.template span_y<true>(h);
+          const A wy = sy.weight;
           A* g_row = g_plane + h * gi_s2;
           const T* row = plane + h * in_s2;
 #pragma unroll
@@ -170,19 +209,18 @@ __global__ void prroi_pool_backward(
             if (want_coords) {
               const A f = to_acc(row[(wc + t) * in_s3]);
               const A fwy = f * wy, fwx = f * wx[t];
-              integral += fwy * wx[t];
-              e_xs += fwy * kx_s[t];
-              e_xe += fwy * kx_e[t];
-              e_ys += fwx * ky_s;
-              e_ye += fwx * ky_e;
+              m_xs += fwy * mx_s[t];
+              m_xe += fwy * mx_e[t];
+              m_ys += fwx * sy.start_moment;
+              m_ye += fwx * sy.end_moment;
             }
           }
         }
       }
       if (want_coords) {
-        const A out = integral / bin.area;
-        const A d_xs = (out * bin.bin_h - e_xs) / bin.area, d_xe = (e_xe - out * bin.bin_h) / bin.area;
-        const A d_ys = (out * bin.bin_w - e_ys) / bin.area, d_ye = (e_ye - out * bin.bin_w) / bin.area;
+        // d mean / d xs = m_xs / (bin_h bin_w^2), and likewise for the other edges
+        const A d_xs = m_xs / (bin.area * bin.bin_w), d_xe = m_xe / (bin.area * bin.bin_w);
+        const A d_ys = m_ys / (bin.area * bin.bin_h), d_ye = m_ye / (bin.area * bin.bin_h);
         // xs = x1' (1 - j/pw) + x2' j/pw and xe = x1' (1 - (j+1)/pw) + x2' (j+1)/pw
         const A fj0 = A(p.j) / pw, fj1 = A(p.j + 1) / pw;
         const A fi0 = A(p.i) / ph, fi1 = A(p.i + 1) / ph;

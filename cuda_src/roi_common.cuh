@@ -71,15 +71,18 @@ __device__ __forceinline__ int input_channel(int c_out, int i, int j, int ph, in
   return PS ? (c_out * ph + i) * pw + j : c_out;
 }
 
-// A RoI row is (batch_index, x1, y1, x2, y2). Host code validates RoIs, but the
-// check can be switched off for hot loops; kernels must still never read out
-// of bounds, so an invalid row is detected here and its outputs become NaN.
+// A RoI row is (batch_index, x1, y1, x2, y2). Host code checks RoI values only
+// on request (the check synchronizes), so kernels must never read out of
+// bounds: an invalid row (batch index outside [0, N) or fractional, a
+// non-finite coordinate) is detected here; its outputs become NaN and it
+// contributes no gradient.
 template <typename A>
 __device__ __forceinline__ bool load_roi(const A* rois, index_t k, int batch, int& b, A& x1, A& y1, A& x2, A& y2) {
   const A* r = rois + k * 5;
   A bf = r[0];
   x1 = r[1]; y1 = r[2]; x2 = r[3]; y2 = r[4];
-  if (!(bf >= A(0) && bf < A(batch)) || !isfinite(x1) || !isfinite(y1) || !isfinite(x2) || !isfinite(y2)) {
+  if (!(bf >= A(0) && bf < A(batch) && bf == floor(bf)) || !isfinite(x1) || !isfinite(y1) || !isfinite(x2) ||
+      !isfinite(y2)) {
     b = -1;
     return false;
   }

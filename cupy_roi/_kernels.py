@@ -1,10 +1,18 @@
-"""Kernel loader: reads ``cuda_src/``, compiles with NVRTC through CuPy, caches, launches.
+"""Kernel loader and launcher: reads ``cuda_src/``, compiles with NVRTC through
+CuPy, caches, and launches from raw device pointers.
 
-This layer knows CuPy and raw device pointers only (no torch). Sources are
-compiled once per (device, kernel family, scalar type); the header
-``roi_common.cuh`` is inlined into each source so that CuPy's on-disk compile
-cache, which is keyed by the source text, notices edits to it.
+This layer knows CuPy and plain integers only (no torch, no arrays on the hot
+path). Sources are compiled once per (device, kernel family, scalar type); the
+header ``roi_common.cuh`` is inlined into each source so that CuPy's on-disk
+compile cache, which is keyed by the source text, notices edits to it.
+
+A launch packs the kernel's arguments with a precompiled :class:`struct.Struct`
+into a per-thread buffer whose parameter-pointer array is built once, and hands
+both to ``cuLaunchKernel``: a few microseconds, against tens for CuPy's
+per-argument conversion of a ``RawKernel`` call.
 """
+import ctypes
+import struct
 import threading
 from pathlib import Path
 
@@ -22,6 +30,18 @@ FAMILIES = {
     "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward")),
+}
+
+#: C parameter list of every kernel, one letter a parameter: p pointer,
+#: i int, q 64-bit index, a accumulation scalar (float, or double for double).
+#: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
+SIGNATURES = {
+    "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
+    "roi_align_backward": "pqqqq" "pqiii" "aiii" "piiiqqqq",
+    "roi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq" "p",
+    "roi_pool_backward": "pqqqq" "pqiii" "ai" "p" "piiiqqqq",
+    "prroi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq",
+    "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiii" "piiiqqqq" "p",
 }
 
 HEADER = "roi_common.cuh"
@@ -62,34 +82,115 @@ def name_expressions(family, scalar_type):
     return [kernel_expression(k, scalar_type, ps) for k in kernels for ps in (False, True)]
 
 
+def blocks_for(total_threads):
+    """Grid size for a grid-stride kernel over ``total_threads`` elements."""
+    return min(max((total_threads + BLOCK - 1) // BLOCK, 1), _MAX_BLOCKS)
+
+
+# ---------------------------------------------------------------------------
+# argument packing
+
+class ArgumentPacker:
+    """Packs one kernel's arguments into a buffer laid out as CUDA lays out
+    its parameters (each at its natural alignment, which is the C struct rule
+    that ``struct``'s native mode follows), and the array of pointers to each
+    parameter that ``cuLaunchKernel`` takes. One buffer per thread, so
+    concurrent launches from several threads do not share it."""
+
+    _CODES = {"p": "Q", "i": "i", "q": "q"}
+
+    def __init__(self, signature, acc_scalar):
+        codes = [self._CODES.get(c, "d" if acc_scalar == "float64" else "f") for c in signature]
+        self.struct = struct.Struct("@" + "".join(codes))
+        self.offsets = [struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + c)
+                        for i, c in enumerate(codes)]
+        self._local = threading.local()
+
+    def pack(self, args):
+        """Address of the parameter-pointer array, now holding ``args``."""
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            buffer = ctypes.create_string_buffer(max(self.struct.size, 8))
+            base = ctypes.addressof(buffer)
+            pointers = (ctypes.c_void_p * len(self.offsets))(*(base + o for o in self.offsets))
+            slot = self._local.slot = (buffer, pointers, ctypes.addressof(pointers))
+        self.struct.pack_into(slot[0], 0, *args)
+        return slot[2]
+
+
+class Kernel:
+    """One compiled kernel on one device: its CUfunction and argument packer."""
+
+    __slots__ = ("name", "device", "handle", "packer", "_function")
+
+    def __init__(self, name, device, function, acc_scalar):
+        self.name = name
+        self.device = device
+        self._function = function  # keeps CuPy's module (and so the handle) alive
+        self.handle = int(function.ptr)
+        self.packer = ArgumentPacker(SIGNATURES[name], acc_scalar)
+
+
+def _accumulation(scalar_type):
+    return "float64" if scalar_type == "float64" else "float32"
+
+
 _lock = threading.Lock()
-_functions = {}  # (device id, family, scalar type) -> {expression: cupy.RawKernel}
+_functions = {}  # (device id, family, scalar type) -> {(kernel, ps): Kernel}
+
+
+def compile_family(family, scalar_type, device_id):
+    """Compile (or load from CuPy's cache) one family for one device and
+    scalar type; returns its kernels. Safe to call from several threads."""
+    key = (device_id, family, scalar_type)
+    kernels = _functions.get(key)
+    if kernels is None:
+        with _lock:
+            kernels = _functions.get(key)
+            if kernels is None:
+                kernels = _compile(family, scalar_type, device_id)
+                _functions[key] = kernels
+    return kernels
+
+
+def _compile(family, scalar_type, device_id):
+    from . import _gpu
+
+    cupy = _gpu.import_cupy()
+    expressions = name_expressions(family, scalar_type)
+    try:
+        with cupy.cuda.Device(device_id):
+            module = cupy.RawModule(code=source(family), options=("--std=c++14",),
+                                    name_expressions=expressions)
+            kernels = {}
+            for name in FAMILIES[family][1]:
+                for ps in (False, True):
+                    function = module.get_function(kernel_expression(name, scalar_type, ps)).kernel
+                    kernels[(name, ps)] = Kernel(name, device_id, function, _accumulation(scalar_type))
+    except Exception as e:
+        raise _gpu.kernel_build_error(family, scalar_type, device_id, e) from e
+    return kernels
 
 
 def get_function(family, kernel, scalar_type, position_sensitive, device_id):
-    """The compiled kernel, compiling its family for this device and scalar
-    type on first use. Safe to call from several threads at once."""
-    key = (device_id, family, scalar_type)
-    functions = _functions.get(key)
-    if functions is None:
-        with _lock:
-            functions = _functions.get(key)
-            if functions is None:
-                import cupy
-
-                expressions = name_expressions(family, scalar_type)
-                with cupy.cuda.Device(device_id):
-                    module = cupy.RawModule(code=source(family), options=("--std=c++14",),
-                                            name_expressions=expressions)
-                    functions = {e: module.get_function(e) for e in expressions}
-                _functions[key] = functions
-    return functions[kernel_expression(kernel, scalar_type, position_sensitive)]
+    """The compiled :class:`Kernel`, compiling its family on first use."""
+    kernels = _functions.get((device_id, family, scalar_type))
+    if kernels is None:
+        kernels = compile_family(family, scalar_type, device_id)
+    return kernels[(kernel, bool(position_sensitive))]
 
 
-def launch(function, total_threads, args, stream, *, blocks=None):
-    """Launch ``function`` on ``stream`` (a cupy Stream) with a grid covering
-    ``total_threads`` (the kernels use grid-stride loops), or ``blocks`` blocks."""
-    if blocks is None:
-        blocks = min(max((total_threads + BLOCK - 1) // BLOCK, 1), _MAX_BLOCKS)
-    with stream:
-        function((int(blocks),), (BLOCK,), args)
+_launch_kernel = []
+
+
+def launch(kernel, blocks, stream, args):
+    """Launch ``kernel`` with ``blocks`` blocks of :data:`BLOCK` threads on the
+    stream whose handle is ``stream`` (an int; 0 is the legacy default
+    stream). ``args`` follow the kernel's C parameter list: device pointers
+    and sizes as ints, the scale as a float. The caller makes the kernel's
+    device current."""
+    if not _launch_kernel:
+        from cupy.cuda import driver
+
+        _launch_kernel.append(driver.launchKernel)
+    _launch_kernel[0](kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, kernel.packer.pack(args), 0)

@@ -3,31 +3,45 @@
 One place for: accepting ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a
 list of ``[L_i, 4]`` boxes (image ``i``), converting them once to the
 accumulation dtype, and checking them (shape, dtype, device, batch index range,
-finiteness). The value check costs one small reduction and one device-to-host
-copy per call; ``roi_checks(False)`` turns it off for hot loops and it is
-skipped while a CUDA graph is being captured. Kernels never read out of bounds
-for invalid RoIs either way: such a RoI's outputs become NaN.
+finiteness).
+
+The value check needs the rows' values on the host. On the CPU that is free
+and always done. On the GPU it would cost a device-to-host copy that waits for
+all queued work, so it is opt-in there: :func:`roi_checks` (per thread) or the
+environment variable ``CUPY_ROI_CHECK_ROIS=1`` (the default for every thread);
+it is skipped while a CUDA graph is being captured. Unchecked, the kernels
+never read out of bounds for an invalid row: its outputs become NaN and its
+gradients zero. Boxes given as a list get their batch index from their place
+in the list, so on the GPU they are never checked.
 """
 import contextlib
+import os
 import threading
 
 import numpy as np
 
+ENV_VAR = "CUPY_ROI_CHECK_ROIS"
 _state = threading.local()
 
 
+def _default():
+    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def roi_checks_enabled():
-    return getattr(_state, "enabled", True)
+    """Whether GPU calls in this thread check RoI values (and so synchronize)."""
+    enabled = getattr(_state, "enabled", None)
+    return _default() if enabled is None else enabled
 
 
 @contextlib.contextmanager
-def roi_checks(enabled):
-    """Context manager enabling or disabling the RoI value check in this thread.
+def roi_checks(enabled=True):
+    """Context manager turning the GPU RoI value check on (or off) in this thread.
 
-    >>> with cupy_roi.roi_checks(False):   # no device-to-host copy per call
+    >>> with cupy_roi.roi_checks(True):   # ValueError for a bad row; one sync per call
     ...     out = cupy_roi.ps_roi_align(x, rois, 7)
     """
-    previous = roi_checks_enabled()
+    previous = getattr(_state, "enabled", None)
     _state.enabled = bool(enabled)
     try:
         yield
@@ -160,9 +174,10 @@ def _cupy_bad_rows():
 
 
 def check_roi_values(rows, n_images):
-    """Raise ValueError if any row is invalid (one device-to-host copy), unless
-    checks are off or a CUDA graph is being captured."""
-    if rows.shape[0] == 0 or not roi_checks_enabled() or _capturing(rows):
+    """Raise ValueError if any row is invalid (one device-to-host copy on a
+    GPU), unless a CUDA graph is being captured. Callers decide whether to
+    check (see the module docstring)."""
+    if rows.shape[0] == 0 or _capturing(rows):
         return
     bad = int(_bad_row_count(rows, n_images))
     if bad:

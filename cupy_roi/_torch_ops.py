@@ -1,81 +1,69 @@
-"""Torch operators: CUDA tensors go to the array API (zero-copy CuPy views of
-PyTorch-allocated memory, on PyTorch's current stream); CPU tensors, and CUDA
-tensors under ``torch.use_deterministic_algorithms(True)``, go to the reference
-path, whose autograd gives the backward.
+"""Torch operators over the pointer-level launcher.
 
-The CUDA operators are registered with ``torch.library.custom_op`` (where this
-PyTorch has it) so that ``torch.compile`` can trace them; older PyTorch gets
-the same functions wrapped in a ``torch.autograd.Function``.
+CUDA tensors go to the kernels as their device pointers and strides, on the
+current stream of their device, with outputs allocated by PyTorch; no CuPy
+array is made per tensor. CPU tensors, and CUDA tensors under
+``torch.use_deterministic_algorithms(True)``, take the reference path, whose
+autograd gives the backward.
+
+Dispatch, per call:
+
+* eager, some input needs a gradient: a plain ``torch.autograd.Function``;
+* eager, no gradient needed: the forward implementation directly;
+* while ``torch.compile`` traces: ``torch.library.custom_op`` operators with
+  registered fake (meta) functions and autograd, the only form it can trace.
+
+Host cost (``benchmarks/overhead.py``, tiny inputs): raw pointers plus a
+``struct``-packed ``cuLaunchKernel`` cost a few microseconds, where wrapping
+each tensor in a CuPy array (or crossing through DLPack) and CuPy's
+``RawKernel`` argument conversion cost about 50 and 65; the custom-op
+dispatcher about 60, so eager calls skip it. ``benchmarks/NOTES.md`` has the
+numbers before and after.
 """
-import numpy as np
 import torch
 
-from . import _reference, _rois, array_api
+from . import _reference, _rois, _rules
 
-_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
-                 torch.int32: np.int32, torch.bfloat16: np.uint16}
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SCALAR = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+           torch.float64: "float64"}
 
+try:
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+    _current_device = torch._C._cuda_getDevice
+except AttributeError:  # older PyTorch: the public, slower spellings
+    def _raw_stream(device_index):
+        return torch.cuda.current_stream(device_index).cuda_stream
 
-# ---------------------------------------------------------------------------
-# tensors to CuPy, without copies
+    def _current_device():
+        return torch.cuda.current_device()
 
-def as_cupy(t):
-    """Zero-copy CuPy view of a CUDA tensor (bfloat16 as uint16 bits)."""
-    import cupy
-
-    dtype = _NUMPY_DTYPES[t.dtype]
-    if t.numel() == 0:
-        with cupy.cuda.Device(t.device.index):
-            return cupy.empty(tuple(t.shape), dtype)
-    item = t.element_size()
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    mem = cupy.cuda.UnownedMemory(t.data_ptr(), extent * item, t, t.device.index)
-    return cupy.ndarray(tuple(t.shape), dtype, cupy.cuda.MemoryPointer(mem, 0),
-                        strides=tuple(s * item for s in t.stride()))
-
-
-def _scalar_type(t):
-    return "bfloat16" if t.dtype == torch.bfloat16 else None
-
-
-_streams = {}  # (device index, cudaStream_t) -> cupy.cuda.ExternalStream
-
-
-def _stream(t):
-    """CuPy's handle on PyTorch's current stream of ``t``'s device (cached: it
-    only wraps the pointer, so a reused pointer still names the right stream)."""
-    key = (t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
-    stream = _streams.get(key)
-    if stream is None:
-        import warnings
-
-        import cupy
-
-        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external, absent from older CuPy
-            warnings.simplefilter("ignore", DeprecationWarning)
-            stream = cupy.cuda.ExternalStream(key[1], key[0])
-        stream = _streams.setdefault(key, stream)
-    return stream
-
-
-def _memory_format(like):
-    """Outputs and gradients follow a channels-last input's layout."""
-    if like.dim() == 4 and array_api._channels_fastest(like.stride(), like.shape):
-        return torch.channels_last
-    return torch.contiguous_format
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _empty(shape, like, dtype=None):
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=_memory_format(like))
+def _memory_format(t):
+    """Outputs and gradients follow a channels-last input's layout."""
+    if _rules.channels_fastest(t.stride(), t.shape):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
-def _zeros(shape, like, dtype):
-    return _empty(shape, like, dtype).zero_()
+def _view(t):
+    return t.data_ptr(), t.stride()
+
+
+def _launch(rule, device, scalar, ps, *args):
+    """Run one of :mod:`_rules`' launches on ``device``'s current stream,
+    making ``device`` current for the launch only when it is not already."""
+    if _current_device() == device:
+        rule(device, _raw_stream(device), scalar, ps, *args)
+    else:
+        with torch.cuda.device(device):
+            rule(device, _raw_stream(device), scalar, ps, *args)
 
 
 def _out_shape(input, rows, ph, pw, ps):
@@ -83,110 +71,146 @@ def _out_shape(input, rows, ph, pw, ps):
     return (rows.shape[0], c_out, ph, pw)
 
 
-def _array_kwargs(t):
-    return {"stream": _stream(t), "scalar_type": _scalar_type(t)}
+def _empty(shape, like, dtype=None):
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=_memory_format(like))
 
 
-def _backward_context():
-    """Backward ops get the rows their forward already checked: no second check."""
-    return _rois.roi_checks(False)
+def _accumulator(shape, like, layout_like):
+    """Zero-filled gradient buffer in the accumulation dtype (the kernels add into it)."""
+    return torch.zeros(shape, dtype=_acc(like.dtype), device=like.device, memory_format=_memory_format(layout_like))
 
 
 # ---------------------------------------------------------------------------
-# CUDA implementations (real tensors in, PyTorch-allocated tensors out)
+# CUDA implementations: real tensors in, PyTorch-allocated tensors out
 
-def _roi_align_fwd(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
-                   sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
+def roi_align_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
+                           sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
     out = _empty(_out_shape(input, rows, ph, pw, ps), input)
-    with torch.cuda.device(input.device):
-        array_api.roi_align_forward(as_cupy(input), as_cupy(rows), (ph, pw), scale, sampling_ratio, aligned, ps,
-                                    out=as_cupy(out), **_array_kwargs(input))
+    _launch(_rules.roi_align_forward, input.device.index, _SCALAR[input.dtype], ps, _view(input),
+            tuple(input.shape), rows.data_ptr(), rows.shape[0], (ph, pw), scale, sampling_ratio, aligned, _view(out))
     return out
 
 
-def _roi_align_bwd(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
-                   sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
-    grad_input = _zeros((n, c, h, w), grad, _acc(grad.dtype))
-    with torch.cuda.device(grad.device), _backward_context():
-        array_api.roi_align_backward(as_cupy(grad), as_cupy(rows), (n, c, h, w), tuple(grad.shape[2:]), scale,
-                                     sampling_ratio, aligned, ps, grad_input=as_cupy(grad_input),
-                                     **_array_kwargs(grad))
+def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
+                            sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
+    grad_input = _accumulator((n, c, h, w), grad, grad)
+    _launch(_rules.roi_align_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
+            rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, sampling_ratio, aligned,
+            _view(grad_input))
     return grad_input.to(grad.dtype)
 
 
-def _roi_pool_fwd(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
-                  ps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def roi_pool_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
+                          ps: bool) -> tuple[torch.Tensor, torch.Tensor]:
     shape = _out_shape(input, rows, ph, pw, ps)
     out = _empty(shape, input)
     argmax = torch.empty(shape if not ps else (0,), dtype=torch.int32, device=input.device)
-    with torch.cuda.device(input.device):
-        array_api.roi_pool_forward(as_cupy(input), as_cupy(rows), (ph, pw), scale, ps, out=as_cupy(out),
-                                   argmax=None if ps else as_cupy(argmax), **_array_kwargs(input))
+    _launch(_rules.roi_pool_forward, input.device.index, _SCALAR[input.dtype], ps, _view(input), tuple(input.shape),
+            rows.data_ptr(), rows.shape[0], (ph, pw), scale, _view(out), 0 if ps else argmax.data_ptr())
     return out, argmax
 
 
-def _roi_pool_bwd(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.Tensor, n: int, c: int, h: int,
-                  w: int, scale: float, ps: bool) -> torch.Tensor:
-    grad_input = _zeros((n, c, h, w), grad, _acc(grad.dtype))
-    with torch.cuda.device(grad.device), _backward_context():
-        array_api.roi_pool_backward(as_cupy(grad), as_cupy(rows), None if ps else as_cupy(argmax), (n, c, h, w),
-                                    tuple(grad.shape[2:]), scale, ps, grad_input=as_cupy(grad_input),
-                                    **_array_kwargs(grad))
+def roi_pool_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.Tensor, n: int, c: int, h: int,
+                           w: int, scale: float, ps: bool) -> torch.Tensor:
+    grad_input = _accumulator((n, c, h, w), grad, grad)
+    _launch(_rules.roi_pool_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
+            rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, 0 if ps else argmax.data_ptr(),
+            _view(grad_input))
     return grad_input.to(grad.dtype)
 
 
-def _prroi_fwd(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
-               ps: bool) -> torch.Tensor:
+def prroi_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
+                       ps: bool) -> torch.Tensor:
     out = _empty(_out_shape(input, rows, ph, pw, ps), input)
-    with torch.cuda.device(input.device):
-        array_api.prroi_pool_forward(as_cupy(input), as_cupy(rows), (ph, pw), scale, ps, out=as_cupy(out),
-                                     **_array_kwargs(input))
+    _launch(_rules.prroi_pool_forward, input.device.index, _SCALAR[input.dtype], ps, _view(input),
+            tuple(input.shape), rows.data_ptr(), rows.shape[0], (ph, pw), scale, _view(out))
     return out
 
 
-def _prroi_bwd(grad: torch.Tensor, input: torch.Tensor, rows: torch.Tensor, scale: float, ps: bool,
-               rois_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_input = _zeros(tuple(input.shape), input, _acc(input.dtype))
-    grad_rows = torch.zeros((rows.shape[0], 5), dtype=rows.dtype, device=rows.device)
-    with torch.cuda.device(grad.device), _backward_context():
-        array_api.prroi_pool_backward(as_cupy(grad), as_cupy(input), as_cupy(rows), tuple(grad.shape[2:]), scale,
-                                      ps, rois_grad=rois_grad, grad_input=as_cupy(grad_input),
-                                      grad_rois=as_cupy(grad_rows) if rois_grad else None,
-                                      **_array_kwargs(input))
+def prroi_backward_cuda(grad: torch.Tensor, input: torch.Tensor, rows: torch.Tensor, scale: float, ps: bool,
+                        rois_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_input = _accumulator(tuple(input.shape), input, input)
+    grad_rows = torch.zeros((rows.shape[0], 5) if rois_grad else (0, 5), dtype=rows.dtype, device=rows.device)
+    _launch(_rules.prroi_pool_backward, input.device.index, _SCALAR[input.dtype], ps, _view(grad), _view(input),
+            tuple(input.shape), rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, _view(grad_input),
+            grad_rows.data_ptr() if rois_grad else 0)
     return grad_input.to(input.dtype), grad_rows
 
 
 # ---------------------------------------------------------------------------
-# registration: custom ops with autograd, or autograd.Function on old PyTorch
+# autograd: one setup/backward pair per family, shared by the eager
+# autograd.Function and the custom ops' registered autograd
 
-def _define(name, impl, fake):
-    if hasattr(torch.library, "custom_op"):
-        op = torch.library.custom_op(f"cupy_roi::{name}", impl, mutates_args=())
-        op.register_fake(fake)
-        return op
-    return impl
+def _setup_roi_align(ctx, inputs, output):
+    input, rows, ph, pw, scale, sampling_ratio, aligned, ps = inputs
+    ctx.save_for_backward(rows)
+    ctx.args = (tuple(input.shape), scale, sampling_ratio, aligned, ps)
 
 
-def _with_autograd(op, setup_context, backward):
-    if hasattr(op, "register_autograd"):
-        op.register_autograd(backward, setup_context=setup_context)
-        return op
+def _setup_roi_pool(ctx, inputs, output):
+    input, rows, ph, pw, scale, ps = inputs
+    ctx.save_for_backward(rows, output[1])
+    ctx.args = (tuple(input.shape), scale, ps)
 
+
+def _setup_prroi(ctx, inputs, output):
+    input, rows, ph, pw, scale, ps = inputs
+    ctx.save_for_backward(input, rows)
+    ctx.args = (scale, ps)
+
+
+def _make_backwards(roi_align_bwd, roi_pool_bwd, prroi_bwd):
+    """Backward functions calling the given backward implementations (plain
+    functions in eager mode, custom ops under torch.compile)."""
+
+    def roi_align_backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        shape, scale, sampling_ratio, aligned, ps = ctx.args
+        return (roi_align_bwd(grad, rows, *shape, scale, sampling_ratio, aligned, ps),
+                None, None, None, None, None, None, None)
+
+    def roi_pool_backward(ctx, grad, _grad_argmax):
+        rows, argmax = ctx.saved_tensors
+        shape, scale, ps = ctx.args
+        return roi_pool_bwd(grad, rows, argmax, *shape, scale, ps), None, None, None, None, None
+
+    def prroi_backward(ctx, grad):
+        input, rows = ctx.saved_tensors
+        scale, ps = ctx.args
+        rois_grad = ctx.needs_input_grad[1]
+        grad_input, grad_rows = prroi_bwd(grad, input, rows, scale, ps, rois_grad)
+        return grad_input, (grad_rows if rois_grad else None), None, None, None, None
+
+    return roi_align_backward, roi_pool_backward, prroi_backward
+
+
+def _eager_function(forward_impl, setup, backward):
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
-            out = op(*args)
-            setup_context(ctx, args, out)
+            out = forward_impl(*args)
+            setup(ctx, args, out)
             if isinstance(out, tuple):
                 ctx.mark_non_differentiable(*out[1:])
             return out
 
         @staticmethod
+        @torch.autograd.function.once_differentiable
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
+    Function.__name__ = Function.__qualname__ = forward_impl.__name__.replace("_forward_cuda", "").title() + "Function"
     return Function.apply
 
+
+_eager_backwards = _make_backwards(roi_align_backward_cuda, roi_pool_backward_cuda, prroi_backward_cuda)
+_roi_align_eager = _eager_function(roi_align_forward_cuda, _setup_roi_align, _eager_backwards[0])
+_roi_pool_eager = _eager_function(roi_pool_forward_cuda, _setup_roi_pool, _eager_backwards[1])
+_prroi_eager = _eager_function(prroi_forward_cuda, _setup_prroi, _eager_backwards[2])
+
+
+# ---------------------------------------------------------------------------
+# custom ops, for torch.compile
 
 def _fake_roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
     return _empty(_out_shape(input, rows, ph, pw, ps), input)
@@ -210,74 +234,78 @@ def _fake_prroi_fwd(input, rows, ph, pw, scale, ps):
 
 
 def _fake_prroi_bwd(grad, input, rows, scale, ps, rois_grad):
-    return torch.empty_like(input), torch.empty_like(rows)
+    return _empty(tuple(input.shape), input), torch.empty((rows.shape[0], 5) if rois_grad else (0, 5),
+                                                          dtype=rows.dtype, device=rows.device)
 
 
-roi_align_bwd = _define("roi_align_backward", _roi_align_bwd, _fake_roi_align_bwd)
-roi_pool_bwd = _define("roi_pool_backward", _roi_pool_bwd, _fake_roi_pool_bwd)
-prroi_bwd = _define("prroi_pool_backward", _prroi_bwd, _fake_prroi_bwd)
+def _define(name, impl, fake):
+    op = torch.library.custom_op(f"cupy_roi::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return op
 
 
-def _setup_roi_align(ctx, inputs, output):
-    input, rows, ph, pw, scale, sampling_ratio, aligned, ps = inputs
-    ctx.save_for_backward(rows)
-    ctx.args = (tuple(input.shape), scale, sampling_ratio, aligned, ps)
-
-
-def _backward_roi_align(ctx, grad):
-    (rows,) = ctx.saved_tensors
-    shape, scale, sampling_ratio, aligned, ps = ctx.args
-    return (roi_align_bwd(grad, rows, *shape, scale, sampling_ratio, aligned, ps),
-            None, None, None, None, None, None, None)
-
-
-def _setup_roi_pool(ctx, inputs, output):
-    input, rows, ph, pw, scale, ps = inputs
-    ctx.save_for_backward(rows, output[1])
-    ctx.args = (tuple(input.shape), scale, ps)
-
-
-def _backward_roi_pool(ctx, grad, _grad_argmax):
-    rows, argmax = ctx.saved_tensors
-    shape, scale, ps = ctx.args
-    return roi_pool_bwd(grad, rows, argmax, *shape, scale, ps), None, None, None, None, None
-
-
-def _setup_prroi(ctx, inputs, output):
-    input, rows, ph, pw, scale, ps = inputs
-    ctx.save_for_backward(input, rows)
-    ctx.args = (scale, ps)
-
-
-def _backward_prroi(ctx, grad):
-    input, rows = ctx.saved_tensors
-    scale, ps = ctx.args
-    rois_grad = ctx.needs_input_grad[1]
-    grad_input, grad_rows = prroi_bwd(grad, input, rows, scale, ps, rois_grad)
-    return grad_input, (grad_rows if rois_grad else None), None, None, None, None
-
-
-roi_align_fwd = _with_autograd(_define("roi_align_forward", _roi_align_fwd, _fake_roi_align_fwd),
-                               _setup_roi_align, _backward_roi_align)
-roi_pool_fwd = _with_autograd(_define("roi_pool_forward", _roi_pool_fwd, _fake_roi_pool_fwd),
-                              _setup_roi_pool, _backward_roi_pool)
-prroi_fwd = _with_autograd(_define("prroi_pool_forward", _prroi_fwd, _fake_prroi_fwd),
-                           _setup_prroi, _backward_prroi)
+if hasattr(torch.library, "custom_op"):
+    _bwd_ops = (_define("roi_align_backward", roi_align_backward_cuda, _fake_roi_align_bwd),
+                _define("roi_pool_backward", roi_pool_backward_cuda, _fake_roi_pool_bwd),
+                _define("prroi_pool_backward", prroi_backward_cuda, _fake_prroi_bwd))
+    _op_backwards = _make_backwards(*_bwd_ops)
+    _roi_align_op = _define("roi_align_forward", roi_align_forward_cuda, _fake_roi_align_fwd)
+    _roi_pool_op = _define("roi_pool_forward", roi_pool_forward_cuda, _fake_roi_pool_fwd)
+    _prroi_op = _define("prroi_pool_forward", prroi_forward_cuda, _fake_prroi_fwd)
+    _roi_align_op.register_autograd(_op_backwards[0], setup_context=_setup_roi_align)
+    _roi_pool_op.register_autograd(_op_backwards[1], setup_context=_setup_roi_pool)
+    _prroi_op.register_autograd(_op_backwards[2], setup_context=_setup_prroi)
+else:  # no torch.library.custom_op: torch.compile falls back to eager around these calls
+    _roi_align_op, _roi_pool_op, _prroi_op = _roi_align_eager, _roi_pool_eager, _prroi_eager
 
 
 # ---------------------------------------------------------------------------
-# the entry every functional operator goes through
+# the entries the functional operators call
+
+def roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
+    if _is_compiling():
+        return _roi_align_op(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
+    if input.requires_grad and torch.is_grad_enabled():
+        return _roi_align_eager(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
+    return roi_align_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
+
+
+def roi_pool_fwd(input, rows, ph, pw, scale, ps):
+    if _is_compiling():
+        return _roi_pool_op(input, rows, ph, pw, scale, ps)[0]
+    if input.requires_grad and torch.is_grad_enabled():
+        return _roi_pool_eager(input, rows, ph, pw, scale, ps)[0]
+    return roi_pool_forward_cuda(input, rows, ph, pw, scale, ps)[0]
+
+
+def prroi_fwd(input, rows, ph, pw, scale, ps):
+    if _is_compiling():
+        return _prroi_op(input, rows, ph, pw, scale, ps)
+    if (input.requires_grad or rows.requires_grad) and torch.is_grad_enabled():
+        return _prroi_eager(input, rows, ph, pw, scale, ps)
+    return prroi_forward_cuda(input, rows, ph, pw, scale, ps)
+
 
 def prepare(input, rois, output_size, position_sensitive):
-    """Validate the arguments; returns (rows [K, 5] in the accumulation dtype, (ph, pw))."""
+    """Validate the arguments; returns (rows [K, 5] in the accumulation dtype,
+    (ph, pw)). Checks RoI values where that is free (CPU) or asked for."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in FLOATING:
-        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
-    array_api.check_shape4(tuple(input.shape))
-    output_size = array_api.output_size_pair(output_size)
-    array_api.channels_out(input.shape[1], output_size, position_sensitive)
-    rows = _rois.roi_rows(rois, input, input.shape[0], "float64" if input.dtype == torch.float64 else "float32")
+    dtype = input.dtype
+    if dtype not in FLOATING:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {dtype}")
+    shape = input.shape
+    _rules.check_shape4(shape)
+    output_size = _rules.output_size_pair(output_size)
+    _rules.channels_out(shape[1], output_size, position_sensitive)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if (type(rois) is torch.Tensor and rois.dtype == acc and rois.dim() == 2 and rois.shape[1] == 5
+            and rois.device == input.device and rois.is_contiguous()):
+        rows = rois  # already what the kernels read
+    else:
+        rows = _rois.roi_rows(rois, input, shape[0], "float64" if acc == torch.float64 else "float32")
+    if not input.is_cuda or (_rois.roi_checks_enabled() and not isinstance(rois, (list, tuple))):
+        _rois.check_roi_values(rows, shape[0])
     return rows, output_size
 
 
@@ -286,5 +314,4 @@ def use_kernels(input):
 
 
 def reference(name, input, rows, *args):
-    _rois.check_roi_values(rows, input.shape[0])
     return getattr(_reference, name)(input, rows, *args)

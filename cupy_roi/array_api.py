@@ -6,6 +6,9 @@ Conventions shared by every function here:
 * ``input``: ``(N, C, H, W)``, any strides (NCHW, channels-last, views);
   float16, float32, float64, and bfloat16 given as a ``uint16`` array of raw
   bfloat16 bits with ``scalar_type="bfloat16"`` (CuPy has no bfloat16 dtype).
+  Any DLPack producer (an object with ``__dlpack__``: a torch tensor, a JAX
+  array, ...) is taken as a CuPy array (GPU) or NumPy array (CPU) without a
+  copy; results are CuPy arrays, which ``torch.from_dlpack`` takes without a copy.
 * ``rois``: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list of N
   ``[L_i, 4]`` arrays, in input-image coordinates, any floating dtype.
 * ``output_size``: int or ``(ph, pw)``. Outputs are ``(K, C_out, ph, pw)`` with
@@ -17,12 +20,13 @@ Conventions shared by every function here:
   zero-filled buffer of that dtype to accumulate into.
 * ``stream``: a ``cupy.cuda.Stream`` or ``ExternalStream`` of the input's device;
   default: CuPy's current stream of that device (not of the current device).
-  Nothing here synchronizes with the host, except the RoI
-  value check (see :func:`cupy_roi.roi_checks`).
+  Nothing here synchronizes with the host, unless the RoI value check is
+  turned on (see :func:`cupy_roi.roi_checks`); NumPy inputs are always checked.
 """
 import numpy as np
 
-from . import _kernels, _rois
+from . import _gpu, _kernels, _rois, _rules
+from ._rules import channels_out, check_shape4, output_size_pair  # noqa: F401  (public helpers)
 
 __all__ = [
     "roi_align_forward", "roi_align_backward", "ps_roi_align_forward", "ps_roi_align_backward",
@@ -33,36 +37,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------
 # argument handling shared by every operator
-
-def output_size_pair(output_size):
-    if isinstance(output_size, (int, np.integer)):
-        ph = pw = int(output_size)
-    else:
-        try:
-            ph, pw = (int(v) for v in output_size)
-        except (TypeError, ValueError):
-            raise ValueError(f"output_size must be an int or a pair (ph, pw), got {output_size!r}") from None
-    if ph <= 0 or pw <= 0:
-        raise ValueError(f"output_size must be positive, got {(ph, pw)}")
-    return ph, pw
-
-
-def channels_out(channels, output_size, position_sensitive):
-    if not position_sensitive:
-        return channels
-    ph, pw = output_size
-    if channels % (ph * pw):
-        raise ValueError(f"input: position-sensitive pooling needs channels divisible by "
-                         f"ph * pw = {ph * pw}, got {channels} channels")
-    return channels // (ph * pw)
-
-
-def check_shape4(shape, name="input"):
-    if len(shape) != 4:
-        raise ValueError(f"{name} must be 4-d (N, C, H, W), got shape {tuple(shape)}")
-    if min(shape[2:]) <= 0:
-        raise ValueError(f"{name} must have a non-empty spatial size, got shape {tuple(shape)}")
-
 
 def _scalar_type(a, scalar_type, name):
     dtype = str(a.dtype)
@@ -78,47 +52,75 @@ def _scalar_type(a, scalar_type, name):
 
 
 def _ptr(a):
-    return np.uint64(a.data.ptr)
+    return a.data.ptr
 
 
-def _strides(a):
-    return [np.int64(s // a.itemsize) for s in a.strides]
+def _view(a):
+    """(pointer, strides in elements) of a CuPy array, for :mod:`_rules`."""
+    item = a.itemsize
+    return a.data.ptr, tuple(s // item for s in a.strides)
 
 
-def _channels_fastest(strides, shape):
-    """Iterate channels fastest when the channel stride is the smallest one:
-    consecutive threads then touch consecutive addresses of a channels-last map."""
-    s = [abs(int(x)) for x in strides]
-    return shape[1] > 1 and s[1] <= min(s[2], s[3])
+def _channels_fastest(a):
+    return _rules.channels_fastest(a.strides, a.shape)
+
+
+def as_array(a, name="input"):
+    """NumPy and CuPy arrays as they are; any other DLPack producer (a torch
+    tensor, a JAX array) as a CuPy array (on a GPU) or NumPy array (on the
+    CPU) sharing its memory."""
+    if isinstance(a, np.ndarray):
+        return a
+    module = type(a).__module__
+    if module.startswith("cupy"):
+        return a
+    if hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__"):
+        device_type = int(a.__dlpack_device__()[0])
+        if device_type == 1:  # kDLCPU
+            return np.from_dlpack(a)
+        cupy = _gpu.import_cupy()
+        try:
+            return cupy.from_dlpack(a)
+        except Exception as e:
+            raise TypeError(f"{name}: this DLPack producer ({type(a).__name__}) cannot be read by CuPy: {e}") from e
+    raise TypeError(f"{name} must be a NumPy or CuPy array or a DLPack producer, got {type(a).__name__}")
+
+
+def _arrays(rois, *arrays):
+    """``as_array`` of each array argument (``rois`` may be a list of box arrays)."""
+    if isinstance(rois, (list, tuple)):
+        rois = [as_array(r, f"rois[{i}]") for i, r in enumerate(rois)]
+    elif rois is not None:
+        rois = as_array(rois, "rois")
+    return (rois, *(None if a is None else as_array(a, name) for a, name in arrays))
 
 
 class _Call:
     """One GPU operator call: validated sizes, RoI rows, stream and device."""
 
     def __init__(self, like, shape, rois, output_size, position_sensitive, stream, scalar_type, name):
-        import cupy
-
+        cupy = _gpu.import_cupy()
         check_shape4(shape, name)
         self.cupy = cupy
         self.scalar = _scalar_type(like, scalar_type, name)
         self.acc = _rois.accumulation_dtype_name(self.scalar)
         self.output_size = output_size_pair(output_size)
-        self.n, self.c, self.h, self.w = (int(v) for v in shape)
-        self.c_out = channels_out(self.c, self.output_size, position_sensitive)
+        self.shape = tuple(int(v) for v in shape)
+        self.c_out = channels_out(self.shape[1], self.output_size, position_sensitive)
         self.ps = bool(position_sensitive)
         self.device = like.device.id
         self.stream = _stream_for(stream, self.device)
         with cupy.cuda.Device(self.device), self.stream:
-            self.rows = _rois.roi_rows(rois, like, self.n, self.acc)
-            _rois.check_roi_values(self.rows, self.n)
+            self.rows = _rois.roi_rows(rois, like, self.shape[0], self.acc)
+            if _rois.roi_checks_enabled() and not isinstance(rois, (list, tuple)):
+                _rois.check_roi_values(self.rows, self.shape[0])
         self.k = int(self.rows.shape[0])
         self.out_shape = (self.k, self.c_out) + self.output_size
-        self.acc_scalar = np.dtype(self.acc).type
 
     def new_array(self, shape, dtype, layout_like):
         """Allocate ``shape``; channels-last when ``layout_like`` is."""
         with self.cupy.cuda.Device(self.device):
-            if _channels_fastest(layout_like.strides, layout_like.shape):
+            if _channels_fastest(layout_like):
                 return self.cupy.empty((shape[0], shape[2], shape[3], shape[1]), dtype).transpose(0, 3, 1, 2)
             return self.cupy.empty(shape, dtype)
 
@@ -129,13 +131,12 @@ class _Call:
         return out
 
     def grad_input(self, grad_input, layout_like):
-        shape = (self.n, self.c, self.h, self.w)
         if grad_input is None:
-            g = self.new_array(shape, self.acc, layout_like)
+            g = self.new_array(self.shape, self.acc, layout_like)
             with self.cupy.cuda.Device(self.device), self.stream:
                 g.fill(0)
             return g
-        _check_array(grad_input, shape, np.dtype(self.acc), "grad_input", self.device)
+        _check_array(grad_input, self.shape, np.dtype(self.acc), "grad_input", self.device)
         return grad_input
 
     def check_grad_output(self, grad_output):
@@ -144,33 +145,16 @@ class _Call:
                         "grad_output") != self.scalar:
             raise TypeError(f"grad_output must have the input's dtype ({self.scalar}), got {grad_output.dtype}")
 
-    def function(self, family, kernel):
-        return _kernels.get_function(family, kernel, self.scalar, self.ps, self.device)
-
-    def rois_args(self):
-        ph, pw = self.output_size
-        return [_ptr(self.rows), np.int64(self.k), np.int32(self.c_out), np.int32(ph), np.int32(pw)]
-
-    def map_args(self, a):
-        """pointer, N, H, W and the four strides of an (N, C, H, W) array"""
-        return [_ptr(a), np.int32(self.n), np.int32(self.h), np.int32(self.w), *_strides(a)]
-
-    def order(self, a):
-        return np.int32(_channels_fastest(a.strides, a.shape))
-
-    def run(self, function, args, blocks=None):
-        total = self.k * self.c_out * self.output_size[0] * self.output_size[1]
-        if total == 0:
-            return
+    def run(self, rule, *args):
+        """One of :mod:`_rules`' launches, on the data's device and the call's stream."""
         with self.cupy.cuda.Device(self.device):
-            _kernels.launch(function, total, args, self.stream, blocks=blocks)
+            rule(self.device, self.stream.ptr, self.scalar, self.ps, *args)
 
 
 def _stream_for(stream, device):
     """``stream``, or the current CuPy stream of ``device``: CuPy keeps one per
     device, and the current device may be another one than the data's."""
-    import cupy
-
+    cupy = _gpu.import_cupy()
     if stream is None:
         with cupy.cuda.Device(device):
             return cupy.cuda.get_current_stream()
@@ -250,15 +234,14 @@ def roi_align_forward(input, rois, output_size, spatial_scale=1.0, sampling_rati
                       position_sensitive=False, *, out=None, stream=None, scalar_type=None):
     """RoIAlign (or PSRoIAlign) forward with torchvision.ops semantics: returns
     ``(K, C_out, ph, pw)``."""
+    rois, input, out = _arrays(rois, (input, "input"), (out, "out"))
     if _is_numpy(input):
         return _cpu_forward("roi_align", input, rois, output_size_pair(output_size), float(spatial_scale),
                             int(sampling_ratio), bool(aligned), bool(position_sensitive))
     call = _Call(input, input.shape, rois, output_size, position_sensitive, stream, scalar_type, "input")
     out = call.output(out, input)
-    call.run(call.function("roi_align", "roi_align_forward"), [
-        *call.map_args(input), *call.rois_args(),
-        call.acc_scalar(spatial_scale), np.int32(sampling_ratio), np.int32(bool(aligned)), call.order(input),
-        _ptr(out), *_strides(out)])
+    call.run(_rules.roi_align_forward, _view(input), call.shape, _ptr(call.rows), call.k, call.output_size,
+             float(spatial_scale), int(sampling_ratio), bool(aligned), _view(out))
     return out
 
 
@@ -266,6 +249,7 @@ def roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scal
                        aligned=False, position_sensitive=False, *, grad_input=None, stream=None,
                        scalar_type=None):
     """Gradient of :func:`roi_align_forward` w.r.t. its input, shape ``input_shape``."""
+    rois, grad_output, grad_input = _arrays(rois, (grad_output, "grad_output"), (grad_input, "grad_input"))
     if _is_numpy(grad_output):
         like = np.zeros(tuple(input_shape), grad_output.dtype)
         return _cpu_backward("roi_align", grad_output, like, rois, output_size_pair(output_size),
@@ -274,10 +258,8 @@ def roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scal
                  "grad_output")
     call.check_grad_output(grad_output)
     grad_input = call.grad_input(grad_input, grad_output)
-    call.run(call.function("roi_align", "roi_align_backward"), [
-        _ptr(grad_output), *_strides(grad_output), *call.rois_args(),
-        call.acc_scalar(spatial_scale), np.int32(sampling_ratio), np.int32(bool(aligned)),
-        call.order(grad_output), *call.map_args(grad_input)])
+    call.run(_rules.roi_align_backward, _view(grad_output), call.shape, _ptr(call.rows), call.k,
+             call.output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), _view(grad_input))
     return grad_input
 
 
@@ -304,6 +286,7 @@ def roi_pool_forward(input, rois, output_size, spatial_scale=1.0, position_sensi
     :func:`roi_pool_backward`; pass ``argmax`` (contiguous int32) to have it
     written there. It is None for PSRoIPool."""
     ps = bool(position_sensitive)
+    rois, input, out, argmax = _arrays(rois, (input, "input"), (out, "out"), (argmax, "argmax"))
     if _is_numpy(input):
         res = _cpu_forward("roi_pool", input, rois, output_size_pair(output_size), float(spatial_scale), ps,
                            return_argmax=not ps)
@@ -319,9 +302,8 @@ def roi_pool_forward(input, rois, output_size, spatial_scale=1.0, position_sensi
         _check_array(argmax, call.out_shape, np.dtype(np.int32), "argmax", call.device)
         if not argmax.flags.c_contiguous:
             raise ValueError("argmax must be C-contiguous")
-    call.run(call.function("roi_pool", "roi_pool_forward"), [
-        *call.map_args(input), *call.rois_args(), call.acc_scalar(spatial_scale), call.order(input),
-        _ptr(out), *_strides(out), np.uint64(0 if argmax is None else argmax.data.ptr)])
+    call.run(_rules.roi_pool_forward, _view(input), call.shape, _ptr(call.rows), call.k, call.output_size,
+             float(spatial_scale), _view(out), 0 if argmax is None else _ptr(argmax))
     return out, argmax
 
 
@@ -330,6 +312,8 @@ def roi_pool_backward(grad_output, rois, argmax, input_shape, output_size, spati
     """Gradient of :func:`roi_pool_forward` w.r.t. its input (``argmax`` is
     needed for RoIPool, ignored for PSRoIPool)."""
     ps = bool(position_sensitive)
+    rois, grad_output, argmax, grad_input = _arrays(rois, (grad_output, "grad_output"), (argmax, "argmax"),
+                                                    (grad_input, "grad_input"))
     if not ps and (argmax is None or tuple(argmax.shape) != tuple(grad_output.shape)):
         raise ValueError("argmax: RoIPool's backward needs the argmax returned by roi_pool_forward, "
                          f"shaped like grad_output {tuple(grad_output.shape)}")
@@ -345,9 +329,8 @@ def roi_pool_backward(grad_output, rois, argmax, input_shape, output_size, spati
     if not ps and (argmax.dtype != np.int32 or not argmax.flags.c_contiguous):
         raise TypeError("argmax must be the contiguous int32 array returned by roi_pool_forward")
     grad_input = call.grad_input(grad_input, grad_output)
-    call.run(call.function("roi_pool", "roi_pool_backward"), [
-        _ptr(grad_output), *_strides(grad_output), *call.rois_args(), call.acc_scalar(spatial_scale),
-        call.order(grad_output), np.uint64(0 if ps else argmax.data.ptr), *call.map_args(grad_input)])
+    call.run(_rules.roi_pool_backward, _view(grad_output), call.shape, _ptr(call.rows), call.k,
+             call.output_size, float(spatial_scale), 0 if ps else _ptr(argmax), _view(grad_input))
     return grad_input
 
 
@@ -355,7 +338,6 @@ def _argmax_scatter_cpu(grad_output, rois, argmax, input_shape, acc):
     n, c, h, w = (int(v) for v in input_shape)
     rows = _cpu_rows(rois, np.zeros((n, 1, 1, 1), grad_output.dtype)).numpy()
     grad = np.zeros((n, c, h * w), acc)
-    k, _, ph, pw = grad_output.shape
     b = np.broadcast_to(rows[:, 0].astype(np.int64)[:, None, None, None], argmax.shape)
     ch = np.broadcast_to(np.arange(c)[None, :, None, None], argmax.shape)
     keep = argmax >= 0
@@ -379,14 +361,14 @@ def prroi_pool_forward(input, rois, output_size, spatial_scale=1.0, position_sen
                        stream=None, scalar_type=None):
     """Precise RoI Pooling forward: the exact mean of the bilinearly
     interpolated (zero-padded) feature over each bin."""
+    rois, input, out = _arrays(rois, (input, "input"), (out, "out"))
     if _is_numpy(input):
         return _cpu_forward("prroi_pool", input, rois, output_size_pair(output_size), float(spatial_scale),
                             bool(position_sensitive))
     call = _Call(input, input.shape, rois, output_size, position_sensitive, stream, scalar_type, "input")
     out = call.output(out, input)
-    call.run(call.function("prroi_pool", "prroi_pool_forward"), [
-        *call.map_args(input), *call.rois_args(), call.acc_scalar(spatial_scale), call.order(input),
-        _ptr(out), *_strides(out)])
+    call.run(_rules.prroi_pool_forward, _view(input), call.shape, _ptr(call.rows), call.k, call.output_size,
+             float(spatial_scale), _view(out))
     return out
 
 
@@ -394,7 +376,10 @@ def prroi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0
                         *, rois_grad=True, grad_input=None, grad_rois=None, stream=None, scalar_type=None):
     """Gradients of :func:`prroi_pool_forward` w.r.t. the input and, with
     ``rois_grad``, the RoI rows ``[K, 5]`` (column 0, the batch index, gets 0).
-    Returns ``(grad_input, grad_rois or None)``."""
+    Returns ``(grad_input, grad_rois or None)``; ``grad_rois``, if given, must
+    be a zero-filled accumulation buffer."""
+    rois, grad_output, input, grad_input, grad_rois = _arrays(
+        rois, (grad_output, "grad_output"), (input, "input"), (grad_input, "grad_input"), (grad_rois, "grad_rois"))
     if _is_numpy(grad_output):
         res = _cpu_backward("prroi_pool", grad_output, input, rois, output_size_pair(output_size),
                             float(spatial_scale), bool(position_sensitive), rois_grad=rois_grad)
@@ -407,18 +392,8 @@ def prroi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0
             with call.cupy.cuda.Device(call.device), call.stream:
                 grad_rois = call.cupy.zeros((call.k, 5), call.acc)
         _check_array(grad_rois, (call.k, 5), np.dtype(call.acc), "grad_rois", call.device)
-    chunks, blocks = _prroi_backward_grid(call)
-    call.run(call.function("prroi_pool", "prroi_pool_backward"), [
-        _ptr(grad_output), *_strides(grad_output), _ptr(input), *_strides(input), *call.rois_args(),
-        call.acc_scalar(spatial_scale), call.order(input), np.int32(chunks), np.int32(bool(rois_grad)),
-        *call.map_args(grad_input), np.uint64(grad_rois.data.ptr if rois_grad else 0)], blocks=blocks)
+        if not grad_rois.flags.c_contiguous:
+            raise ValueError("grad_rois must be C-contiguous")
+    call.run(_rules.prroi_pool_backward, _view(grad_output), _view(input), call.shape, _ptr(call.rows), call.k,
+             call.output_size, float(spatial_scale), _view(grad_input), _ptr(grad_rois) if rois_grad else 0)
     return grad_input, (grad_rois if rois_grad else None)
-
-
-def _prroi_backward_grid(call, target_blocks=4096):
-    """Blocks per RoI (chunks) so that the grid fills the GPU while each block's
-    coordinate-gradient reduction still covers many output elements."""
-    per_roi = call.c_out * call.output_size[0] * call.output_size[1]
-    max_chunks = max(1, -(-per_roi // _kernels.BLOCK))
-    chunks = min(max_chunks, max(1, -(-target_blocks // max(call.k, 1))))
-    return chunks, max(1, min(call.k * chunks, 1 << 22))

@@ -213,10 +213,52 @@ def test_prroi_large_maps_boxes_and_bin_counts(size):
     nchw = cupy_roi.prroi_pool2d(x32, r32, ph, pw, 0.5)
     nhwc = cupy_roi.prroi_pool2d(x32.to(memory_format=torch.channels_last), r32, ph, pw, 0.5)
     assert torch.allclose(nchw, nhwc, rtol=1e-6, atol=1e-6)
-    # against float64 on the same rounded inputs; bins a thousandth of a pixel
-    # wide lose digits to the difference of two tent integrals, as in the original
+    # against float64 on the same rounded inputs, bins down to a thousandth of a pixel
     want32 = cupy_roi.prroi_pool2d(x32.double().cpu(), r32.double().cpu(), ph, pw, 0.5)
-    assert cases.rel_err(nchw, want32) < 1e-4
+    assert cases.rel_err(nchw, want32) < PRROI_FLOAT32_BOUND
+
+
+PRROI_FLOAT32_BOUND = 1e-5  # relative error of float32 kernels against float64 (issue 9)
+
+
+def thin_bin_rois(g, k, n, h, w, ph, pw, scale, bin_px):
+    """[K, 5] RoIs whose bins are ``bin_px`` feature pixels wide and high
+    (``"map"``: one box over the whole map), anywhere on the map, also across
+    grid points and the border."""
+    if bin_px == "map":
+        return np.array([[i % n, 0, 0, w / scale, h / scale] for i in range(k)], dtype=np.float64)
+    bw, bh = bin_px * pw, bin_px * ph
+    x1 = g.uniform(-bw, w - 1 + bw, k)
+    y1 = g.uniform(-bh, h - 1 + bh, k)
+    x1[: k // 4] = np.round(x1[: k // 4]) - bw / 2  # straddling a grid point
+    return np.stack([g.integers(0, n, k), x1 / scale, y1 / scale, (x1 + bw) / scale, (y1 + bh) / scale], 1)
+
+
+@pytest.mark.parametrize("bin_px", [1e-3, 1e-2, 1e-1, 1.0, 7.5, "map"], ids=str)
+@pytest.mark.parametrize("ps", [False, True])
+def test_prroi_float32_precision(bin_px, ps):
+    """Forward, feature gradient and box gradient of the float32 kernels within
+    PRROI_FLOAT32_BOUND of float64 on the same float32-rounded inputs, for bins
+    from a thousandth of a pixel to the whole map."""
+    g = rng()
+    n, c_out, h, w, ph, pw, scale = 2, 4, int(g.integers(40, 70)), int(g.integers(40, 70)), 3, 3, 0.5
+    c = c_out * ph * pw if ps else c_out
+    x32 = torch.tensor(g.standard_normal((n, c, h, w)), dtype=torch.float32)
+    r32 = torch.tensor(thin_bin_rois(g, 40, n, h, w, ph, pw, scale, bin_px), dtype=torch.float32)
+    go = torch.tensor(g.standard_normal((40, c_out, ph, pw)), dtype=torch.float32)
+    fn = cupy_roi.ps_prroi_pool if ps else (lambda a, b, size, sc: cupy_roi.prroi_pool2d(a, b, *size, sc))
+    results = []
+    for x, r, dev in ((x32, r32, DEV), (x32.double(), r32.double(), "cpu")):
+        xt = x.to(dev).requires_grad_(True)
+        rt = r.to(dev).requires_grad_(True)
+        out = fn(xt, rt, (ph, pw), scale)
+        out.backward(go.to(dev, out.dtype))
+        results.append((out.detach().cpu(), xt.grad.cpu(), rt.grad.cpu()[:, 1:]))
+    (out, gx, gr), (want, want_gx, want_gr) = results
+    assert out.dtype == torch.float32
+    assert cases.rel_err(out, want) < PRROI_FLOAT32_BOUND
+    assert cases.rel_err(gx, want_gx) < PRROI_FLOAT32_BOUND
+    assert cases.rel_err(gr, want_gr) < PRROI_FLOAT32_BOUND
 
 
 # ------------------------------------------------------------ plumbing
@@ -286,18 +328,106 @@ def test_zero_rois_on_gpu(name):
 
 @pytest.mark.parametrize("name", sorted(cases.OPS))
 def test_bad_rois_on_gpu(name):
-    x = torch.randn(2, 8, 5, 5, device=DEV)
-    before = x.clone()
-    bad = torch.tensor([[2, 0, 0, 3, 3.], [0, 1, 1, 2, 2]], device=DEV)
-    with pytest.raises(ValueError, match="rois"):
-        cases.call(name, x, bad, 2, 2, 1.0)
+    x = torch.randn(2, 8, 5, 5, device=DEV, requires_grad=True)
+    before = x.detach().clone()
+    bad = torch.tensor([[2, 0, 0, 3, 3.], [0, 1, 1, 2, 2], [0.5, 1, 1, 4, 4], [1, float("nan"), 0, 2, 2],
+                        [-1, 0, 0, 1, 1]], device=DEV)
     with pytest.raises(ValueError, match="device"):
         cases.call(name, x, bad.cpu(), 2, 2, 1.0)
-    with cupy_roi.roi_checks(False):  # unchecked: the bad row reads nothing and becomes NaN
-        out = cases.call(name, x, bad, 2, 2, 1.0)
+    with cupy_roi.roi_checks(True), pytest.raises(ValueError, match="rois: 4 of 5 rows are invalid"):
+        cases.call(name, x, bad, 2, 2, 1.0)
+    # by default nothing synchronizes: the bad rows read nothing, give NaN and no gradient
+    out = cases.call(name, x, bad, 2, 2, 1.0)
+    out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
-    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
-    assert torch.equal(x, before)
+    valid = torch.tensor([False, True, False, False, False])
+    assert torch.isnan(out[~valid]).all() and torch.isfinite(out[valid]).all()
+    assert torch.isfinite(x.grad).all()
+    want = torch.zeros_like(x)
+    xr = x.detach().clone().requires_grad_(True)
+    cases.call(name, xr, bad[valid], 2, 2, 1.0).sum().backward()
+    assert torch.allclose(x.grad, xr.grad)  # only the valid row contributes
+    assert torch.equal(x.detach(), before) and not torch.equal(x.grad, want)
+
+
+def test_roi_check_environment_variable():
+    import subprocess
+    import sys
+
+    code = ("import torch, cupy_roi\n"
+            "x = torch.randn(1, 4, 5, 5, device='cuda')\n"
+            "r = torch.tensor([[3, 0, 0, 2, 2.]], device='cuda')\n"
+            "try:\n    cupy_roi.roi_align(x, r, 2)\nexcept ValueError as e:\n    print('raised', e)\n"
+            "else:\n    print('no check')\n")
+    for value, expected in (("1", "raised rois: 1 of 1 rows are invalid"), ("", "no check")):
+        env = dict(__import__("os").environ, CUPY_ROI_CHECK_ROIS=value)
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert expected in res.stdout, res.stdout + res.stderr
+
+
+def test_default_calls_do_not_synchronize():
+    """With a long sleep queued on the current stream, forward and backward of
+    every operator return to the host while the GPU is still asleep: nothing
+    waited for the device."""
+    g = rng()
+    calls = []
+    for name in sorted(cases.OPS):
+        x, r = cases.make(g, n=2, c_out=4, h=12, w=14, ph=2, pw=2, ps=cases.OPS[name][1], k=9)
+        xt = torch.tensor(x, device=DEV, dtype=torch.float32, requires_grad=True)
+        rt = torch.tensor(r, device=DEV, dtype=torch.float32, requires_grad=name.endswith("prroi_pool"))
+        calls.append((name, xt, rt))
+    for name, xt, rt in calls:  # compile and load every kernel first: loading may synchronize
+        cases.call(name, xt, rt, 2, 2, 0.5).sum().backward()
+    torch.cuda.synchronize()
+    asleep = torch.cuda.Event()
+    torch.cuda._sleep(3_000_000_000)  # about 1.5-2 s of GPU clock
+    asleep.record()
+    for name, xt, rt in calls:
+        out = cases.call(name, xt, rt, 2, 2, 0.5)
+        out.backward(torch.ones_like(out))
+    still_asleep = not asleep.query()
+    torch.cuda.synchronize()
+    assert still_asleep, "an operator synchronized with the device"
+
+
+def test_cuda_graph_capture_and_replay():
+    """Forward and backward captured in a CUDA graph, replayed on new data."""
+    g = rng()
+    x, r = cases.make(g, n=2, c_out=2, h=12, w=14, ph=2, pw=2, ps=True, k=11, kinds=("inside", "partial"))
+    xs = torch.tensor(x, device=DEV, requires_grad=True)
+    rs = torch.tensor(r, device=DEV, requires_grad=True)
+
+    def step():
+        y = cupy_roi.ps_roi_align(xs, rs, 2, 0.5, 2) .sum() + cupy_roi.ps_prroi_pool(xs, rs, 2, 0.5).sum() \
+            + cupy_roi.ps_roi_pool(xs, rs, 2, 0.5).sum()
+        y.backward()
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            xs.grad = rs.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    xs.grad = rs.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    x2, r2 = cases.make(g, n=2, c_out=2, h=12, w=14, ph=2, pw=2, ps=True, k=11, kinds=("inside", "partial"))
+    with torch.no_grad():
+        xs.copy_(torch.tensor(x2))
+        rs.copy_(torch.tensor(r2))
+    graph.replay()
+    torch.cuda.synchronize()
+    xe = torch.tensor(x2, requires_grad=True)
+    re = torch.tensor(r2, requires_grad=True)
+    ye = cupy_roi.ps_roi_align(xe, re, 2, 0.5, 2).sum() + cupy_roi.ps_prroi_pool(xe, re, 2, 0.5).sum() \
+        + cupy_roi.ps_roi_pool(xe, re, 2, 0.5).sum()
+    ye.backward()
+    assert torch.allclose(y.cpu(), ye.detach(), rtol=1e-10)
+    assert torch.allclose(xs.grad.cpu(), xe.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(rs.grad.cpu(), re.grad, rtol=1e-9, atol=1e-10)
 
 
 def test_deterministic_mode_uses_reference():
@@ -363,6 +493,45 @@ def test_cupy_array_api():
     listed = [rc[rc[:, 0] == i, 1:] for i in range(3)]
     order = np.argsort(r[:, 0], kind="stable")
     assert cupy.allclose(array_api.ps_roi_align_forward(xc, listed, 3, 0.5, 2), out[cupy.asarray(order)])
+
+
+def test_array_api_takes_dlpack_producers():
+    """torch tensors (and JAX arrays where JAX is installed) go in without a
+    copy; CuPy results come back to torch without a copy."""
+    import cupy
+    g = rng()
+    x, r = cases.make(g, n=2, c_out=3, h=10, w=12, ph=2, pw=2, k=9)
+    want = ref_call("prroi_pool", x, r, 2, 2, 0.5).numpy()
+    xt, rt = torch.tensor(x, device=DEV), torch.tensor(r, device=DEV)
+    out = array_api.prroi_pool_forward(xt, rt, 2, 0.5)
+    assert isinstance(out, cupy.ndarray) and np.allclose(cupy.asnumpy(out), want, atol=1e-12)
+    back = torch.from_dlpack(out)
+    assert back.data_ptr() == out.data.ptr and back.device == xt.device
+    gi, gr = array_api.prroi_pool_backward(back, xt, rt, 2, 0.5)
+    assert gi.shape == x.shape and gr.shape == r.shape
+    assert np.allclose(cupy.asnumpy(gi), _reference_feature_grad(x, r, cupy.asnumpy(out)), atol=1e-10)
+    # CPU tensors take the NumPy (reference) path
+    cpu = array_api.prroi_pool_forward(torch.tensor(x), torch.tensor(r), 2, 0.5)
+    assert isinstance(cpu, np.ndarray) and np.allclose(cpu, want, atol=1e-12)
+    import os
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU's memory to torch
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if gpus:  # JAX holds float32 unless x64 is enabled
+        xj = jax.device_put(jnp.asarray(x, dtype=jnp.float32), gpus[0])
+        rj = jax.device_put(jnp.asarray(r, dtype=jnp.float32), gpus[0])
+        outj = array_api.prroi_pool_forward(xj, rj, 2, 0.5)
+        assert isinstance(outj, cupy.ndarray) and cases.rel_err(cupy.asnumpy(outj), want) < 1e-5
+
+
+def _reference_feature_grad(x, r, grad_output):
+    xt = torch.tensor(x, requires_grad=True)
+    cupy_roi.prroi_pool2d(xt, torch.tensor(r), 2, 2, 0.5).backward(torch.tensor(grad_output))
+    return xt.grad.numpy()
 
 
 def test_torch_compile_traces_ops():

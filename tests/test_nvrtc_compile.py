@@ -103,3 +103,39 @@ def test_broken_source_fails(nvrtc, cuda_include):
     result, log, _ = _compile(nvrtc, code, _kernels.name_expressions("roi_align", "float32"),
                               ["--gpu-architecture=sm_80", f"-I{cuda_include}"])
     assert result != 0 and "no_such_member" in log
+
+
+_C_TYPES = {"int": "i", "index_t": "q", "typename acc_type<T>::type": "a"}
+
+
+def _parameter_codes(text, kernel):
+    """The launcher's letters for the C parameter list of ``kernel`` in ``text``."""
+    import re
+
+    head = re.search(r"__global__ void " + kernel + r"\((.*?)\)\s*\{", text, re.S)
+    assert head, f"kernel {kernel} not found"
+    codes = ""
+    for param in head.group(1).split(","):
+        param = " ".join(param.replace("__restrict__", "").replace("const ", "").split())
+        ctype = param.rsplit(" ", 1)[0]
+        codes += "p" if ctype.endswith("*") else _C_TYPES[ctype]
+    return codes
+
+
+@pytest.mark.parametrize("family", sorted(_kernels.FAMILIES))
+def test_launcher_signatures_follow_the_sources(family):
+    """The launcher packs arguments by _kernels.SIGNATURES: it must match the
+    kernels' parameter lists, or a launch would read garbage."""
+    text = _kernels.source(family)
+    for kernel in _kernels.FAMILIES[family][1]:
+        assert _parameter_codes(text, kernel) == _kernels.SIGNATURES[kernel], kernel
+
+
+def test_argument_packer_layout():
+    """Parameters sit at their natural alignment (a 4-byte int before a
+    pointer leaves a 4-byte gap), as CUDA lays them out."""
+    packer = _kernels.ArgumentPacker("ipaqi", "float32")
+    assert packer.offsets == [0, 8, 16, 24, 32]
+    assert _kernels.ArgumentPacker("ipaqi", "float64").offsets == [0, 8, 16, 24, 32]
+    assert _kernels.ArgumentPacker("iia", "float64").offsets == [0, 4, 8]
+    assert _kernels.ArgumentPacker("ia", "float32").offsets == [0, 4]
