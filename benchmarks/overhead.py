@@ -1,6 +1,11 @@
 """Host time per call on tiny inputs (the GPU work is negligible there), so the
 numbers are the Python and launch overhead of each path, next to torchvision's.
-``--profile`` prints where cupy_roi's time goes (cProfile, cumulative)."""
+
+Forward (no grad) and forward+backward of every operator; torchvision has no
+PrRoIPool, so its roi_align stands beside ours. ``--breakdown`` times the
+layers under one prroi_pool2d forward; ``--compiled`` adds calls compiled with
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs);
+``--profile`` prints where cupy_roi's time goes (cProfile)."""
 import argparse
 import cProfile
 import pstats
@@ -24,69 +29,104 @@ def per_call_us(fn, reps):
 
 
 def breakdown(x, r, reps):
-    """Per-call host time of each layer under prroi_pool2d (checks off unless named)."""
-    from cupy_roi import _rois, _torch_ops, array_api
+    """Per-call host time of each layer under a prroi_pool2d forward."""
+    from cupy_roi import _kernels, _rules, _torch_ops
 
     rows = r.float().contiguous()
-    xc, rc = _torch_ops.as_cupy(x), _torch_ops.as_cupy(rows)
+    out = torch.empty(2, 4, 7, 7, device="cuda")
+    fn = _kernels.get_function("prroi_pool", "prroi_pool_forward", "float32", True, 0)
+    stream = torch.cuda.current_stream().cuda_stream
+    args = (x.data_ptr(), 2, 16, 16, *x.stride(), rows.data_ptr(), 2, 4, 7, 7, 0.5, 0, out.data_ptr(), *out.stride())
     layers = {
-        "public prroi_pool2d": lambda: cupy_roi.prroi_pool2d(x, r, 7, 7, 0.5),
-        "custom op (torch.ops.cupy_roi)": lambda: _torch_ops.prroi_fwd(x, rows, 7, 7, 0.5, False),
-        "implementation (_prroi_fwd)": lambda: _torch_ops._prroi_fwd(x, rows, 7, 7, 0.5, False),
-        "array API (CuPy arrays)": lambda: array_api.prroi_pool_forward(xc, rc, 7, 0.5),
-        "as_cupy x3": lambda: (_torch_ops.as_cupy(x), _torch_ops.as_cupy(rows), _torch_ops.as_cupy(x)),
-        "torch.empty + torch.cuda.device": lambda: (torch.empty(2, 4, 7, 7, device="cuda"),
-                                                    torch.cuda.device(x.device).__enter__()),
-        "RoI check alone (CuPy)": lambda: _rois.check_roi_values(rc, 2),
-        "torch.cuda.synchronize": torch.cuda.synchronize,
+        "public ps_prroi_pool": lambda: cupy_roi.ps_prroi_pool(x, r, 7, 0.5),
+        "prepare (argument checks)": lambda: _torch_ops.prepare(x, r, 7, True),
+        "implementation (prroi_forward_cuda)": lambda: _torch_ops.prroi_forward_cuda(x, rows, 7, 7, 0.5, True),
+        "custom op (torch.compile's path)": lambda: _torch_ops._prroi_op(x, rows, 7, 7, 0.5, True),
+        "torch.empty": lambda: torch.empty(2, 4, 7, 7, device="cuda"),
+        "rule + launch (_rules.prroi_pool_forward)": lambda: _rules.prroi_pool_forward(
+            0, stream, "float32", True, (x.data_ptr(), x.stride()), (2, 196, 16, 16), rows.data_ptr(), 2, (7, 7),
+            0.5, (out.data_ptr(), out.stride())),
+        "launch alone (_kernels.launch)": lambda: _kernels.launch(fn, 2, stream, args),
+        "argument packing alone": lambda: fn.packer.pack(args),
     }
-    print("| layer | us/call |")
+    print("| layer of one ps_prroi_pool forward | us/call |")
     print("|---|---:|")
-    with cupy_roi.roi_checks(False):
-        for name, fn in layers.items():
-            if "check" in name:
-                with cupy_roi.roi_checks(True):
-                    t = per_call_us(fn, reps)
-            else:
-                t = per_call_us(fn, reps)
-            print(f"| {name} | {t:.1f} |")
+    with torch.no_grad():
+        for name, f in layers.items():
+            print(f"| {name} | {per_call_us(f, reps):.1f} |")
+
+
+def compiled_rows(x, r, reps):
+    rows = []
+    for name, ours, theirs in (
+            ("ps_roi_align", lambda a, b: cupy_roi.ps_roi_align(a, b, 7, 0.5, 2),
+             lambda a, b: tv.ps_roi_align(a, b, 7, 0.5, 2)),
+            ("roi_align", lambda a, b: cupy_roi.roi_align(a, b, 7, 0.5, 2, True),
+             lambda a, b: tv.roi_align(a, b, 7, 0.5, 2, True))):
+        times = []
+        for f in (theirs, ours):
+            compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+            with torch.no_grad():
+                times.append(per_call_us(lambda: compiled(x, r), reps))
+        rows.append(f"| {name}, compiled reduce-overhead, forward | {times[0]:.1f} | {times[1]:.1f} | "
+                    f"{times[1] / times[0]:.2f} |")
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=500)
+    parser.add_argument("--reps", type=int, default=1000)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--breakdown", action="store_true", help="time each layer of a prroi_pool2d call")
+    parser.add_argument("--breakdown", action="store_true", help="time each layer of a ps_prroi_pool call")
+    parser.add_argument("--compiled", action="store_true", help="add torch.compile reduce-overhead rows")
     args = parser.parse_args()
-    x = torch.randn(2, 49 * 4, 16, 16, device="cuda")
+    x = torch.randn(2, 49 * 4, 16, 16, device="cuda", requires_grad=True)
     r = torch.tensor([[0, 1, 1, 20, 20.], [1, 3, 2, 30, 25]], device="cuda")
-    cases = {
-        "roi_align": (lambda: cupy_roi.roi_align(x, r, 7, 0.5, 2, True), lambda: tv.roi_align(x, r, 7, 0.5, 2, True)),
-        "ps_roi_align": (lambda: cupy_roi.ps_roi_align(x, r, 7, 0.5, 2), lambda: tv.ps_roi_align(x, r, 7, 0.5, 2)),
-        "roi_pool": (lambda: cupy_roi.roi_pool(x, r, 7, 0.5), lambda: tv.roi_pool(x, r, 7, 0.5)),
-        "prroi_pool2d": (lambda: cupy_roi.prroi_pool2d(x, r, 7, 7, 0.5), None),
+    rc = r.clone().requires_grad_(True)
+    ops = {
+        "roi_align": (lambda b: cupy_roi.roi_align(x, b, 7, 0.5, 2, True), lambda: tv.roi_align(x, r, 7, 0.5, 2, True)),
+        "ps_roi_align": (lambda b: cupy_roi.ps_roi_align(x, b, 7, 0.5, 2), lambda: tv.ps_roi_align(x, r, 7, 0.5, 2)),
+        "roi_pool": (lambda b: cupy_roi.roi_pool(x, b, 7, 0.5), lambda: tv.roi_pool(x, r, 7, 0.5)),
+        "ps_roi_pool": (lambda b: cupy_roi.ps_roi_pool(x, b, 7, 0.5), lambda: tv.ps_roi_pool(x, r, 7, 0.5)),
+        "prroi_pool2d (tv: roi_align)": (lambda b: cupy_roi.prroi_pool2d(x, b, 7, 7, 0.5),
+                                         lambda: tv.roi_align(x, r, 7, 0.5, 2, True)),
+        "ps_prroi_pool (tv: ps_roi_align)": (lambda b: cupy_roi.ps_prroi_pool(x, b, 7, 0.5),
+                                             lambda: tv.ps_roi_align(x, r, 7, 0.5, 2)),
     }
-    print("| op | torchvision us/call | cupy_roi us/call | cupy_roi, checks off |")
+
+    def fwd_bwd(f):
+        def run():
+            x.grad = None
+            f().sum().backward()
+        return run
+
+    print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; x {tuple(x.shape)}, 2 RoIs, 7x7; "
+          f"host microseconds per call, mean of {args.reps} calls")
+    print()
+    print("| call | torchvision us/call | cupy_roi us/call | cupy_roi / torchvision |")
     print("|---|---:|---:|---:|")
-    with torch.no_grad():
-        for name, (ours, theirs) in cases.items():
-            t_tv = per_call_us(theirs, args.reps) if theirs else float("nan")
-            t_ours = per_call_us(ours, args.reps)
-            with cupy_roi.roi_checks(False):
-                t_fast = per_call_us(ours, args.reps)
-            print(f"| {name} | {t_tv:.1f} | {t_ours:.1f} | {t_fast:.1f} |")
-        if args.breakdown:
-            breakdown(x, r, args.reps)
-        if args.profile:
-            for checks in (True, False):
-                with cupy_roi.roi_checks(checks):
-                    prof = cProfile.Profile()
-                    prof.enable()
-                    for _ in range(args.reps):
-                        cases["prroi_pool2d"][0]()
-                    prof.disable()
-                print(f"--- prroi_pool2d forward, checks {'on' if checks else 'off'}")
-                pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+    for name, (ours, theirs) in ops.items():
+        with torch.no_grad():
+            t_tv, t_me = per_call_us(theirs, args.reps), per_call_us(lambda: ours(r), args.reps)
+        print(f"| {name}, forward | {t_tv:.1f} | {t_me:.1f} | {t_me / t_tv:.2f} |")
+        t_tv, t_me = per_call_us(fwd_bwd(theirs), args.reps), per_call_us(fwd_bwd(lambda: ours(r)), args.reps)
+        print(f"| {name}, forward+backward | {t_tv:.1f} | {t_me:.1f} | {t_me / t_tv:.2f} |")
+        if name.startswith("prroi"):
+            t_me = per_call_us(fwd_bwd(lambda: ours(rc)), args.reps)
+            print(f"| {name}, forward+backward with box gradients | {t_tv:.1f} | {t_me:.1f} | {t_me / t_tv:.2f} |")
+    if args.compiled:
+        for row in compiled_rows(x.detach(), r, args.reps):
+            print(row)
+    if args.breakdown:
+        print()
+        breakdown(x.detach(), r, args.reps)
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.reps):
+            fwd_bwd(lambda: ops["prroi_pool2d (tv: roi_align)"][0](r))()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the pure-PyTorch reference path on the CPU): :func:`roi_align`,
 :func:`prroi_pool2d`, :func:`ps_prroi_pool` and their modules. CuPy/NumPy
 arrays: :mod:`cupy_roi.array_api`.
 """
+from ._gpu import GPUSupportError
 from ._rois import roi_checks
 from .prroi_pool import PrRoIPool2D, PSPrRoIPool2D, prroi_pool2d, ps_prroi_pool
 from .roi_align import PSROIAlign, PSRoIAlign, RoIAlign, ps_roi_align, roi_align
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "prroi_pool2d", "ps_prroi_pool",
     "RoIAlign", "PSRoIAlign", "PSROIAlign", "RoIPool", "PSRoIPool", "PrRoIPool2D", "PSPrRoIPool2D",
-    "roi_checks",
+    "roi_checks", "GPUSupportError",
 ]
