@@ -14,7 +14,7 @@ import torch
 import torchvision.ops as tv
 
 import cupy_roi
-from cupy_roi import _kernels, _torch_ops, array_api
+from cupy_roi import _kernels
 
 from bench import rois_for, timed
 
@@ -27,17 +27,19 @@ def compile_source(path):
     code = path.read_text().replace(f'#include "{_kernels.HEADER}"', header.read_text(), 1)
     names = [_kernels.kernel_expression("prroi_pool_forward", s, False) for s in ("float32", "float16")]
     module = cupy.RawModule(code=code, options=("--std=c++14",), name_expressions=names)
-    return {s: module.get_function(n) for s, n in zip(("float32", "float16"), names)}
+    return {s: _kernels.Kernel("prroi_pool_forward", 0, module.get_function(n).kernel, "float32")
+            for s, n in zip(("float32", "float16"), names)}
 
 
-def launcher(function, x, r, size, scale):
-    """Launch ``function`` with the package's forward arguments."""
-    xc, rc = _torch_ops.as_cupy(x), _torch_ops.as_cupy(r)
-    call = array_api._Call(xc, xc.shape, rc, size, False, None, None, "input")
-    out = call.output(None, xc)
-    args = [*call.map_args(xc), *call.rois_args(), call.acc_scalar(scale), call.order(xc),
-            array_api._ptr(out), *array_api._strides(out)]
-    return lambda: call.run(function, args), out
+def launcher(kernel, x, r, size, scale):
+    """Launch ``kernel`` with the package's forward arguments."""
+    rows = r.float().contiguous()
+    out = torch.empty((rows.shape[0], x.shape[1]) + size, dtype=x.dtype, device=x.device)
+    n, c, h, w = x.shape
+    args = (x.data_ptr(), n, h, w, *x.stride(), rows.data_ptr(), rows.shape[0], c, *size, scale, 0,
+            out.data_ptr(), *out.stride())
+    blocks = _kernels.blocks_for(out.numel())
+    return lambda: _kernels.launch(kernel, blocks, torch.cuda.current_stream().cuda_stream, args), out
 
 
 def main():
@@ -55,7 +57,7 @@ def main():
     lines = [f"GPU: {torch.cuda.get_device_name()}; N={n} C={c} {h}x{w} stride {stride}, {per_image} RoIs/image, "
              f"{size}x{size}; kernel only, median of {args.reps} runs (ms)", "",
              "| dtype | kernel | ms | / roi_align | rel. diff to cupy_roi |", "|---|---|---:|---:|---:|"]
-    with torch.no_grad(), cupy_roi.roi_checks(False):
+    with torch.no_grad():
         for dtype in (torch.float32, torch.float16):
             scalar = str(dtype).replace("torch.", "")
             x = torch.randn(n, c, h, w, generator=gen).to("cuda", dtype)

@@ -60,6 +60,19 @@ def boxes(rng, k, n, height, width, scale, kinds=("inside", "partial", "outside"
     return rows
 
 
+def thin_bin_rois(g, k, n, h, w, ph, pw, scale, bin_px):
+    """[K, 5] RoIs whose bins are ``bin_px`` feature pixels wide and high
+    (``"map"``: one box over the whole map), anywhere on the map, also across
+    grid points and the border."""
+    if bin_px == "map":
+        return np.array([[i % n, 0, 0, w / scale, h / scale] for i in range(k)], dtype=np.float64)
+    bw, bh = bin_px * pw, bin_px * ph
+    x1 = g.uniform(-bw, w - 1 + bw, k)
+    y1 = g.uniform(-bh, h - 1 + bh, k)
+    x1[: k // 4] = np.round(x1[: k // 4]) - bw / 2  # straddling a grid point
+    return np.stack([g.integers(0, n, k), x1 / scale, y1 / scale, (x1 + bw) / scale, (y1 + bh) / scale], 1)
+
+
 def features(rng, n, c, h, w):
     return rng.standard_normal((n, c, h, w))
 

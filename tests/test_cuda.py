@@ -221,19 +221,6 @@ def test_prroi_large_maps_boxes_and_bin_counts(size):
 PRROI_FLOAT32_BOUND = 1e-5  # relative error of float32 kernels against float64 (issue 9)
 
 
-def thin_bin_rois(g, k, n, h, w, ph, pw, scale, bin_px):
-    """[K, 5] RoIs whose bins are ``bin_px`` feature pixels wide and high
-    (``"map"``: one box over the whole map), anywhere on the map, also across
-    grid points and the border."""
-    if bin_px == "map":
-        return np.array([[i % n, 0, 0, w / scale, h / scale] for i in range(k)], dtype=np.float64)
-    bw, bh = bin_px * pw, bin_px * ph
-    x1 = g.uniform(-bw, w - 1 + bw, k)
-    y1 = g.uniform(-bh, h - 1 + bh, k)
-    x1[: k // 4] = np.round(x1[: k // 4]) - bw / 2  # straddling a grid point
-    return np.stack([g.integers(0, n, k), x1 / scale, y1 / scale, (x1 + bw) / scale, (y1 + bh) / scale], 1)
-
-
 @pytest.mark.parametrize("bin_px", [1e-3, 1e-2, 1e-1, 1.0, 7.5, "map"], ids=str)
 @pytest.mark.parametrize("ps", [False, True])
 def test_prroi_float32_precision(bin_px, ps):
@@ -244,7 +231,7 @@ def test_prroi_float32_precision(bin_px, ps):
     n, c_out, h, w, ph, pw, scale = 2, 4, int(g.integers(40, 70)), int(g.integers(40, 70)), 3, 3, 0.5
     c = c_out * ph * pw if ps else c_out
     x32 = torch.tensor(g.standard_normal((n, c, h, w)), dtype=torch.float32)
-    r32 = torch.tensor(thin_bin_rois(g, 40, n, h, w, ph, pw, scale, bin_px), dtype=torch.float32)
+    r32 = torch.tensor(cases.thin_bin_rois(g, 40, n, h, w, ph, pw, scale, bin_px), dtype=torch.float32)
     go = torch.tensor(g.standard_normal((40, c_out, ph, pw)), dtype=torch.float32)
     fn = cupy_roi.ps_prroi_pool if ps else (lambda a, b, size, sc: cupy_roi.prroi_pool2d(a, b, *size, sc))
     results = []
