@@ -77,7 +77,8 @@ def _empty(shape, like, dtype=None):
 
 def _accumulator(shape, like, layout_like):
     """Zero-filled gradient buffer in the accumulation dtype (the kernels add into it)."""
-    return torch.zeros(shape, dtype=_acc(like.dtype), device=like.device, memory_format=_memory_format(layout_like))
+    return torch.empty(shape, dtype=_acc(like.dtype), device=like.device,
+                       memory_format=_memory_format(layout_like)).zero_()
 
 
 # ---------------------------------------------------------------------------
