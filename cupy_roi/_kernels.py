@@ -190,7 +190,18 @@ def launch(kernel, blocks, stream, args):
     and sizes as ints, the scale as a float. The caller makes the kernel's
     device current."""
     if not _launch_kernel:
-        from cupy.cuda import driver
+        from cupy.cuda import driver, runtime
 
-        _launch_kernel.append(driver.launchKernel)
-    _launch_kernel[0](kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, kernel.packer.pack(args), 0)
+        _launch_kernel.extend((driver.launchKernel, driver.CUDADriverError, runtime.setDevice))
+    launch_kernel, driver_error, set_device = _launch_kernel
+    params = kernel.packer.pack(args)
+    try:
+        launch_kernel(kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, params, 0)
+    except driver_error as e:
+        # A thread that has made no CUDA runtime call yet (a new Python thread,
+        # say) has no current context for the driver API: bind the device's
+        # primary context the way the runtime does, then launch again.
+        if "INVALID_CONTEXT" not in str(e):
+            raise
+        set_device(kernel.device)
+        launch_kernel(kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, params, 0)
