@@ -69,10 +69,14 @@ def breakdown(x, r, reps):
         xg.grad = None
         (xg * 1).sum().backward()
 
+    go = torch.ones(2, 196, 7, 7, device="cuda")
+    backward_body = per_call_us(lambda: _torch_ops.roi_align_backward_cuda(go, rows, 2, 196, 16, 16, 0.5, 2, True,
+                                                                          False), reps)
     print("| baseline | us/call |")
     print("|---|---:|")
     print(f"| (x * 1).sum().backward(), no custom code | {per_call_us(plain_fwd_bwd, reps):.1f} |")
     print(f"| Python autograd.Function identity, .sum().backward() | {per_call_us(identity_fwd_bwd, reps):.1f} |")
+    print(f"| roi_align_backward_cuda called directly (our backward's body) | {backward_body:.1f} |")
     print()
     print("| layer of one ps_prroi_pool forward | us/call |")
     print("|---|---:|")
