@@ -17,15 +17,20 @@ import torchvision.ops as tv
 import cupy_roi
 
 
-def per_call_us(fn, reps):
+def per_call_us(fn, reps, rounds=5):
+    """Median over ``rounds`` of the mean host time per call over ``reps``
+    calls (the host is shared: single rounds vary by tens of percent)."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps * 1e6
+    means = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps // rounds):
+            fn()
+        torch.cuda.synchronize()
+        means.append((time.perf_counter() - start) / (reps // rounds) * 1e6)
+    return sorted(means)[len(means) // 2]
 
 
 def breakdown(x, r, reps):
@@ -99,7 +104,7 @@ def compiled_rows(x, r, reps):
                 with torch.no_grad():
                     times.append(per_call_us(lambda: compiled(x, r), reps))
             except Exception as e:  # e.g. an op that cannot be captured in a CUDA graph
-                print(f"# {name}: compiled call failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+                print(f"# {name}: compiled call failed: {type(e).__name__}: {(str(e) or '').split(chr(10))[0]}")
                 times.append(float("nan"))
         rows.append(f"| {name}, compiled reduce-overhead, forward | {times[1]:.1f} | {times[0]:.1f} | "
                     f"{times[0] / times[1]:.2f} |")
@@ -147,12 +152,13 @@ def main():
         if name.startswith("prroi"):
             t_me = per_call_us(fwd_bwd(lambda: ours(rc)), args.reps)
             print(f"| {name}, forward+backward with box gradients | {t_tv:.1f} | {t_me:.1f} | {t_me / t_tv:.2f} |")
-    if args.compiled:
-        for row in compiled_rows(x.detach(), r, args.reps):
-            print(row)
     if args.breakdown:
         print()
         breakdown(x.detach(), r, args.reps)
+    if args.compiled:
+        print()
+        for row in compiled_rows(x.detach(), r, args.reps):
+            print(row)
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

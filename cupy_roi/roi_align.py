@@ -43,7 +43,7 @@ def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned
     args = (float(spatial_scale), int(sampling_ratio), bool(aligned), ps)
     if ops.use_kernels(input):
         return ops.roi_align_fwd(input, rows, ph, pw, *args)
-    return ops.reference("roi_align", input, rows, (ph, pw), *args)
+    return ops.reference("roi_align", input, rows.detach(), (ph, pw), *args)
 
 
 class RoIAlign(nn.Module):

@@ -15,7 +15,7 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> T
     rows, (ph, pw) = ops.prepare(input, boxes, output_size, False)
     if ops.use_kernels(input):
         return ops.roi_pool_fwd(input, rows, ph, pw, float(spatial_scale), False)
-    return ops.reference("roi_pool", input, rows, (ph, pw), float(spatial_scale), False)
+    return ops.reference("roi_pool", input, rows.detach(), (ph, pw), float(spatial_scale), False)
 
 
 def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
@@ -32,7 +32,7 @@ def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -
     rows, (ph, pw) = ops.prepare(input, boxes, output_size, True)
     if ops.use_kernels(input):
         return ops.roi_pool_fwd(input, rows, ph, pw, float(spatial_scale), True)
-    return ops.reference("roi_pool", input, rows, (ph, pw), float(spatial_scale), True)
+    return ops.reference("roi_pool", input, rows.detach(), (ph, pw), float(spatial_scale), True)
 
 
 class RoIPool(nn.Module):

@@ -250,3 +250,14 @@ def test_array_api_numpy_matches_torch():
     out = array_api.prroi_pool_forward(x, r, 2, 0.5)
     gi, gr = array_api.prroi_pool_backward(g.standard_normal(out.shape), x, r, 2, 0.5)
     assert gi.shape == x.shape and gr.shape == r.shape and np.all(gr[:, 0] == 0)
+
+
+@pytest.mark.parametrize("name", ["roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool"])
+def test_no_box_gradient_where_torchvision_has_none(name):
+    """RoIAlign and RoIPool give no gradient to the boxes, on the CPU as on the
+    GPU and in torchvision; only PrRoIPool differentiates its boxes."""
+    g = rng()
+    x, r = cases.make(g, ps=cases.OPS[name][1], ph=2, pw=2)
+    xt, rt = torch.tensor(x, requires_grad=True), torch.tensor(r, requires_grad=True)
+    cases.call(name, xt, rt, 2, 2, 0.5).sum().backward()
+    assert rt.grad is None and xt.grad is not None
