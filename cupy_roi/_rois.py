@@ -8,7 +8,8 @@ finiteness).
 The value check needs the rows' values on the host. On the CPU that is free
 and always done. On the GPU it would cost a device-to-host copy that waits for
 all queued work, so it is opt-in there: :func:`roi_checks` (per thread) or the
-environment variable ``CUPY_ROI_CHECK_ROIS=1`` (the default for every thread);
+environment variable ``CUPY_ROI_CHECK_ROIS=1`` (read at import: the default for every
+thread);
 it is skipped while a CUDA graph is being captured. Unchecked, the kernels
 never read out of bounds for an invalid row: its outputs become NaN and its
 gradients zero. Boxes given as a list get their batch index from their place
@@ -24,14 +25,19 @@ ENV_VAR = "CUPY_ROI_CHECK_ROIS"
 _state = threading.local()
 
 
-def _default():
-    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+_DEFAULT = os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")  # read once, at import
 
 
 def roi_checks_enabled():
     """Whether GPU calls in this thread check RoI values (and so synchronize)."""
     enabled = getattr(_state, "enabled", None)
-    return _default() if enabled is None else enabled
+    return _DEFAULT if enabled is None else enabled
+
+
+def wants_value_check(rois, on_gpu):
+    """Whether a call checks its RoI values: always on the CPU; on the GPU when
+    turned on, and never for a list of boxes (batch indices come from the list)."""
+    return not on_gpu or (roi_checks_enabled() and not isinstance(rois, (list, tuple)))
 
 
 @contextlib.contextmanager

@@ -305,7 +305,7 @@ def prepare(input, rois, output_size, position_sensitive):
         rows = rois  # already what the kernels read
     else:
         rows = _rois.roi_rows(rois, input, shape[0], "float64" if acc == torch.float64 else "float32")
-    if not input.is_cuda or (_rois.roi_checks_enabled() and not isinstance(rois, (list, tuple))):
+    if _rois.wants_value_check(rois, input.is_cuda):
         _rois.check_roi_values(rows, shape[0])
     return rows, output_size
 

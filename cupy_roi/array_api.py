@@ -112,7 +112,7 @@ class _Call:
         self.stream = _stream_for(stream, self.device)
         with cupy.cuda.Device(self.device), self.stream:
             self.rows = _rois.roi_rows(rois, like, self.shape[0], self.acc)
-            if _rois.roi_checks_enabled() and not isinstance(rois, (list, tuple)):
+            if _rois.wants_value_check(rois, on_gpu=True):
                 _rois.check_roi_values(self.rows, self.shape[0])
         self.k = int(self.rows.shape[0])
         self.out_shape = (self.k, self.c_out) + self.output_size
