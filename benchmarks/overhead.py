@@ -8,7 +8,12 @@ layers under one prroi_pool2d forward; ``--compiled`` adds calls compiled with
 ``--profile`` prints where cupy_roi's time goes (cProfile)."""
 import argparse
 import cProfile
+import json
+import os
 import pstats
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -25,12 +30,34 @@ def per_call_us(fn, reps, rounds=5):
     torch.cuda.synchronize()
     means = []
     for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps // rounds):
-            fn()
-        torch.cuda.synchronize()
-        means.append((time.perf_counter() - start) / (reps // rounds) * 1e6)
-    return sorted(means)[len(means) // 2]
+        means.append(_round_us(fn, reps // rounds))
+    return statistics.median(means)
+
+
+def _round_us(fn, calls):
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def paired_us(theirs, ours, reps, rounds=9):
+    """Host time per call of two callables measured in alternating rounds
+    (order swapped every round), so that drift of the shared host (clocks,
+    neighbours) hits both alike. Returns (median theirs, median ours, median
+    of the per-round ratios ours / theirs)."""
+    for _ in range(50):
+        theirs()
+        ours()
+    torch.cuda.synchronize()
+    t_theirs, t_ours = [], []
+    for i in range(rounds):
+        pair = ((theirs, t_theirs), (ours, t_ours))
+        for fn, times in (pair if i % 2 == 0 else pair[::-1]):
+            times.append(_round_us(fn, max(reps // rounds, 1)))
+    ratios = [b / a for a, b in zip(t_theirs, t_ours)]
+    return statistics.median(t_theirs), statistics.median(t_ours), statistics.median(ratios)
 
 
 def breakdown(x, r, reps):
@@ -90,24 +117,67 @@ def breakdown(x, r, reps):
             print(f"| {name} | {per_call_us(f, reps):.1f} |")
 
 
-def compiled_rows(x, r, reps):
+COMPILED = {
+    "ps_roi_align": (lambda a, b: cupy_roi.ps_roi_align(a, b, 7, 0.5, 2), lambda a, b: tv.ps_roi_align(a, b, 7, 0.5, 2)),
+    "roi_align": (lambda a, b: cupy_roi.roi_align(a, b, 7, 0.5, 2, True),
+                  lambda a, b: tv.roi_align(a, b, 7, 0.5, 2, True)),
+    "prroi_pool2d": (lambda a, b: cupy_roi.prroi_pool2d(a, b, 7, 7, 0.5), None),
+}
+
+
+def compiled_case(spec, reps, explain):
+    """One compiled call in this (fresh) process: a failed CUDA-graph capture
+    poisons the process's later captures, so each case runs in its own."""
+    library, name = spec.split(":")
+    fn = COMPILED[name][0 if library == "cupy_roi" else 1]
+    x = torch.randn(2, 49 * 4, 16, 16, device="cuda")
+    r = torch.tensor([[0, 1, 1, 20, 20.], [1, 3, 2, 30, 25]], device="cuda")
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    result = {}
+    try:
+        with torch.no_grad():
+            result["us"] = per_call_us(lambda: compiled(x, r), reps)
+            result["max_abs_diff_vs_eager"] = float((compiled(x, r) - fn(x, r)).abs().max())
+    except Exception as e:  # e.g. an op that cannot be captured in a CUDA graph
+        result["error"] = f"{type(e).__name__}: {(str(e) or '').splitlines()[0] if str(e) else ''}"
+    from torch._dynamo.utils import counters
+    result["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+    if explain and "us" in result:
+        prof = cProfile.Profile()
+        with torch.no_grad():
+            prof.enable()
+            for _ in range(200):
+                compiled(x, r)
+            prof.disable()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(15)
+    print("RESULT " + json.dumps(result))
+
+
+def compiled_rows(reps, explain):
     rows = []
-    for name, ours, theirs in (
-            ("ps_roi_align", lambda a, b: cupy_roi.ps_roi_align(a, b, 7, 0.5, 2),
-             lambda a, b: tv.ps_roi_align(a, b, 7, 0.5, 2)),
-            ("roi_align", lambda a, b: cupy_roi.roi_align(a, b, 7, 0.5, 2, True),
-             lambda a, b: tv.roi_align(a, b, 7, 0.5, 2, True))):
+    env = dict(os.environ)
+    if explain:
+        env["TORCH_LOGS"] = "perf_hints"
+    for name, (_, theirs) in COMPILED.items():
         times = []
-        for f in (ours, theirs):
-            compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
-            try:
-                with torch.no_grad():
-                    times.append(per_call_us(lambda: compiled(x, r), reps))
-            except Exception as e:  # e.g. an op that cannot be captured in a CUDA graph
-                print(f"# {name}: compiled call failed: {type(e).__name__}: {(str(e) or '').split(chr(10))[0]}")
+        for library in ("torchvision", "cupy_roi"):
+            if library == "torchvision" and theirs is None:
                 times.append(float("nan"))
-        rows.append(f"| {name}, compiled reduce-overhead, forward | {times[1]:.1f} | {times[0]:.1f} | "
-                    f"{times[0] / times[1]:.2f} |")
+                continue
+            proc = subprocess.run([sys.executable, __file__, "--compiled-case", f"{library}:{name}", "--reps",
+                                   str(reps)] + (["--explain"] if explain else []),
+                                  capture_output=True, text=True, env=env, timeout=600)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            result = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr.strip().splitlines()[-1:]}
+            if explain or "error" in result:
+                print(f"# {library} {name}: {json.dumps(result)}")
+            if explain:
+                hints = [ln for ln in proc.stderr.splitlines() if "cudagraph" in ln.lower() or "skipping" in ln]
+                print("\n".join(f"#   {ln}" for ln in hints[:10]))
+                print("\n".join(f"#   {ln}" for ln in proc.stderr.splitlines() if ln.strip()[:1].isdigit())[:3000])
+            times.append(result.get("us", float("nan")))
+        rows.append(f"| {name}, compiled reduce-overhead, forward | {times[0]:.1f} | {times[1]:.1f} | "
+                    f"{times[1] / times[0]:.2f} |")
     return rows
 
 
@@ -117,7 +187,12 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--breakdown", action="store_true", help="time each layer of a ps_prroi_pool call")
     parser.add_argument("--compiled", action="store_true", help="add torch.compile reduce-overhead rows")
+    parser.add_argument("--explain", action="store_true",
+                        help="with --compiled: print CUDA-graph skip reasons and a profile of the compiled call")
+    parser.add_argument("--compiled-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compiled_case:
+        return compiled_case(args.compiled_case, args.reps, args.explain)
     x = torch.randn(2, 49 * 4, 16, 16, device="cuda", requires_grad=True)
     r = torch.tensor([[0, 1, 1, 20, 20.], [1, 3, 2, 30, 25]], device="cuda")
     rc = r.clone().requires_grad_(True)
@@ -139,25 +214,26 @@ def main():
         return run
 
     print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; x {tuple(x.shape)}, 2 RoIs, 7x7; "
-          f"host microseconds per call, mean of {args.reps} calls")
+          f"host microseconds per call: torchvision and cupy_roi timed in 9 alternating rounds of "
+          f"{args.reps // 9} calls; medians, and the median of the per-round ratios")
     print()
     print("| call | torchvision us/call | cupy_roi us/call | cupy_roi / torchvision |")
     print("|---|---:|---:|---:|")
     for name, (ours, theirs) in ops.items():
         with torch.no_grad():
-            t_tv, t_me = per_call_us(theirs, args.reps), per_call_us(lambda: ours(r), args.reps)
-        print(f"| {name}, forward | {t_tv:.1f} | {t_me:.1f} | {t_me / t_tv:.2f} |")
-        t_tv, t_me = per_call_us(fwd_bwd(theirs), args.reps), per_call_us(fwd_bwd(lambda: ours(r)), args.reps)
-        print(f"| {name}, forward+backward | {t_tv:.1f} | {t_me:.1f} | {t_me / t_tv:.2f} |")
+            t_tv, t_me, ratio = paired_us(theirs, lambda: ours(r), args.reps)
+        print(f"| {name}, forward | {t_tv:.1f} | {t_me:.1f} | {ratio:.2f} |")
+        t_tv, t_me, ratio = paired_us(fwd_bwd(theirs), fwd_bwd(lambda: ours(r)), args.reps)
+        print(f"| {name}, forward+backward | {t_tv:.1f} | {t_me:.1f} | {ratio:.2f} |")
         if name.startswith("prroi"):
-            t_me = per_call_us(fwd_bwd(lambda: ours(rc)), args.reps)
-            print(f"| {name}, forward+backward with box gradients | {t_tv:.1f} | {t_me:.1f} | {t_me / t_tv:.2f} |")
+            t_tv, t_me, ratio = paired_us(fwd_bwd(theirs), fwd_bwd(lambda: ours(rc)), args.reps)
+            print(f"| {name}, forward+backward with box gradients | {t_tv:.1f} | {t_me:.1f} | {ratio:.2f} |")
     if args.breakdown:
         print()
         breakdown(x.detach(), r, args.reps)
     if args.compiled:
         print()
-        for row in compiled_rows(x.detach(), r, args.reps):
+        for row in compiled_rows(args.reps, args.explain):
             print(row)
     if args.profile:
         prof = cProfile.Profile()

@@ -28,6 +28,22 @@ struct PoolBin {
     w1 = (int)min(max(ceil((j + 1) * bin_w) + rx1, A(0)), max_w);
   }
   __device__ __forceinline__ bool empty() const { return h1 <= h0 || w1 <= w0; }
+
+  // Calls visit(value, h, w) for every cell, row by row. Rows are reached by
+  // stepping a pointer and a unit column stride (NCHW) is a compile-time
+  // constant: the 64-bit index products per cell otherwise cost about as
+  // much as the max itself.
+  template <typename T, typename Visit>
+  __device__ __forceinline__ void for_each_cell(const T* plane, index_t s2, index_t s3, Visit visit) const {
+    const T* row = plane + (index_t)h0 * s2;
+    if (s3 == 1) {
+      for (int h = h0; h < h1; ++h, row += s2)
+        for (int w = w0; w < w1; ++w) visit(row[w], h, w);
+    } else {
+      for (int h = h0; h < h1; ++h, row += s2)
+        for (int w = w0; w < w1; ++w) visit(row[(index_t)w * s3], h, w);
+    }
+  }
 };
 
 }  // namespace cupy_roi
@@ -51,8 +67,9 @@ __global__ void roi_pool_forward(
        idx += (index_t)blockDim.x * gridDim.x) {
     const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
     T* out = output + out_st.at(p.k, p.c, p.i, p.j);
-    // argmax is always contiguous NCHW, whatever the output layout.
-    const index_t arg_at = ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j;
+    // argmax is always contiguous NCHW, whatever the output layout: in NCHW
+    // order that is the flat index itself.
+    const index_t arg_at = channels_fastest ? ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j : idx;
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) {
       store(out, quiet_nan<A>());
@@ -65,18 +82,16 @@ __global__ void roi_pool_forward(
     const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
     if (PS) {
       A sum = 0;
-      for (int h = bin.h0; h < bin.h1; ++h)
-        for (int w = bin.w0; w < bin.w1; ++w) sum += to_acc(plane[h * in_s2 + w * in_s3]);
+      bin.for_each_cell(plane, in_s2, in_s3, [&](T v, int, int) { sum += to_acc(v); });
       const A area = A((bin.h1 - bin.h0) * (bin.w1 - bin.w0));
       store(out, bin.empty() ? A(0) : sum / area);
     } else {
       A best = bin.empty() ? A(0) : negative_infinity<A>();
       int best_at = -1;
-      for (int h = bin.h0; h < bin.h1; ++h)
-        for (int w = bin.w0; w < bin.w1; ++w) {
-          const A v = to_acc(plane[h * in_s2 + w * in_s3]);
-          if (v > best) { best = v; best_at = h * width + w; }
-        }
+      bin.for_each_cell(plane, in_s2, in_s3, [&](T t, int h, int w) {
+        const A v = to_acc(t);
+        if (v > best) { best = v; best_at = h * width + w; }
+      });
       store(out, best);
       argmax[arg_at] = best_at;
     }
@@ -110,7 +125,7 @@ __global__ void roi_pool_backward(
       for (int h = bin.h0; h < bin.h1; ++h)
         for (int w = bin.w0; w < bin.w1; ++w) atomicAdd(plane + h * gi_s2 + w * gi_s3, g);
     } else {
-      const int at = argmax[((p.k * channels_out + p.c) * ph + p.i) * pw + p.j];
+      const int at = argmax[channels_fastest ? ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j : idx];
       if (at < 0 || at >= height * width) continue;
       atomicAdd(plane + (at / width) * gi_s2 + (at % width) * gi_s3, grad);
     }

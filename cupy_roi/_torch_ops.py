@@ -77,8 +77,15 @@ def _empty(shape, like, dtype=None):
 
 def _accumulator(shape, like, layout_like):
     """Zero-filled gradient buffer in the accumulation dtype (the kernels add into it)."""
-    return torch.empty(shape, dtype=_acc(like.dtype), device=like.device,
-                       memory_format=_memory_format(layout_like)).zero_()
+    memory_format = _memory_format(layout_like)
+    if memory_format is torch.contiguous_format:  # one call instead of empty + zero_
+        return torch.zeros(shape, dtype=_acc(like.dtype), device=like.device)
+    return torch.empty(shape, dtype=_acc(like.dtype), device=like.device, memory_format=memory_format).zero_()
+
+
+def _as_dtype(t, dtype):
+    """The accumulated gradient in the caller's dtype (no call when it already is)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -98,7 +105,7 @@ def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: i
     _launch(_rules.roi_align_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
             rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, sampling_ratio, aligned,
             _view(grad_input))
-    return grad_input.to(grad.dtype)
+    return _as_dtype(grad_input, grad.dtype)
 
 
 def roi_pool_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
@@ -117,7 +124,7 @@ def roi_pool_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, argmax: torch
     _launch(_rules.roi_pool_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
             rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, 0 if ps else argmax.data_ptr(),
             _view(grad_input))
-    return grad_input.to(grad.dtype)
+    return _as_dtype(grad_input, grad.dtype)
 
 
 def prroi_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
@@ -135,7 +142,7 @@ def prroi_backward_cuda(grad: torch.Tensor, input: torch.Tensor, rows: torch.Ten
     _launch(_rules.prroi_pool_backward, input.device.index, _SCALAR[input.dtype], ps, _view(grad), _view(input),
             tuple(input.shape), rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, _view(grad_input),
             grad_rows.data_ptr() if rois_grad else 0)
-    return grad_input.to(input.dtype), grad_rows
+    return _as_dtype(grad_input, input.dtype), grad_rows
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +193,8 @@ def _make_backwards(roi_align_bwd, roi_pool_bwd, prroi_bwd):
 
 
 def _eager_function(forward_impl, setup, backward):
+    once_differentiable_backward = torch.autograd.function.once_differentiable(backward)
+
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
@@ -196,8 +205,12 @@ def _eager_function(forward_impl, setup, backward):
             return out
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
         def backward(ctx, *grads):
+            # The backward kernels are not differentiable. A plain backward
+            # runs with grad mode off and can call them directly; only a
+            # create_graph backward pays for once_differentiable's guard.
+            if torch.is_grad_enabled():
+                return once_differentiable_backward(ctx, *grads)
             return backward(ctx, *grads)
 
     Function.__name__ = Function.__qualname__ = forward_impl.__name__.replace("_forward_cuda", "").title() + "Function"
@@ -299,7 +312,7 @@ def prepare(input, rois, output_size, position_sensitive):
     _rules.check_shape4(shape)
     output_size = _rules.output_size_pair(output_size)
     _rules.channels_out(shape[1], output_size, position_sensitive)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = _acc(dtype)
     if (type(rois) is torch.Tensor and rois.dtype == acc and rois.dim() == 2 and rois.shape[1] == 5
             and rois.device == input.device and rois.is_contiguous()):
         rows = rois  # already what the kernels read
