@@ -103,7 +103,7 @@ def breakdown(x, r, reps):
 
     go = torch.ones(2, 196, 7, 7, device="cuda")
     backward_body = per_call_us(lambda: _torch_ops.roi_align_backward_cuda(go, rows, 2, 196, 16, 16, 0.5, 2, True,
-                                                                          False), reps)
+                                                                          False, False), reps)
     print("| baseline | us/call |")
     print("|---|---:|")
     print(f"| (x * 1).sum().backward(), no custom code | {per_call_us(plain_fwd_bwd, reps):.1f} |")
@@ -122,6 +122,8 @@ COMPILED = {
     "roi_align": (lambda a, b: cupy_roi.roi_align(a, b, 7, 0.5, 2, True),
                   lambda a, b: tv.roi_align(a, b, 7, 0.5, 2, True)),
     "prroi_pool2d": (lambda a, b: cupy_roi.prroi_pool2d(a, b, 7, 7, 0.5), None),
+    # no RoI op at all: what torch's CUDA-graph call path costs by itself
+    "baseline a * 2 + b.sum() (no RoI op)": (None, lambda a, b: a * 2 + b.sum()),
 }
 
 
@@ -161,7 +163,7 @@ def compiled_rows(reps, explain):
     for name, (_, theirs) in COMPILED.items():
         times = []
         for library in ("torchvision", "cupy_roi"):
-            if library == "torchvision" and theirs is None:
+            if COMPILED[name][0 if library == "cupy_roi" else 1] is None:
                 times.append(float("nan"))
                 continue
             proc = subprocess.run([sys.executable, __file__, "--compiled-case", f"{library}:{name}", "--reps",
@@ -189,6 +191,8 @@ def main():
     parser.add_argument("--compiled", action="store_true", help="add torch.compile reduce-overhead rows")
     parser.add_argument("--explain", action="store_true",
                         help="with --compiled: print CUDA-graph skip reasons and a profile of the compiled call")
+    parser.add_argument("--trace", action="store_true",
+                        help="torch.profiler tables (host ops and kernels) of forward+backward calls")
     parser.add_argument("--compiled-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compiled_case:
@@ -235,6 +239,20 @@ def main():
         print()
         for row in compiled_rows(args.reps, args.explain):
             print(row)
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+        for label, fn in (("torchvision roi_align", fwd_bwd(ops["roi_align"][1])),
+                          ("cupy_roi roi_align", fwd_bwd(lambda: ops["roi_align"][0](r))),
+                          ("cupy_roi prroi_pool2d, box gradients", fwd_bwd(lambda: ops["prroi_pool2d (tv: roi_align)"][0](rc)))):
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(50):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"\n## torch.profiler, 50 forward+backward calls: {label}\n")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -51,7 +51,9 @@ def channels_fastest(strides, shape):
 
 # ---------------------------------------------------------------------------
 # launches: (device, stream handle, scalar type name, position-sensitive) first,
-# then the op's sizes and views, in the order of the kernel's parameters
+# then the op's sizes and views, in the order of the kernel's parameters.
+# Backward kernels walk the bins in the order of the gradient buffer's layout:
+# their atomics, not their reads, decide how well memory accesses coalesce.
 
 def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None):
     if total == 0:
@@ -76,7 +78,7 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     c_out = c // (ph * pw) if ps else c
     _run("roi_align", "roi_align_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned,
-        channels_fastest(grad[1], (k, c_out, ph, pw)), grad_input[0], n, h, w, *grad_input[1]))
+        channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1]))
 
 
 def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out, argmax):
@@ -94,7 +96,7 @@ def roi_pool_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, 
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     _run("roi_pool", "roi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        grad[0], *grad[1], rows, k, c_out, ph, pw, scale, channels_fastest(grad[1], (k, c_out, ph, pw)),
+        grad[0], *grad[1], rows, k, c_out, ph, pw, scale, channels_fastest(grad_input[1], size_in),
         argmax, grad_input[0], n, h, w, *grad_input[1]))
 
 

@@ -52,6 +52,10 @@ def _memory_format(t):
     return torch.contiguous_format
 
 
+def _layout_format(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _view(t):
     return t.data_ptr(), t.stride()
 
@@ -75,9 +79,11 @@ def _empty(shape, like, dtype=None):
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=_memory_format(like))
 
 
-def _accumulator(shape, like, layout_like):
-    """Zero-filled gradient buffer in the accumulation dtype (the kernels add into it)."""
-    memory_format = _memory_format(layout_like)
+def _accumulator(shape, like, memory_format):
+    """Zero-filled gradient buffer in the accumulation dtype (the kernels add
+    into it), laid out as the forward's input was: autograd copies a gradient
+    whose strides differ from its input's, and the gradient arriving from
+    ``.sum()`` has all-zero strides, which say nothing about a layout."""
     if memory_format is torch.contiguous_format:  # one call instead of empty + zero_
         return torch.zeros(shape, dtype=_acc(like.dtype), device=like.device)
     return torch.empty(shape, dtype=_acc(like.dtype), device=like.device, memory_format=memory_format).zero_()
@@ -100,8 +106,8 @@ def roi_align_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw:
 
 
 def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
-                            sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
-    grad_input = _accumulator((n, c, h, w), grad, grad)
+                            sampling_ratio: int, aligned: bool, ps: bool, channels_last: bool) -> torch.Tensor:
+    grad_input = _accumulator((n, c, h, w), grad, _layout_format(channels_last))
     _launch(_rules.roi_align_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
             rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, sampling_ratio, aligned,
             _view(grad_input))
@@ -119,8 +125,8 @@ def roi_pool_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: 
 
 
 def roi_pool_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.Tensor, n: int, c: int, h: int,
-                           w: int, scale: float, ps: bool) -> torch.Tensor:
-    grad_input = _accumulator((n, c, h, w), grad, grad)
+                           w: int, scale: float, ps: bool, channels_last: bool) -> torch.Tensor:
+    grad_input = _accumulator((n, c, h, w), grad, _layout_format(channels_last))
     _launch(_rules.roi_pool_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
             rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, 0 if ps else argmax.data_ptr(),
             _view(grad_input))
@@ -137,7 +143,7 @@ def prroi_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int
 
 def prroi_backward_cuda(grad: torch.Tensor, input: torch.Tensor, rows: torch.Tensor, scale: float, ps: bool,
                         rois_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_input = _accumulator(tuple(input.shape), input, input)
+    grad_input = _accumulator(tuple(input.shape), input, _memory_format(input))
     grad_rows = torch.zeros((rows.shape[0], 5) if rois_grad else (0, 5), dtype=rows.dtype, device=rows.device)
     _launch(_rules.prroi_pool_backward, input.device.index, _SCALAR[input.dtype], ps, _view(grad), _view(input),
             tuple(input.shape), rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, _view(grad_input),
@@ -152,13 +158,13 @@ def prroi_backward_cuda(grad: torch.Tensor, input: torch.Tensor, rows: torch.Ten
 def _setup_roi_align(ctx, inputs, output):
     input, rows, ph, pw, scale, sampling_ratio, aligned, ps = inputs
     ctx.save_for_backward(rows)
-    ctx.args = (tuple(input.shape), scale, sampling_ratio, aligned, ps)
+    ctx.args = (tuple(input.shape), scale, sampling_ratio, aligned, ps, _memory_format(input) is torch.channels_last)
 
 
 def _setup_roi_pool(ctx, inputs, output):
     input, rows, ph, pw, scale, ps = inputs
     ctx.save_for_backward(rows, output[1])
-    ctx.args = (tuple(input.shape), scale, ps)
+    ctx.args = (tuple(input.shape), scale, ps, _memory_format(input) is torch.channels_last)
 
 
 def _setup_prroi(ctx, inputs, output):
@@ -172,17 +178,23 @@ def _make_backwards(roi_align_bwd, roi_pool_bwd, prroi_bwd):
     functions in eager mode, custom ops under torch.compile)."""
 
     def roi_align_backward(ctx, grad):
+        if grad is None:  # output unused (the eager path does not materialize zeros)
+            return (None,) * 8
         (rows,) = ctx.saved_tensors
-        shape, scale, sampling_ratio, aligned, ps = ctx.args
-        return (roi_align_bwd(grad, rows, *shape, scale, sampling_ratio, aligned, ps),
+        shape, scale, sampling_ratio, aligned, ps, channels_last = ctx.args
+        return (roi_align_bwd(grad, rows, *shape, scale, sampling_ratio, aligned, ps, channels_last),
                 None, None, None, None, None, None, None)
 
     def roi_pool_backward(ctx, grad, _grad_argmax):
+        if grad is None:
+            return (None,) * 6
         rows, argmax = ctx.saved_tensors
-        shape, scale, ps = ctx.args
-        return roi_pool_bwd(grad, rows, argmax, *shape, scale, ps), None, None, None, None, None
+        shape, scale, ps, channels_last = ctx.args
+        return roi_pool_bwd(grad, rows, argmax, *shape, scale, ps, channels_last), None, None, None, None, None
 
     def prroi_backward(ctx, grad):
+        if grad is None:
+            return (None,) * 6
         input, rows = ctx.saved_tensors
         scale, ps = ctx.args
         rois_grad = ctx.needs_input_grad[1]
@@ -198,6 +210,9 @@ def _eager_function(forward_impl, setup, backward):
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
+            # No zero tensors made for gradients that never arrive (RoIPool's
+            # argmax output, an output left unused): the backward takes None.
+            ctx.set_materialize_grads(False)
             out = forward_impl(*args)
             setup(ctx, args, out)
             if isinstance(out, tuple):
@@ -230,8 +245,8 @@ def _fake_roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
     return _empty(_out_shape(input, rows, ph, pw, ps), input)
 
 
-def _fake_roi_align_bwd(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps):
-    return _empty((n, c, h, w), grad)
+def _fake_roi_align_bwd(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps, channels_last):
+    return torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=_layout_format(channels_last))
 
 
 def _fake_roi_pool_fwd(input, rows, ph, pw, scale, ps):
@@ -239,8 +254,8 @@ def _fake_roi_pool_fwd(input, rows, ph, pw, scale, ps):
     return _empty(shape, input), torch.empty(shape if not ps else (0,), dtype=torch.int32, device=input.device)
 
 
-def _fake_roi_pool_bwd(grad, rows, argmax, n, c, h, w, scale, ps):
-    return _empty((n, c, h, w), grad)
+def _fake_roi_pool_bwd(grad, rows, argmax, n, c, h, w, scale, ps, channels_last):
+    return torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=_layout_format(channels_last))
 
 
 def _fake_prroi_fwd(input, rows, ph, pw, scale, ps):
