@@ -68,12 +68,12 @@ __global__ void roi_align_forward(
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
   const Strides4 in_st = make_strides(in_s0, in_s1, in_s2, in_s3);
-  const Strides4 out_st = make_strides(out_s0, out_s1, out_s2, out_s3);
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
     const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
-    T* out = output + out_st.at(p.k, p.c, p.i, p.j);
+    T* out = output + out_at.at(idx, p);
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
     AlignGrid<A> g;

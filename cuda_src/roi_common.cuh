@@ -36,6 +36,26 @@ __device__ __forceinline__ Strides4 make_strides(index_t s0, index_t s1, index_t
   Strides4 s; s.s0 = s0; s.s1 = s1; s.s2 = s2; s.s3 = s3; return s;
 }
 
+// Where a forward kernel writes output element idx. Outputs the library
+// allocates are dense in the order the threads walk them (NCHW, or
+// channels_last when channels are fastest), so the flat index is the offset;
+// any other view (the array API's out=) pays for the four strided products.
+struct OutputIndex {
+  Strides4 st;
+  bool dense;
+  __device__ __forceinline__ OutputIndex(index_t s0, index_t s1, index_t s2, index_t s3, int channels, int ph,
+                                         int pw, bool channels_fastest) {
+    st = make_strides(s0, s1, s2, s3);
+    const index_t plane = (index_t)ph * pw, roi = plane * channels;
+    dense = channels_fastest ? (s1 == 1 && s3 == channels && s2 == (index_t)pw * channels && s0 == roi)
+                             : (s3 == 1 && s2 == pw && s1 == plane && s0 == roi);
+  }
+  template <typename P>
+  __device__ __forceinline__ index_t at(index_t idx, const P& p) const {
+    return dense ? idx : st.at(p.k, p.c, p.i, p.j);
+  }
+};
+
 // Output position (k, c, i, j) of a flat element index. With channels-fastest
 // order consecutive threads touch consecutive channels, which is what makes
 // channels_last inputs coalesce.

@@ -61,12 +61,12 @@ __global__ void roi_pool_forward(
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3,
     int* __restrict__ argmax) {
   typedef typename acc_type<T>::type A;
-  const Strides4 out_st = make_strides(out_s0, out_s1, out_s2, out_s3);
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
     const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
-    T* out = output + out_st.at(p.k, p.c, p.i, p.j);
+    T* out = output + out_at.at(idx, p);
     // argmax is always contiguous NCHW, whatever the output layout: in NCHW
     // order that is the flat index itself.
     const index_t arg_at = channels_fastest ? ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j : idx;
