@@ -8,10 +8,17 @@ autograd gives the backward.
 
 Dispatch, per call:
 
-* eager, some input needs a gradient: a plain ``torch.autograd.Function``;
-* eager, no gradient needed: the forward implementation directly;
-* while ``torch.compile`` traces: ``torch.library.custom_op`` operators with
-  registered fake (meta) functions and autograd, the only form it can trace.
+* eager CUDA, some input needs a gradient: a plain ``torch.autograd.Function``;
+* eager CUDA, no gradient needed: the forward implementation directly;
+* eager CPU (or deterministic mode): the reference path, differentiated by autograd;
+* while a graph is traced on any device (``torch.compile``, ``torch.export``,
+  ``torch.jit.trace``, TorchScript): ``torch.library.custom_op`` operators
+  (``torch.ops.cupy_roi.*``) with registered fake (meta) functions and
+  autograd, implemented for CPU and CUDA, so a traced graph holds one opaque
+  op per call whatever the device and no data-dependent guard leaks into it
+  (the RoI value check runs inside the op, on real data);
+* ONNX export: the ONNX operators of :mod:`cupy_roi._onnx`;
+* FX symbolic tracing: the public functions record themselves as leaves.
 
 Host cost (``benchmarks/overhead.py``, tiny inputs): raw pointers plus a
 ``struct``-packed ``cuLaunchKernel`` cost a few microseconds, where wrapping
@@ -20,9 +27,11 @@ each tensor in a CuPy array (or crossing through DLPack) and CuPy's
 dispatcher about 60, so eager calls skip it. ``benchmarks/NOTES.md`` has the
 numbers before and after.
 """
+from typing import List, Union
+
 import torch
 
-from . import _reference, _rois, _rules
+from . import _onnx, _reference, _rois, _rules
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SCALAR = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -39,6 +48,29 @@ except AttributeError:  # older PyTorch: the public, slower spellings
         return torch.cuda.current_device()
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+_in_onnx_export = torch.onnx.is_in_onnx_export
+
+
+def tracing():
+    """Whether a graph is being traced (torch.compile, torch.export, jit.trace)."""
+    return _is_compiling() or torch.jit.is_tracing()
+
+
+def fx_proxy(*args):
+    """Whether torch.fx symbolic tracing is calling (some argument is a Proxy)."""
+    for a in args:
+        if isinstance(a, torch.fx.Proxy) or (isinstance(a, (list, tuple)) and any(
+                isinstance(b, torch.fx.Proxy) for b in a)):
+            return True
+    return False
+
+
+def fx_leaf(fn, *args):
+    """Record ``fn(*args)`` as one call_function node of the graph being traced."""
+    proxy = next(a for a in args if isinstance(a, torch.fx.Proxy)) if any(
+        isinstance(a, torch.fx.Proxy) for a in args) else next(
+        b for a in args if isinstance(a, (list, tuple)) for b in a if isinstance(b, torch.fx.Proxy))
+    return proxy.tracer.create_proxy("call_function", fn, args, {})
 
 
 def _acc(dtype):
@@ -239,7 +271,121 @@ _prroi_eager = _eager_function(prroi_forward_cuda, _setup_prroi, _eager_backward
 
 
 # ---------------------------------------------------------------------------
-# custom ops, for torch.compile
+# device-generic implementations, for the custom ops: the CUDA kernels, or on
+# the CPU (and in deterministic mode) the reference path on real data
+
+def _check_rois_in_op(rows, input):
+    """The RoI value check, inside the op where the data is real: always on
+    the CPU, on request on the GPU (it synchronizes)."""
+    if _rois.wants_value_check(rows, input.is_cuda):
+        _rois.check_roi_values(rows, input.shape[0])
+
+
+def _fresh(result, like, memory_format):
+    """A new tensor (a custom op's output may not alias an input) in the
+    layout the fake functions promise."""
+    out = torch.empty(result.shape, dtype=result.dtype, device=result.device, memory_format=memory_format)
+    return out.copy_(result)
+
+
+def _vjp(fn, inputs, wrt, grad):
+    """Gradients of ``fn(*inputs)`` w.r.t. ``inputs[i]`` for i in ``wrt``,
+    against ``grad``, through the reference path. ``torch.func.vjp``, not
+    ``torch.autograd.grad``: an op's implementation runs below the autograd
+    dispatch key, where tensors record no graph, and functorch's transforms
+    bring their own."""
+    def of_wrt(*free):
+        args = list(inputs)
+        for i, t in zip(wrt, free):
+            args[i] = t
+        return fn(*args)
+
+    out, pullback = torch.func.vjp(of_wrt, *(inputs[i].detach() for i in wrt))
+    return pullback(grad.to(out.dtype))
+
+
+def roi_align_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
+                          sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
+    _check_rois_in_op(rows, input)
+    if use_kernels(input):
+        return roi_align_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
+    with torch.no_grad():
+        out = _reference.roi_align(input, rows, (ph, pw), scale, sampling_ratio, aligned, ps)
+    return _fresh(out, input, _memory_format(input))
+
+
+def roi_align_backward_any(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
+                           sampling_ratio: int, aligned: bool, ps: bool, channels_last: bool) -> torch.Tensor:
+    if use_kernels(grad):
+        return roi_align_backward_cuda(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps, channels_last)
+    size = (grad.shape[2], grad.shape[3])
+    # linear in the features: the vjp at zero features is the vjp everywhere
+    zero = torch.zeros((n, c, h, w), dtype=grad.dtype, device=grad.device)
+    (gi,) = _vjp(lambda x: _reference.roi_align(x, rows, size, scale, sampling_ratio, aligned, ps), (zero,),
+                 (0,), grad)
+    return _fresh(gi.to(grad.dtype), grad, _layout_format(channels_last))
+
+
+def roi_pool_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
+                         ps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_rois_in_op(rows, input)
+    if use_kernels(input):
+        return roi_pool_forward_cuda(input, rows, ph, pw, scale, ps)
+    with torch.no_grad():
+        if ps:
+            out = _reference.roi_pool(input, rows, (ph, pw), scale, True)
+            argmax = torch.empty((0,), dtype=torch.int32, device=input.device)
+        else:
+            out, argmax = _reference.roi_pool(input, rows, (ph, pw), scale, False, return_argmax=True)
+            argmax = argmax.to(torch.int32).contiguous()
+    return _fresh(out, input, _memory_format(input)), argmax
+
+
+def roi_pool_backward_any(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.Tensor, n: int, c: int, h: int,
+                          w: int, scale: float, ps: bool, channels_last: bool) -> torch.Tensor:
+    if use_kernels(grad):
+        return roi_pool_backward_cuda(grad, rows, argmax, n, c, h, w, scale, ps, channels_last)
+    if ps:
+        zero = torch.zeros((n, c, h, w), dtype=grad.dtype, device=grad.device)
+        size = (grad.shape[2], grad.shape[3])
+        (gi,) = _vjp(lambda x: _reference.roi_pool(x, rows, size, scale, True), (zero,), (0,), grad)
+    else:  # each bin's gradient goes to its maximum
+        acc = grad.to(_acc(grad.dtype))
+        at = argmax.long()
+        keep = at >= 0
+        image = rows[:, 0].long().view(-1, 1, 1, 1).expand_as(at)
+        channel = torch.arange(c, device=grad.device).view(1, -1, 1, 1).expand_as(at)
+        flat = torch.zeros((n, c, h * w), dtype=acc.dtype, device=grad.device)
+        flat.index_put_((image[keep], channel[keep], at[keep]), acc[keep], accumulate=True)
+        gi = flat.view(n, c, h, w)
+    return _fresh(gi.to(grad.dtype), grad, _layout_format(channels_last))
+
+
+def prroi_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
+                      ps: bool) -> torch.Tensor:
+    _check_rois_in_op(rows, input)
+    if use_kernels(input):
+        return prroi_forward_cuda(input, rows, ph, pw, scale, ps)
+    with torch.no_grad():
+        out = _reference.prroi_pool(input, rows, (ph, pw), scale, ps)
+    return _fresh(out, input, _memory_format(input))
+
+
+def prroi_backward_any(grad: torch.Tensor, input: torch.Tensor, rows: torch.Tensor, scale: float, ps: bool,
+                       rois_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_kernels(input):
+        return prroi_backward_cuda(grad, input, rows, scale, ps, rois_grad)
+    size = (grad.shape[2], grad.shape[3])
+    grads = _vjp(lambda x, r: _reference.prroi_pool(x, r, size, scale, ps), (input, rows),
+                 (0, 1) if rois_grad else (0,), grad)
+    grad_rows = torch.zeros((rows.shape[0], 5) if rois_grad else (0, 5), dtype=rows.dtype, device=rows.device)
+    if rois_grad and grads[1] is not None:
+        grad_rows[:, 1:] = grads[1][:, 1:]
+    return _fresh(grads[0].to(input.dtype), input, _memory_format(input)), grad_rows
+
+
+# ---------------------------------------------------------------------------
+# custom ops (torch.ops.cupy_roi.*), for graph tracing on every device
 
 def _fake_roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
     return _empty(_out_shape(input, rows, ph, pw, ps), input)
@@ -274,42 +420,54 @@ def _define(name, impl, fake):
 
 
 if hasattr(torch.library, "custom_op"):
-    _bwd_ops = (_define("roi_align_backward", roi_align_backward_cuda, _fake_roi_align_bwd),
-                _define("roi_pool_backward", roi_pool_backward_cuda, _fake_roi_pool_bwd),
-                _define("prroi_pool_backward", prroi_backward_cuda, _fake_prroi_bwd))
+    _bwd_ops = (_define("roi_align_backward", roi_align_backward_any, _fake_roi_align_bwd),
+                _define("roi_pool_backward", roi_pool_backward_any, _fake_roi_pool_bwd),
+                _define("prroi_pool_backward", prroi_backward_any, _fake_prroi_bwd))
     _op_backwards = _make_backwards(*_bwd_ops)
-    _roi_align_op = _define("roi_align_forward", roi_align_forward_cuda, _fake_roi_align_fwd)
-    _roi_pool_op = _define("roi_pool_forward", roi_pool_forward_cuda, _fake_roi_pool_fwd)
-    _prroi_op = _define("prroi_pool_forward", prroi_forward_cuda, _fake_prroi_fwd)
+    _roi_align_op = _define("roi_align_forward", roi_align_forward_any, _fake_roi_align_fwd)
+    _roi_pool_op = _define("roi_pool_forward", roi_pool_forward_any, _fake_roi_pool_fwd)
+    _prroi_op = _define("prroi_pool_forward", prroi_forward_any, _fake_prroi_fwd)
     _roi_align_op.register_autograd(_op_backwards[0], setup_context=_setup_roi_align)
     _roi_pool_op.register_autograd(_op_backwards[1], setup_context=_setup_roi_pool)
     _prroi_op.register_autograd(_op_backwards[2], setup_context=_setup_prroi)
-else:  # no torch.library.custom_op: torch.compile falls back to eager around these calls
-    _roi_align_op, _roi_pool_op, _prroi_op = _roi_align_eager, _roi_pool_eager, _prroi_eager
+else:  # no torch.library.custom_op (old PyTorch): graphs break around these calls
+    _roi_align_op, _roi_pool_op, _prroi_op = roi_align_forward_any, roi_pool_forward_any, prroi_forward_any
 
 
 # ---------------------------------------------------------------------------
-# the entries the functional operators call
+# the entries the functional operators call, after prepare()
 
 def roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
-    if _is_compiling():
+    if _in_onnx_export():
+        return _onnx.roi_align(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
+    if tracing():
         return _roi_align_op(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
+    if not use_kernels(input):  # no box gradient, as on the GPU and in torchvision
+        return _reference.roi_align(input, rows.detach(), (ph, pw), scale, sampling_ratio, aligned, ps)
     if input.requires_grad and torch.is_grad_enabled():
         return _roi_align_eager(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
     return roi_align_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
 
 
 def roi_pool_fwd(input, rows, ph, pw, scale, ps):
-    if _is_compiling():
+    if _in_onnx_export():
+        return _onnx.roi_pool(input, rows, ph, pw, scale, ps)
+    if tracing():
         return _roi_pool_op(input, rows, ph, pw, scale, ps)[0]
+    if not use_kernels(input):
+        return _reference.roi_pool(input, rows.detach(), (ph, pw), scale, ps)
     if input.requires_grad and torch.is_grad_enabled():
         return _roi_pool_eager(input, rows, ph, pw, scale, ps)[0]
     return roi_pool_forward_cuda(input, rows, ph, pw, scale, ps)[0]
 
 
 def prroi_fwd(input, rows, ph, pw, scale, ps):
-    if _is_compiling():
+    if _in_onnx_export():
+        return _onnx.prroi_pool(input, rows, ph, pw, scale, ps)
+    if tracing():
         return _prroi_op(input, rows, ph, pw, scale, ps)
+    if not use_kernels(input):
+        return _reference.prroi_pool(input, rows, (ph, pw), scale, ps)
     if (input.requires_grad or rows.requires_grad) and torch.is_grad_enabled():
         return _prroi_eager(input, rows, ph, pw, scale, ps)
     return prroi_forward_cuda(input, rows, ph, pw, scale, ps)
@@ -317,7 +475,8 @@ def prroi_fwd(input, rows, ph, pw, scale, ps):
 
 def prepare(input, rois, output_size, position_sensitive):
     """Validate the arguments; returns (rows [K, 5] in the accumulation dtype,
-    (ph, pw)). Checks RoI values where that is free (CPU) or asked for."""
+    (ph, pw)). Checks RoI values where that is free (CPU) or asked for; while
+    a graph is traced the op checks them itself, on real data."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     dtype = input.dtype
@@ -333,7 +492,7 @@ def prepare(input, rois, output_size, position_sensitive):
         rows = rois  # already what the kernels read
     else:
         rows = _rois.roi_rows(rois, input, shape[0], "float64" if acc == torch.float64 else "float32")
-    if _rois.wants_value_check(rois, input.is_cuda):
+    if _rois.wants_value_check(rois, input.is_cuda) and not tracing() and not _in_onnx_export():
         _rois.check_roi_values(rows, shape[0])
     return rows, output_size
 
@@ -342,5 +501,46 @@ def use_kernels(input):
     return input.is_cuda and not torch.are_deterministic_algorithms_enabled()
 
 
-def reference(name, input, rows, *args):
-    return getattr(_reference, name)(input, rows, *args)
+# ---------------------------------------------------------------------------
+# TorchScript: the public functions' scripted branch (tensor RoIs or a list of
+# boxes, then the custom op; the op checks RoI values on real data)
+
+def script_rows(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: List[int],
+                position_sensitive: bool) -> torch.Tensor:
+    torch._assert(input.dim() == 4, "input must be 4-d (N, C, H, W)")
+    torch._assert(len(output_size) == 2 and output_size[0] > 0 and output_size[1] > 0,
+                  "output_size must be positive")
+    if position_sensitive:
+        torch._assert(input.size(1) % (output_size[0] * output_size[1]) == 0,
+                      "input: position-sensitive pooling needs channels divisible by ph * pw")
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if isinstance(boxes, torch.Tensor):
+        torch._assert(boxes.dim() == 2 and boxes.size(1) == 5, "rois must have shape [K, 5]")
+        return boxes.to(acc).contiguous()
+    torch._assert(len(boxes) == input.size(0), "rois given as a list must hold one [L, 4] tensor per image")
+    parts: List[torch.Tensor] = []
+    for i, b in enumerate(boxes):
+        torch._assert(b.dim() == 2 and b.size(1) == 4, "rois[i] must have shape [L, 4]")
+        parts.append(torch.cat([torch.full_like(b[:, :1], float(i)), b], dim=1).to(acc))
+    if len(parts) == 0:
+        return torch.zeros((0, 5), dtype=acc, device=input.device)
+    return torch.cat(parts, dim=0)
+
+
+def script_roi_align(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: List[int],
+                     spatial_scale: float, sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
+    rows = script_rows(input, boxes, output_size, ps)
+    return torch.ops.cupy_roi.roi_align_forward(input, rows, output_size[0], output_size[1], spatial_scale,
+                                                sampling_ratio, aligned, ps)
+
+
+def script_roi_pool(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: List[int],
+                    spatial_scale: float, ps: bool) -> torch.Tensor:
+    rows = script_rows(input, boxes, output_size, ps)
+    return torch.ops.cupy_roi.roi_pool_forward(input, rows, output_size[0], output_size[1], spatial_scale, ps)[0]
+
+
+def script_prroi(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: List[int],
+                 spatial_scale: float, ps: bool) -> torch.Tensor:
+    rows = script_rows(input, boxes, output_size, ps)
+    return torch.ops.cupy_roi.prroi_pool_forward(input, rows, output_size[0], output_size[1], spatial_scale, ps)

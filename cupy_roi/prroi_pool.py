@@ -1,10 +1,14 @@
 """Precise RoI Pooling (IoU-Net, arXiv:1807.11590) and its position-sensitive variant."""
+from typing import List, Union
+
+import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
 from . import _torch_ops as ops
 
 
-def prroi_pool2d(features: Tensor, rois, pooled_height: int, pooled_width: int,
+def prroi_pool2d(features: Tensor, rois: Union[Tensor, List[Tensor]], pooled_height: int, pooled_width: int,
                  spatial_scale: float) -> Tensor:
     """Precise RoI Pooling, with the original implementation's names and semantics.
 
@@ -21,21 +25,28 @@ def prroi_pool2d(features: Tensor, rois, pooled_height: int, pooled_width: int,
         ``(K, C, pooled_height, pooled_width)``, differentiable w.r.t. ``features``
         and the box coordinates (exactly; the batch-index column gets 0).
     """
-    return _prroi(features, rois, (pooled_height, pooled_width), spatial_scale, False)
+    if not torch.jit.is_scripting():
+        if ops.fx_proxy(features, rois):
+            return ops.fx_leaf(prroi_pool2d, features, rois, pooled_height, pooled_width, spatial_scale)
+        return _prroi(features, rois, (pooled_height, pooled_width), spatial_scale, False)
+    return ops.script_prroi(features, rois, [pooled_height, pooled_width], spatial_scale, False)
 
 
-def ps_prroi_pool(input: Tensor, rois, output_size, spatial_scale: float = 1.0) -> Tensor:
+def ps_prroi_pool(input: Tensor, rois: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
+                  spatial_scale: float = 1.0) -> Tensor:
     """Position-sensitive Precise RoI Pooling: :func:`prroi_pool2d` with the
     channel mapping of :func:`cupy_roi.ps_roi_align` (``C = C_out * ph * pw``).
     Returns ``(K, C_out, ph, pw)``."""
-    return _prroi(input, rois, output_size, spatial_scale, True)
+    if not torch.jit.is_scripting():
+        if ops.fx_proxy(input, rois):
+            return ops.fx_leaf(ps_prroi_pool, input, rois, output_size, spatial_scale)
+        return _prroi(input, rois, output_size, spatial_scale, True)
+    return ops.script_prroi(input, rois, output_size, spatial_scale, True)
 
 
 def _prroi(input, rois, output_size, spatial_scale, ps):
     rows, (ph, pw) = ops.prepare(input, rois, output_size, ps)
-    if ops.use_kernels(input):
-        return ops.prroi_fwd(input, rows, ph, pw, float(spatial_scale), ps)
-    return ops.reference("prroi_pool", input, rows, (ph, pw), float(spatial_scale), ps)
+    return ops.prroi_fwd(input, rows, ph, pw, float(spatial_scale), ps)
 
 
 class PrRoIPool2D(nn.Module):

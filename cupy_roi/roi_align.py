@@ -1,11 +1,15 @@
 """RoIAlign and position-sensitive RoIAlign (``torchvision.ops`` semantics)."""
+from typing import List, Union
+
+import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
 from . import _torch_ops as ops
 
 
-def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
-              aligned: bool = False) -> Tensor:
+def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """RoI Align (Mask R-CNN), a drop-in for ``torchvision.ops.roi_align``.
 
     Args:
@@ -22,11 +26,15 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     Returns:
         ``(K, C, ph, pw)`` with input's dtype; differentiable w.r.t. ``input``.
     """
-    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False)
+    if not torch.jit.is_scripting():
+        if ops.fx_proxy(input, boxes):
+            return ops.fx_leaf(roi_align, input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False)
+    return ops.script_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False)
 
 
-def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
-                 aligned: bool = True) -> Tensor:
+def ps_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
+                 spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = True) -> Tensor:
     """Position-sensitive RoI Align (R-FCN, Light-Head R-CNN), a drop-in for
     ``torchvision.ops.ps_roi_align`` (which computes ``aligned=True``).
 
@@ -35,15 +43,16 @@ def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, 
     batch index, so any number of images per call. Returns ``(K, C_out, ph, pw)``.
     Other arguments as :func:`roi_align`.
     """
-    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True)
+    if not torch.jit.is_scripting():
+        if ops.fx_proxy(input, boxes):
+            return ops.fx_leaf(ps_roi_align, input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True)
+    return ops.script_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True)
 
 
 def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, ps):
     rows, (ph, pw) = ops.prepare(input, boxes, output_size, ps)
-    args = (float(spatial_scale), int(sampling_ratio), bool(aligned), ps)
-    if ops.use_kernels(input):
-        return ops.roi_align_fwd(input, rows, ph, pw, *args)
-    return ops.reference("roi_align", input, rows.detach(), (ph, pw), *args)
+    return ops.roi_align_fwd(input, rows, ph, pw, float(spatial_scale), int(sampling_ratio), bool(aligned), ps)
 
 
 class RoIAlign(nn.Module):

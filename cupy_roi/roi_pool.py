@@ -1,10 +1,15 @@
 """RoIPool and position-sensitive RoIPool (``torchvision.ops`` semantics)."""
+from typing import List, Union
+
+import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
 from . import _torch_ops as ops
 
 
-def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
+def roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
+             spatial_scale: float = 1.0) -> Tensor:
     """RoI max pooling (Fast R-CNN), a drop-in for ``torchvision.ops.roi_pool``.
 
     Box corners are rounded to the feature grid, bins are integer ranges
@@ -12,13 +17,15 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> T
     maximum of each bin. ``input`` ``(N, C, H, W)``, ``boxes`` ``Tensor[K, 5]`` or a
     list of ``Tensor[L_i, 4]``; returns ``(K, C, ph, pw)``.
     """
-    rows, (ph, pw) = ops.prepare(input, boxes, output_size, False)
-    if ops.use_kernels(input):
-        return ops.roi_pool_fwd(input, rows, ph, pw, float(spatial_scale), False)
-    return ops.reference("roi_pool", input, rows.detach(), (ph, pw), float(spatial_scale), False)
+    if not torch.jit.is_scripting():
+        if ops.fx_proxy(input, boxes):
+            return ops.fx_leaf(roi_pool, input, boxes, output_size, spatial_scale)
+        return _roi_pool(input, boxes, output_size, spatial_scale, False)
+    return ops.script_roi_pool(input, boxes, output_size, spatial_scale, False)
 
 
-def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
+def ps_roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
+                spatial_scale: float = 1.0) -> Tensor:
     """Position-sensitive RoI average pooling (R-FCN), a drop-in for
     ``torchvision.ops.ps_roi_pool``: ``C = C_out * ph * pw`` channels, bin
     ``(i, j)`` of channel ``c`` averages input channel ``(c * ph + i) * pw + j``.
@@ -29,10 +36,16 @@ def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -
     backward clips to ``H`` / ``W`` and so differs where a bin touches the
     last row or column).
     """
-    rows, (ph, pw) = ops.prepare(input, boxes, output_size, True)
-    if ops.use_kernels(input):
-        return ops.roi_pool_fwd(input, rows, ph, pw, float(spatial_scale), True)
-    return ops.reference("roi_pool", input, rows.detach(), (ph, pw), float(spatial_scale), True)
+    if not torch.jit.is_scripting():
+        if ops.fx_proxy(input, boxes):
+            return ops.fx_leaf(ps_roi_pool, input, boxes, output_size, spatial_scale)
+        return _roi_pool(input, boxes, output_size, spatial_scale, True)
+    return ops.script_roi_pool(input, boxes, output_size, spatial_scale, True)
+
+
+def _roi_pool(input, boxes, output_size, spatial_scale, ps):
+    rows, (ph, pw) = ops.prepare(input, boxes, output_size, ps)
+    return ops.roi_pool_fwd(input, rows, ph, pw, float(spatial_scale), ps)
 
 
 class RoIPool(nn.Module):
