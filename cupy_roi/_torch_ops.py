@@ -52,25 +52,28 @@ _in_onnx_export = torch.onnx.is_in_onnx_export
 
 
 def tracing():
-    """Whether a graph is being traced (torch.compile, torch.export, jit.trace)."""
+    """Whether a graph is being traced (torch.compile, torch.export, jit.trace;
+    ONNX export traces with one of them, so it counts too)."""
     return _is_compiling() or torch.jit.is_tracing()
+
+
+def _first_proxy(args):
+    """The first torch.fx Proxy among ``args`` (or inside a list of boxes), else None."""
+    for a in args:
+        for b in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(b, torch.fx.Proxy):
+                return b
+    return None
 
 
 def fx_proxy(*args):
     """Whether torch.fx symbolic tracing is calling (some argument is a Proxy)."""
-    for a in args:
-        if isinstance(a, torch.fx.Proxy) or (isinstance(a, (list, tuple)) and any(
-                isinstance(b, torch.fx.Proxy) for b in a)):
-            return True
-    return False
+    return _first_proxy(args) is not None
 
 
 def fx_leaf(fn, *args):
     """Record ``fn(*args)`` as one call_function node of the graph being traced."""
-    proxy = next(a for a in args if isinstance(a, torch.fx.Proxy)) if any(
-        isinstance(a, torch.fx.Proxy) for a in args) else next(
-        b for a in args if isinstance(a, (list, tuple)) for b in a if isinstance(b, torch.fx.Proxy))
-    return proxy.tracer.create_proxy("call_function", fn, args, {})
+    return _first_proxy(args).tracer.create_proxy("call_function", fn, args, {})
 
 
 def _acc(dtype):
@@ -107,8 +110,12 @@ def _out_shape(input, rows, ph, pw, ps):
     return (rows.shape[0], c_out, ph, pw)
 
 
-def _empty(shape, like, dtype=None):
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=_memory_format(like))
+def _empty(shape, like):
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_memory_format(like))
+
+
+def _empty_grad_input(grad, shape, channels_last):
+    return torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=_layout_format(channels_last))
 
 
 def _accumulator(shape, like, memory_format):
@@ -392,7 +399,7 @@ def _fake_roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
 
 
 def _fake_roi_align_bwd(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps, channels_last):
-    return torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=_layout_format(channels_last))
+    return _empty_grad_input(grad, (n, c, h, w), channels_last)
 
 
 def _fake_roi_pool_fwd(input, rows, ph, pw, scale, ps):
@@ -401,7 +408,7 @@ def _fake_roi_pool_fwd(input, rows, ph, pw, scale, ps):
 
 
 def _fake_roi_pool_bwd(grad, rows, argmax, n, c, h, w, scale, ps, channels_last):
-    return torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=_layout_format(channels_last))
+    return _empty_grad_input(grad, (n, c, h, w), channels_last)
 
 
 def _fake_prroi_fwd(input, rows, ph, pw, scale, ps):
@@ -438,9 +445,9 @@ else:  # no torch.library.custom_op (old PyTorch): graphs break around these cal
 # the entries the functional operators call, after prepare()
 
 def roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
-    if _in_onnx_export():
-        return _onnx.roi_align(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
     if tracing():
+        if _in_onnx_export():
+            return _onnx.roi_align(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
         return _roi_align_op(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
     if not use_kernels(input):  # no box gradient, as on the GPU and in torchvision
         return _reference.roi_align(input, rows.detach(), (ph, pw), scale, sampling_ratio, aligned, ps)
@@ -450,9 +457,9 @@ def roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
 
 
 def roi_pool_fwd(input, rows, ph, pw, scale, ps):
-    if _in_onnx_export():
-        return _onnx.roi_pool(input, rows, ph, pw, scale, ps)
     if tracing():
+        if _in_onnx_export():
+            return _onnx.roi_pool(input, rows, ph, pw, scale, ps)
         return _roi_pool_op(input, rows, ph, pw, scale, ps)[0]
     if not use_kernels(input):
         return _reference.roi_pool(input, rows.detach(), (ph, pw), scale, ps)
@@ -462,9 +469,9 @@ def roi_pool_fwd(input, rows, ph, pw, scale, ps):
 
 
 def prroi_fwd(input, rows, ph, pw, scale, ps):
-    if _in_onnx_export():
-        return _onnx.prroi_pool(input, rows, ph, pw, scale, ps)
     if tracing():
+        if _in_onnx_export():
+            return _onnx.prroi_pool(input, rows, ph, pw, scale, ps)
         return _prroi_op(input, rows, ph, pw, scale, ps)
     if not use_kernels(input):
         return _reference.prroi_pool(input, rows, (ph, pw), scale, ps)
@@ -492,7 +499,7 @@ def prepare(input, rois, output_size, position_sensitive):
         rows = rois  # already what the kernels read
     else:
         rows = _rois.roi_rows(rois, input, shape[0], "float64" if acc == torch.float64 else "float32")
-    if _rois.wants_value_check(rois, input.is_cuda) and not tracing() and not _in_onnx_export():
+    if _rois.wants_value_check(rois, input.is_cuda) and not tracing():
         _rois.check_roi_values(rows, shape[0])
     return rows, output_size
 
