@@ -29,13 +29,26 @@ struct AlignGrid {
   A y_start, x_start, bin_h, bin_w, inv_count;
   int grid_h, grid_w;
 
+  // Axis-aligned box given by its corners, in map coordinates.
   __device__ __forceinline__ void set(A x1, A y1, A x2, A y2, A scale, int ph, int pw,
                                       int sampling_ratio, bool aligned) {
     const A offset = aligned ? A(0.5) : A(0);
     x_start = x1 * scale - offset;
     y_start = y1 * scale - offset;
-    A roi_w = x2 * scale - offset - x_start;
-    A roi_h = y2 * scale - offset - y_start;
+    set_extent(y2 * scale - offset - y_start, x2 * scale - offset - x_start, ph, pw, sampling_ratio, aligned);
+  }
+  // Box of size (w, h) centred on the origin of its own frame (rotated
+  // RoIAlign, mmcv's order: the 1x1 clamp comes before the centring).
+  __device__ __forceinline__ void set_centred(A w, A h, A scale, int ph, int pw, int sampling_ratio,
+                                              bool aligned) {
+    A roi_w = w * scale, roi_h = h * scale;
+    if (!aligned) { roi_w = max(roi_w, A(1)); roi_h = max(roi_h, A(1)); }
+    y_start = -roi_h / A(2);
+    x_start = -roi_w / A(2);
+    set_extent(roi_h, roi_w, ph, pw, sampling_ratio, true);
+  }
+  __device__ __forceinline__ void set_extent(A roi_h, A roi_w, int ph, int pw, int sampling_ratio,
+                                             bool aligned) {
     if (!aligned) { roi_w = max(roi_w, A(1)); roi_h = max(roi_h, A(1)); }
     bin_h = roi_h / ph;
     bin_w = roi_w / pw;
@@ -53,6 +66,108 @@ struct AlignGrid {
   }
 };
 
+
+// Where a grid sample (yy, xx) of the box's own frame lies on the map.
+struct AxisFrame {
+  template <typename A>
+  __device__ __forceinline__ void map(A yy, A xx, A& y, A& x) const { y = yy; x = xx; }
+};
+
+// Rotated RoIAlign (mmcv and detectron2): the box frame turned by theta
+// (counter-clockwise on the image, y pointing down) about the centre.
+template <typename A>
+struct RotatedFrame {
+  A cos_t, sin_t, cy, cx;
+  __device__ __forceinline__ void map(A yy, A xx, A& y, A& x) const {
+    y = yy * cos_t - xx * sin_t + cy;
+    x = yy * sin_t + xx * cos_t + cx;
+  }
+};
+
+// Sum of the bilinear samples of bin (i, j) of one plane.
+template <typename T, typename A, typename Frame>
+__device__ __forceinline__ A bin_sample_sum(const T* plane, index_t s2, index_t s3, int height, int width,
+                                            const AlignGrid<A>& g, const Frame& frame, int i, int j) {
+  A sum = 0;
+  for (int iy = 0; iy < g.grid_h; ++iy) {
+    const A yy = g.sample_y(i, iy);
+    for (int ix = 0; ix < g.grid_w; ++ix) {
+      A y, x;
+      frame.map(yy, g.sample_x(j, ix), y, x);
+      Bilinear<A> w;
+      if (!w.set(y, x, height, width)) continue;
+      sum += w.w00 * to_acc(plane[w.y0 * s2 + w.x0 * s3]) + w.w01 * to_acc(plane[w.y0 * s2 + w.x1 * s3]) +
+             w.w10 * to_acc(plane[w.y1 * s2 + w.x0 * s3]) + w.w11 * to_acc(plane[w.y1 * s2 + w.x1 * s3]);
+    }
+  }
+  return sum;
+}
+
+// Adjoint of bin_sample_sum: adds grad times each sample's weights into a plane.
+template <typename A, typename Frame>
+__device__ __forceinline__ void bin_sample_scatter(A* plane, index_t s2, index_t s3, int height, int width,
+                                                   const AlignGrid<A>& g, const Frame& frame, int i, int j, A grad) {
+  for (int iy = 0; iy < g.grid_h; ++iy) {
+    const A yy = g.sample_y(i, iy);
+    for (int ix = 0; ix < g.grid_w; ++ix) {
+      A y, x;
+      frame.map(yy, g.sample_x(j, ix), y, x);
+      Bilinear<A> w;
+      if (!w.set(y, x, height, width)) continue;
+      atomicAdd(plane + w.y0 * s2 + w.x0 * s3, grad * w.w00);
+      atomicAdd(plane + w.y0 * s2 + w.x1 * s3, grad * w.w01);
+      atomicAdd(plane + w.y1 * s2 + w.x0 * s3, grad * w.w10);
+      atomicAdd(plane + w.y1 * s2 + w.x1 * s3, grad * w.w11);
+    }
+  }
+}
+
+// Rotated row (batch_index, cx, cy, w, h, theta): its grid and frame.
+template <typename A>
+__device__ __forceinline__ bool load_rotated(const A* rois, index_t k, int batch, A scale, int ph, int pw,
+                                             int sampling_ratio, bool aligned, bool clockwise, int& b,
+                                             AlignGrid<A>& g, RotatedFrame<A>& f) {
+  A v[5];
+  if (!load_row<6>(rois, k, batch, b, v)) return false;
+  const A offset = aligned ? A(0.5) : A(0);
+  const A theta = clockwise ? -v[4] : v[4];
+  f.cx = v[0] * scale - offset;
+  f.cy = v[1] * scale - offset;
+  f.cos_t = cos(theta);
+  f.sin_t = sin(theta);
+  g.set_centred(v[2], v[3], scale, ph, pw, sampling_ratio, aligned);
+  return true;
+}
+
+// Feature-pyramid level of a box (x1, y1, x2, y2) in image coordinates:
+//   mode 1 (torchvision LevelMapper): floor(lvl0 + log2(sqrt(area) / s0) + 1e-6),
+//   mode 2 (mmdetection):             floor(log2(sqrt(area) / s0 + 1e-6)),
+// clamped to [lo, hi], minus lo. Mode 0: one level. -1 for a NaN level (an
+// area below zero), whose row both libraries leave at zero. The operations
+// and their order are those PyTorch's CUDA kernels run for the Python mappers
+// (a division by a Python number is a product with its reciprocal there), so
+// that a box on a level boundary lands where torchvision puts it.
+template <typename A>
+__device__ __forceinline__ int pyramid_level(A x1, A y1, A x2, A y2, int mode, A s0, int lvl0, int lo, int hi) {
+  if (mode == 0) return 0;
+  const A s = sqrt((x2 - x1) * (y2 - y1)) * (A(1) / s0);
+  const A t = mode == 1 ? floor((A(lvl0) + log2(s)) + A(1e-6)) : floor(log2(s + A(1e-6)));
+  if (t != t) return -1;
+  return (int)min(max(t, A(lo)), A(hi)) - lo;
+}
+
+// The levels of a multi-level call, passed by value (kernel parameters are
+// constant memory: no table to copy to the device, and CUDA graphs keep it).
+// data[l] is the level's map (forward) or gradient buffer (backward).
+constexpr int kMaxLevels = 8;
+struct LevelTable {
+  unsigned long long data[kMaxLevels];
+  index_t s0[kMaxLevels], s1[kMaxLevels], s2[kMaxLevels], s3[kMaxLevels];
+  double scale[kMaxLevels];
+  int height[kMaxLevels], width[kMaxLevels];
+  int count;
+};
+
 }  // namespace cupy_roi
 
 using namespace cupy_roi;
@@ -67,7 +182,6 @@ __global__ void roi_align_forward(
     int channels_fastest,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
-  const Strides4 in_st = make_strides(in_s0, in_s1, in_s2, in_s3);
   const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
@@ -80,18 +194,7 @@ __global__ void roi_align_forward(
     g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
-    A sum = 0;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
-      const A y = g.sample_y(p.i, iy);
-      for (int ix = 0; ix < g.grid_w; ++ix) {
-        Bilinear<A> w;
-        if (!w.set(y, g.sample_x(p.j, ix), height, width)) continue;
-        sum += w.w00 * to_acc(plane[w.y0 * in_st.s2 + w.x0 * in_st.s3]) +
-               w.w01 * to_acc(plane[w.y0 * in_st.s2 + w.x1 * in_st.s3]) +
-               w.w10 * to_acc(plane[w.y1 * in_st.s2 + w.x0 * in_st.s3]) +
-               w.w11 * to_acc(plane[w.y1 * in_st.s2 + w.x1 * in_st.s3]);
-      }
-    }
+    const A sum = bin_sample_sum(plane, in_s2, in_s3, height, width, g, AxisFrame(), p.i, p.j);
     store(out, sum * g.inv_count);
   }
 }
@@ -120,16 +223,124 @@ __global__ void roi_align_backward(
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     A* plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
-      const A y = g.sample_y(p.i, iy);
-      for (int ix = 0; ix < g.grid_w; ++ix) {
-        Bilinear<A> w;
-        if (!w.set(y, g.sample_x(p.j, ix), height, width)) continue;
-        atomicAdd(plane + w.y0 * gi_s2 + w.x0 * gi_s3, grad * w.w00);
-        atomicAdd(plane + w.y0 * gi_s2 + w.x1 * gi_s3, grad * w.w01);
-        atomicAdd(plane + w.y1 * gi_s2 + w.x0 * gi_s3, grad * w.w10);
-        atomicAdd(plane + w.y1 * gi_s2 + w.x1 * gi_s3, grad * w.w11);
-      }
+    bin_sample_scatter(plane, gi_s2, gi_s3, height, width, g, AxisFrame(), p.i, p.j, grad);
+  }
+}
+
+// Rotated RoIAlign, mmcv's semantics: rows (batch_index, cx, cy, w, h, theta),
+// theta in radians, counter-clockwise unless clockwise is set.
+template <typename T, bool PS>
+__global__ void roi_align_rotated_forward(
+    const T* __restrict__ input, int batch, int height, int width,
+    index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw,
+    typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned, int clockwise,
+    int channels_fastest,
+    T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
+  typedef typename acc_type<T>::type A;
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
+  const index_t total = num_rois * channels_out * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    T* out = output + out_at.at(idx, p);
+    int b; AlignGrid<A> g; RotatedFrame<A> f;
+    if (!load_rotated(rois, p.k, batch, spatial_scale, ph, pw, sampling_ratio, aligned != 0, clockwise != 0, b, g,
+                      f)) {
+      store(out, quiet_nan<A>());
+      continue;
     }
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
+    store(out, bin_sample_sum(plane, in_s2, in_s3, height, width, g, f, p.i, p.j) * g.inv_count);
+  }
+}
+
+template <typename T, bool PS>
+__global__ void roi_align_rotated_backward(
+    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw,
+    typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned, int clockwise,
+    int channels_fastest,
+    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3) {
+  typedef typename acc_type<T>::type A;
+  const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const index_t total = num_rois * channels_out * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    int b; AlignGrid<A> g; RotatedFrame<A> f;
+    if (!load_rotated(rois, p.k, batch, spatial_scale, ph, pw, sampling_ratio, aligned != 0, clockwise != 0, b, g,
+                      f))
+      continue;
+    const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    A* plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
+    bin_sample_scatter(plane, gi_s2, gi_s3, height, width, g, f, p.i, p.j, grad);
+  }
+}
+
+// Multi-level (FPN) RoIAlign: every RoI pools from the level pyramid_level
+// picks for it, all levels in one launch. Rows whose level is NaN stay zero
+// (as torchvision's MultiScaleRoIAlign leaves them); invalid rows give NaN.
+template <typename T, bool PS>
+__global__ void multi_scale_roi_align_forward(
+    LevelTable levels, int batch,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw,
+    int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
+    int sampling_ratio, int aligned, int channels_fastest,
+    T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
+  typedef typename acc_type<T>::type A;
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
+  const index_t total = num_rois * channels_out * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    T* out = output + out_at.at(idx, p);
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
+    const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
+    if (l < 0 || l >= levels.count) { store(out, A(0)); continue; }
+    AlignGrid<A> g;
+    g.set(x1, y1, x2, y2, (A)levels.scale[l], ph, pw, sampling_ratio, aligned != 0);
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    const T* plane = reinterpret_cast<const T*>(levels.data[l]) + (index_t)b * levels.s0[l] +
+                     (index_t)c_in * levels.s1[l];
+    const A sum = bin_sample_sum(plane, levels.s2[l], levels.s3[l], levels.height[l], levels.width[l], g,
+                                 AxisFrame(), p.i, p.j);
+    store(out, sum * g.inv_count);
+  }
+}
+
+// grads: the levels' accumulation buffers (float for half types), zero-filled.
+template <typename T, bool PS>
+__global__ void multi_scale_roi_align_backward(
+    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
+    LevelTable grads, int batch,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw,
+    int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
+    int sampling_ratio, int aligned, int channels_fastest) {
+  typedef typename acc_type<T>::type A;
+  const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const index_t total = num_rois * channels_out * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+    const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
+    if (l < 0 || l >= grads.count) continue;
+    AlignGrid<A> g;
+    g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
+    const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    A* plane = reinterpret_cast<A*>(grads.data[l]) + (index_t)b * grads.s0[l] + (index_t)c_in * grads.s1[l];
+    bin_sample_scatter(plane, grads.s2[l], grads.s3[l], grads.height[l], grads.width[l], g, AxisFrame(), p.i, p.j,
+                       grad);
   }
 }

@@ -91,23 +91,31 @@ __device__ __forceinline__ int input_channel(int c_out, int i, int j, int ph, in
   return PS ? (c_out * ph + i) * pw + j : c_out;
 }
 
-// A RoI row is (batch_index, x1, y1, x2, y2). Host code checks RoI values only
-// on request (the check synchronizes), so kernels must never read out of
-// bounds: an invalid row (batch index outside [0, N) or fractional, a
-// non-finite coordinate) is detected here; its outputs become NaN and it
-// contributes no gradient.
+// A RoI row is (batch_index, x1, y1, x2, y2), or (batch_index, cx, cy, w, h,
+// theta) for rotated boxes. Host code checks RoI values only on request (the
+// check synchronizes), so kernels must never read out of bounds: an invalid
+// row (batch index outside [0, N) or fractional, a non-finite coordinate) is
+// detected here; its outputs become NaN and it contributes no gradient.
+template <int kCols, typename A>
+__device__ __forceinline__ bool load_row(const A* rois, index_t k, int batch, int& b, A* v) {
+  const A* r = rois + k * kCols;
+  const A bf = r[0];
+  bool ok = bf >= A(0) && bf < A(batch) && bf == floor(bf);
+#pragma unroll
+  for (int i = 0; i < kCols - 1; ++i) {
+    v[i] = r[i + 1];
+    ok = ok && isfinite(v[i]);
+  }
+  b = ok ? (int)bf : -1;
+  return ok;
+}
+
 template <typename A>
 __device__ __forceinline__ bool load_roi(const A* rois, index_t k, int batch, int& b, A& x1, A& y1, A& x2, A& y2) {
-  const A* r = rois + k * 5;
-  A bf = r[0];
-  x1 = r[1]; y1 = r[2]; x2 = r[3]; y2 = r[4];
-  if (!(bf >= A(0) && bf < A(batch) && bf == floor(bf)) || !isfinite(x1) || !isfinite(y1) || !isfinite(x2) ||
-      !isfinite(y2)) {
-    b = -1;
-    return false;
-  }
-  b = (int)bf;
-  return true;
+  A v[4];
+  const bool ok = load_row<5>(rois, k, batch, b, v);
+  x1 = v[0]; y1 = v[1]; x2 = v[2]; y2 = v[3];
+  return ok;
 }
 
 template <typename A> __device__ __forceinline__ A quiet_nan();

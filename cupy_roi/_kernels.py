@@ -27,22 +27,37 @@ CUDA_TYPES = {
 #: kernel family -> (source file, kernel templates); every template takes
 #: <scalar type, position_sensitive>
 FAMILIES = {
-    "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward")),
+    "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
+                                   "roi_align_rotated_backward", "multi_scale_roi_align_forward",
+                                   "multi_scale_roi_align_backward")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward")),
 }
 
+#: kernels instantiated without their position-sensitive variant (no public
+#: operator uses it); every other kernel is compiled for both
+PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
+                        "multi_scale_roi_align_forward", "multi_scale_roi_align_backward"))
+
 #: C parameter list of every kernel, one letter a parameter: p pointer,
-#: i int, q 64-bit index, a accumulation scalar (float, or double for double).
+#: i int, q 64-bit index, a accumulation scalar (float, or double for double),
+#: L the LevelTable struct of roi_align.cu (passed by value).
 #: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
 SIGNATURES = {
     "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
     "roi_align_backward": "pqqqq" "pqiii" "aiii" "piiiqqqq",
+    "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
+    "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq",
+    "multi_scale_roi_align_forward": "Li" "pqiii" "iaiii" "iii" "pqqqq",
+    "multi_scale_roi_align_backward": "pqqqq" "Li" "pqiii" "iaiii" "iii",
     "roi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq" "p",
     "roi_pool_backward": "pqqqq" "pqiii" "ai" "p" "piiiqqqq",
     "prroi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq",
     "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiii" "piiiqqqq" "p",
 }
+
+#: kMaxLevels of roi_align.cu: the most pyramid levels one launch takes
+MAX_LEVELS = 8
 
 HEADER = "roi_common.cuh"
 BLOCK = 256
@@ -77,9 +92,14 @@ def kernel_expression(kernel, scalar_type, position_sensitive):
     return f"{kernel}<{CUDA_TYPES[scalar_type]}, {'true' if position_sensitive else 'false'}>"
 
 
+def variants(kernel):
+    """The position_sensitive values a kernel template is instantiated for."""
+    return (False,) if kernel in PLAIN_ONLY else (False, True)
+
+
 def name_expressions(family, scalar_type):
     _, kernels = FAMILIES[family]
-    return [kernel_expression(k, scalar_type, ps) for k in kernels for ps in (False, True)]
+    return [kernel_expression(k, scalar_type, ps) for k in kernels for ps in variants(k)]
 
 
 def blocks_for(total_threads):
@@ -92,18 +112,29 @@ def blocks_for(total_threads):
 
 class ArgumentPacker:
     """Packs one kernel's arguments into a buffer laid out as CUDA lays out
-    its parameters (each at its natural alignment, which is the C struct rule
-    that ``struct``'s native mode follows), and the array of pointers to each
-    parameter that ``cuLaunchKernel`` takes. One buffer per thread, so
-    concurrent launches from several threads do not share it."""
-
-    _CODES = {"p": "Q", "i": "i", "q": "q"}
+    its parameters (each at its alignment, structs padded to theirs: the C
+    rules), and the array of pointers to each parameter that
+    ``cuLaunchKernel`` takes. One buffer per thread, so concurrent launches
+    from several threads do not share it. A struct parameter takes its
+    members as consecutive arguments."""
 
     def __init__(self, signature, acc_scalar):
-        codes = [self._CODES.get(c, "d" if acc_scalar == "float64" else "f") for c in signature]
-        self.struct = struct.Struct("@" + "".join(codes))
-        self.offsets = [struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + c)
-                        for i, c in enumerate(codes)]
+        acc = "d" if acc_scalar == "float64" else "f"
+        # letter -> (struct members, alignment, size)
+        level_table = "%dQ%dq%dd%dii" % (MAX_LEVELS, 4 * MAX_LEVELS, MAX_LEVELS, 2 * MAX_LEVELS)
+        kinds = {"p": ("Q", 8), "i": ("i", 4), "q": ("q", 8), "a": (acc, struct.calcsize(acc)),
+                 "L": (level_table, 8)}
+        fmt, offset, self.offsets = "=", 0, []
+        for letter in signature:
+            members, align = kinds[letter]
+            size = struct.calcsize("=" + members)
+            size += -size % align
+            pad = -offset % align
+            fmt += f"{pad}x" * (pad > 0) + members + f"{size - struct.calcsize('=' + members)}x" * (
+                size > struct.calcsize("=" + members))
+            self.offsets.append(offset + pad)
+            offset += pad + size
+        self.struct = struct.Struct(fmt)
         self._local = threading.local()
 
     def pack(self, args):
@@ -164,7 +195,7 @@ def _compile(family, scalar_type, device_id):
                                     name_expressions=expressions)
             kernels = {}
             for name in FAMILIES[family][1]:
-                for ps in (False, True):
+                for ps in variants(name):
                     function = module.get_function(kernel_expression(name, scalar_type, ps)).kernel
                     kernels[(name, ps)] = Kernel(name, device_id, function, _accumulation(scalar_type))
     except Exception as e:

@@ -8,8 +8,8 @@ traces (``torch.onnx.ops.symbolic``; no translation table to pass).
   ``sampling_ratio <= 0`` (adaptive) is ONNX's 0. RoIs go in as ``[K, 4]``
   boxes in the input's dtype plus int64 batch indices.
 * ``roi_pool`` -> ``MaxRoiPool`` (opset 1): same rounding and integer bins.
-* Position-sensitive ops and PrRoIPool have no ONNX operator: exporting them
-  raises :class:`NotImplementedError` naming the op.
+* Position-sensitive ops, PrRoIPool, rotated and multi-level RoIAlign have no
+  ONNX operator: exporting them raises :class:`NotImplementedError` naming the op.
 """
 import torch
 
@@ -18,10 +18,10 @@ RELEASED = {
 }
 
 
-def _unsupported(name):
+def unsupported(name):
     return NotImplementedError(
-        f"cupy_roi.{name} has no ONNX operator (ONNX has RoiAlign and MaxRoiPool only, neither "
-        "position-sensitive nor precise): export a model without it, or keep it in PyTorch")
+        f"cupy_roi.{name} has no ONNX operator (ONNX has RoiAlign and MaxRoiPool only: no position-sensitive, "
+        "precise, rotated or multi-level pooling): export a model without it, or keep it in PyTorch")
 
 
 def _symbolic():
@@ -34,7 +34,7 @@ def _symbolic():
 
 def roi_align(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
     if ps:
-        raise _unsupported("ps_roi_align")
+        raise unsupported("ps_roi_align")
     boxes = rows[:, 1:].to(input.dtype)
     batch = rows[:, 0].to(torch.int64)
     attrs = {"coordinate_transformation_mode": "half_pixel" if aligned else "output_half_pixel",
@@ -46,11 +46,11 @@ def roi_align(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
 
 def roi_pool(input, rows, ph, pw, scale, ps):
     if ps:
-        raise _unsupported("ps_roi_pool")
+        raise unsupported("ps_roi_pool")
     attrs = {"pooled_shape": [int(ph), int(pw)], "spatial_scale": float(scale)}
     return _symbolic()("MaxRoiPool", (input, rows.to(input.dtype)), attrs, dtype=input.dtype,
                        shape=(rows.shape[0], input.shape[1], ph, pw), version=1)
 
 
 def prroi_pool(input, rows, ph, pw, scale, ps):
-    raise _unsupported("ps_prroi_pool" if ps else "prroi_pool2d")
+    raise unsupported("ps_prroi_pool" if ps else "prroi_pool2d")

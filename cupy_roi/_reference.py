@@ -204,3 +204,100 @@ def prroi_pool(input, rows, output_size, spatial_scale, position_sensitive):
     return out.to(input.dtype)
 
 
+
+
+def _bilinear_gather(features, y, x, valid):
+    """torchvision's bilinear interpolation of ``features`` [C, H, W] at points
+    ``y``, ``x`` (any shape S), zero where ``valid`` is false or a point lies
+    beyond one pixel outside the map: [C, *S]."""
+    c, h, w = features.shape
+    inside = valid & (y >= -1) & (y <= h) & (x >= -1) & (x <= w)
+    y = torch.where(inside, y.clamp(min=0), torch.zeros_like(y))
+    x = torch.where(inside, x.clamp(min=0), torch.zeros_like(x))
+    y0, x0 = y.floor().clamp(max=h - 1), x.floor().clamp(max=w - 1)
+    y = torch.where(y0 >= h - 1, y0, y)
+    x = torch.where(x0 >= w - 1, x0, x)
+    y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
+    ly, lx = y - y0, x - x0
+    flat = features.reshape(c, h * w)
+    total = 0
+    for yi, wy in ((y0, 1 - ly), (y1, ly)):
+        for xi, wx in ((x0, 1 - lx), (x1, lx)):
+            at = (yi * w + xi).long().reshape(-1)
+            total = total + flat[:, at].reshape((c,) + y.shape) * (wy * wx * inside)
+    return total
+
+
+def roi_align_rotated(input, rows, output_size, spatial_scale, sampling_ratio, aligned, clockwise):
+    """Rotated RoIAlign (mmcv semantics); ``rows`` [K, 6] are
+    ``(batch_index, cx, cy, w, h, theta)``, theta in radians."""
+    ph, pw = output_size
+    x = input.to(_acc_dtype(input.dtype))
+    r = rows.to(x.dtype)
+    offset = 0.5 if aligned else 0.0
+    cx, cy = r[:, 1] * spatial_scale - offset, r[:, 2] * spatial_scale - offset
+    roi_w, roi_h = r[:, 3] * spatial_scale, r[:, 4] * spatial_scale
+    theta = -r[:, 5] if clockwise else r[:, 5]
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
+
+    def axis(extent, bins):  # sample offsets from the centre [K, bins, G] and their validity
+        size = extent / bins
+        grid = (torch.full_like(extent, float(sampling_ratio)) if sampling_ratio > 0
+                else torch.ceil(extent / bins).clamp(min=0))
+        g_max = max(int(grid.max().item()) if grid.numel() else 1, 1)
+        i = torch.arange(bins, dtype=x.dtype).view(1, bins, 1)
+        s = torch.arange(g_max, dtype=x.dtype).view(1, 1, g_max)
+        k = (-1, 1, 1)
+        at = -extent.view(k) / 2 + i * size.view(k) + (s + 0.5) * size.view(k) / grid.view(k)
+        return at, s < grid.view(k), grid
+
+    yy, vy, gy = axis(roi_h, ph)
+    xx, vx, gx = axis(roi_w, pw)
+    cos, sin = torch.cos(theta).view(-1, 1, 1, 1, 1), torch.sin(theta).view(-1, 1, 1, 1, 1)
+    yy, xx = yy[:, :, None, :, None], xx[:, None, :, None, :]  # [K, ph, pw, Gy, Gx]
+    y = yy * cos - xx * sin + cy.view(-1, 1, 1, 1, 1)
+    xs = yy * sin + xx * cos + cx.view(-1, 1, 1, 1, 1)
+    valid = vy[:, :, None, :, None] & vx[:, None, :, None, :]
+    count = (gy * gx).clamp(min=1).view(-1, 1, 1, 1)
+
+    def compute(features, idx):
+        vals = _bilinear_gather(features, y[idx], xs[idx], valid[idx])  # [C, k, ph, pw, Gy, Gx]
+        return vals.sum(dim=(-2, -1)).transpose(0, 1) / count[idx]
+
+    parts, index = _per_image(x, r, compute)
+    return _gather_back(parts, index, (r.shape[0], x.shape[1], ph, pw), x).to(input.dtype)
+
+
+def pyramid_levels(rows, mode, s0, lvl0, lo, hi):
+    """Level index of each row [K] (int64; -1 where the level is NaN), by the
+    tensor operations of torchvision's LevelMapper (mode 1) or mmdetection's
+    mapping (mode 2), in the rows' dtype; mode 0: every row on level 0."""
+    if mode == 0:
+        return torch.zeros(rows.shape[0], dtype=torch.int64, device=rows.device)
+    s = torch.sqrt((rows[:, 3] - rows[:, 1]) * (rows[:, 4] - rows[:, 2]))
+    if mode == 1:
+        t = torch.floor(lvl0 + torch.log2(s / s0) + torch.tensor(1e-6, dtype=s.dtype))
+    else:
+        t = torch.floor(torch.log2(s / s0 + 1e-6))
+    level = torch.clamp(t, min=lo, max=hi).to(torch.int64) - lo
+    return torch.where(torch.isnan(t), torch.full_like(level, -1), level)
+
+
+def multi_scale_roi_align(features, rows, output_size, spatial_scales, sampling_ratio, aligned, mapping):
+    """Multi-level RoIAlign: each row pooled from the level ``mapping``
+    (:func:`cupy_roi._rules.level_mapping`'s tuple) gives it; rows without a
+    level stay zero."""
+    ph, pw = output_size
+    acc = _acc_dtype(features[0].dtype)
+    r = rows.to(acc)
+    levels = pyramid_levels(r, *mapping)
+    out = features[0].new_zeros((r.shape[0], features[0].shape[1], ph, pw), dtype=acc)
+    for level, (f, scale) in enumerate(zip(features, spatial_scales)):
+        idx = (levels == level).nonzero().squeeze(1)
+        if idx.numel():
+            part = roi_align(f, r[idx], output_size, scale, sampling_ratio, aligned, False)
+            out = out.index_copy(0, idx, part.to(acc))
+        else:  # stay connected: a level without boxes gets a zero gradient, not None
+            out = out + f.reshape(-1)[:0].sum().to(acc)
+    return out.to(features[0].dtype)

@@ -86,10 +86,11 @@ def accumulation_dtype_name(dtype_name):
     return "float64" if dtype_name == "float64" else "float32"
 
 
-def roi_rows(rois, input, n_images, acc_dtype_name):
-    """``rois`` as a contiguous ``[K, 5]`` array of the accumulation dtype, of the
-    same kind and on the same device as ``input``. Raises TypeError/ValueError
-    naming ``rois`` for anything else."""
+def roi_rows(rois, input, n_images, acc_dtype_name, columns=5):
+    """``rois`` as a contiguous ``[K, columns]`` array of the accumulation dtype
+    (5: axis-aligned boxes, 6: rotated ones), of the same kind and on the same
+    device as ``input``. A list holds each image's ``[L, columns - 1]`` boxes.
+    Raises TypeError/ValueError naming ``rois`` for anything else."""
     in_kind, in_device = _kind(input), _device(input)
 
     def check_piece(piece, what, width):
@@ -105,12 +106,12 @@ def roi_rows(rois, input, n_images, acc_dtype_name):
 
     if isinstance(rois, (list, tuple)):
         if len(rois) != n_images:
-            raise ValueError(f"rois given as a list must hold one [L, 4] box tensor per image: "
+            raise ValueError(f"rois given as a list must hold one [L, {columns - 1}] box tensor per image: "
                              f"input has {n_images} images, rois has {len(rois)} entries")
         for i, boxes in enumerate(rois):
-            check_piece(boxes, f"rois[{i}]", 4)
-        return _concat_boxes(rois, in_kind, acc_dtype_name, input)
-    check_piece(rois, "rois", 5)
+            check_piece(boxes, f"rois[{i}]", columns - 1)
+        return _concat_boxes(rois, in_kind, acc_dtype_name, input, columns)
+    check_piece(rois, "rois", columns)
     return _convert(rois, in_kind, acc_dtype_name)
 
 
@@ -129,20 +130,20 @@ def _xp(kind):
     return np
 
 
-def _concat_boxes(boxes, kind, dtype_name, like):
+def _concat_boxes(boxes, kind, dtype_name, like, columns):
     if kind == "torch":
         import torch
         dtype = getattr(torch, dtype_name)
         parts = [torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype, device=b.device),
                             b.to(dtype)], dim=1) for i, b in enumerate(boxes)]
         if not parts:
-            return torch.empty((0, 5), dtype=dtype, device=like.device)
+            return torch.empty((0, columns), dtype=dtype, device=like.device)
         return torch.cat(parts, dim=0).contiguous()
     xp = _xp(kind)
     parts = [xp.concatenate([xp.full((b.shape[0], 1), float(i), dtype=dtype_name),
                              b.astype(dtype_name)], axis=1) for i, b in enumerate(boxes)]
     if not parts:
-        return xp.empty((0, 5), dtype=dtype_name)
+        return xp.empty((0, columns), dtype=dtype_name)
     return xp.ascontiguousarray(xp.concatenate(parts, axis=0))
 
 
@@ -155,11 +156,12 @@ def _bad_row_count(rows, n_images):
         b = rows[:, 0]
         bad = (b < 0) | (b >= n_images) | (b != torch.floor(b)) | ~torch.isfinite(rows).all(dim=1)
         return bad.sum()
-    if kind == "cupy":
+    if kind == "cupy" and rows.shape[1] == 5:
         return _cupy_bad_rows()(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4],
                                 rows.dtype.type(n_images))
+    xp = _xp(kind)
     b = rows[:, 0]
-    bad = (b < 0) | (b >= n_images) | (b != np.floor(b)) | ~np.isfinite(rows).all(axis=1)
+    bad = (b < 0) | (b >= n_images) | (b != xp.floor(b)) | ~xp.isfinite(rows).all(axis=1)
     return bad.sum()
 
 
@@ -187,10 +189,10 @@ def check_roi_values(rows, n_images):
         return
     bad = int(_bad_row_count(rows, n_images))
     if bad:
+        row = "(batch_index, x1, y1, x2, y2)" if rows.shape[1] == 5 else "(batch_index, cx, cy, w, h, angle)"
         raise ValueError(
             f"rois: {bad} of {rows.shape[0]} rows are invalid: every row must be "
-            f"(batch_index, x1, y1, x2, y2) with an integral batch_index in [0, {n_images}) "
-            "and finite coordinates")
+            f"{row} with an integral batch_index in [0, {n_images}) and finite coordinates")
 
 
 def _capturing(rows):

@@ -81,6 +81,98 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
         channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1]))
 
 
+def roi_align_rotated_forward(device, stream, scalar, x, shape, rows, k, size, scale, sampling_ratio, aligned,
+                              clockwise, out):
+    """``rows``: pointer to ``[K, 6]`` rows ``(batch_index, cx, cy, w, h, theta)``."""
+    n, c, h, w = shape
+    ph, pw = size
+    _run("roi_align", "roi_align_rotated_forward", device, stream, scalar, False, k * c * ph * pw, (
+        x[0], n, h, w, *x[1], rows, k, c, ph, pw, scale, sampling_ratio, aligned, clockwise,
+        channels_fastest(x[1], shape), out[0], *out[1]))
+
+
+def roi_align_rotated_backward(device, stream, scalar, grad, size_in, rows, k, size, scale, sampling_ratio,
+                               aligned, clockwise, grad_input):
+    n, c, h, w = size_in
+    ph, pw = size
+    _run("roi_align", "roi_align_rotated_backward", device, stream, scalar, False, k * c * ph * pw, (
+        grad[0], *grad[1], rows, k, c, ph, pw, scale, sampling_ratio, aligned, clockwise,
+        channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1]))
+
+
+# Level mappings of multi-level RoIAlign (the kernel's pyramid_level modes).
+MAPPINGS = {"torchvision": 1, "mmdet": 2}
+
+
+def check_levels(shapes, scales):
+    """Pyramid levels: 1 to MAX_LEVELS maps of one batch size and channel
+    count, one positive scale each."""
+    if not 1 <= len(shapes) <= _kernels.MAX_LEVELS:
+        raise ValueError(f"features must hold 1 to {_kernels.MAX_LEVELS} pyramid levels, got {len(shapes)}")
+    if len(scales) != len(shapes):
+        raise ValueError(f"spatial_scales must give one scale per level: {len(shapes)} levels, "
+                         f"{len(scales)} scales")
+    for i, shape in enumerate(shapes):
+        check_shape4(shape, f"features[{i}]")
+        if tuple(shape[:2]) != tuple(shapes[0][:2]):
+            raise ValueError(f"features[{i}] must have the (N, C) of features[0], {tuple(shapes[0][:2])}, "
+                             f"got {tuple(shape[:2])}")
+    for i, sc in enumerate(scales):
+        if not sc > 0:
+            raise ValueError(f"spatial_scales[{i}] must be positive, got {sc}")
+
+
+def level_range(spatial_scales):
+    """torchvision's k_min, k_max: -log2 of the first and the last scale,
+    computed in float32 and truncated to int."""
+    import numpy as np
+
+    return tuple(int(-np.log2(np.float32(s))) for s in (spatial_scales[0], spatial_scales[-1]))
+
+
+def level_mapping(mapping, scales, canonical_scale, canonical_level, finest_scale):
+    """The kernel's (mode, s0, lvl0, lo, hi) for a level mapping over levels
+    with these scales. One level takes every RoI (torchvision skips its
+    mapper then)."""
+    levels = len(scales)
+    if mapping not in MAPPINGS:
+        raise ValueError(f"mapping must be one of {sorted(MAPPINGS)}, got {mapping!r}")
+    if levels == 1:
+        return 0, 1.0, 0, 0, 0
+    if mapping == "torchvision":  # levels past the last map leave their rows zero, as in torchvision
+        k_min, k_max = level_range(scales)
+        return 1, float(canonical_scale), int(canonical_level), k_min, k_max
+    return 2, float(finest_scale), 0, 0, levels - 1
+
+
+def _level_table(views, shapes, scales):
+    """The LevelTable argument: pointers, strides, scales, sizes, count."""
+    pad = _kernels.MAX_LEVELS - len(views)
+    ptrs = [v[0] for v in views] + [0] * pad
+    strides = [[v[1][d] for v in views] + [0] * pad for d in range(4)]
+    return (*ptrs, *strides[0], *strides[1], *strides[2], *strides[3], *(float(s) for s in scales), *[0.0] * pad,
+            *(s[2] for s in shapes), *[0] * pad, *(s[3] for s in shapes), *[0] * pad, len(views))
+
+
+def multi_scale_roi_align_forward(device, stream, scalar, views, shapes, scales, rows, k, size, mapping,
+                                  sampling_ratio, aligned, out):
+    """``views``/``shapes``/``scales``: per level; ``mapping``: level_mapping()'s tuple."""
+    n, c = shapes[0][:2]
+    ph, pw = size
+    _run("roi_align", "multi_scale_roi_align_forward", device, stream, scalar, False, k * c * ph * pw, (
+        *_level_table(views, shapes, scales), n, rows, k, c, ph, pw, *mapping, sampling_ratio, aligned,
+        channels_fastest(views[0][1], shapes[0]), out[0], *out[1]))
+
+
+def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, shapes, scales, rows, k, size, mapping,
+                                   sampling_ratio, aligned):
+    n, c = shapes[0][:2]
+    ph, pw = size
+    _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False, k * c * ph * pw, (
+        grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
+        sampling_ratio, aligned, channels_fastest(grad_views[0][1], shapes[0])))
+
+
 def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out, argmax):
     """``argmax``: pointer to a contiguous int32 ``(K, C, ph, pw)`` (0 for PSRoIPool)."""
     n, c, h, w = shape

@@ -95,14 +95,14 @@ def _view(t):
     return t.data_ptr(), t.stride()
 
 
-def _launch(rule, device, scalar, ps, *args):
+def _launch(rule, device, *args):
     """Run one of :mod:`_rules`' launches on ``device``'s current stream,
     making ``device`` current for the launch only when it is not already."""
     if _current_device() == device:
-        rule(device, _raw_stream(device), scalar, ps, *args)
+        rule(device, _raw_stream(device), *args)
     else:
         with torch.cuda.device(device):
-            rule(device, _raw_stream(device), scalar, ps, *args)
+            rule(device, _raw_stream(device), *args)
 
 
 def _out_shape(input, rows, ph, pw, ps):
@@ -442,6 +442,239 @@ else:  # no torch.library.custom_op (old PyTorch): graphs break around these cal
 
 
 # ---------------------------------------------------------------------------
+# rotated and multi-level (FPN) RoIAlign: the same layers, one section
+
+def roi_align_rotated_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
+                                   sampling_ratio: int, aligned: bool, clockwise: bool) -> torch.Tensor:
+    out = _empty((rows.shape[0], input.shape[1], ph, pw), input)
+    _launch(_rules.roi_align_rotated_forward, input.device.index, _SCALAR[input.dtype], _view(input),
+            tuple(input.shape), rows.data_ptr(), rows.shape[0], (ph, pw), scale, sampling_ratio, aligned, clockwise,
+            _view(out))
+    return out
+
+
+def roi_align_rotated_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int,
+                                    scale: float, sampling_ratio: int, aligned: bool, clockwise: bool,
+                                    channels_last: bool) -> torch.Tensor:
+    grad_input = _accumulator((n, c, h, w), grad, _layout_format(channels_last))
+    _launch(_rules.roi_align_rotated_backward, grad.device.index, _SCALAR[grad.dtype], _view(grad), (n, c, h, w),
+            rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, sampling_ratio, aligned, clockwise,
+            _view(grad_input))
+    return _as_dtype(grad_input, grad.dtype)
+
+
+def multi_scale_forward_cuda(features: List[torch.Tensor], rows: torch.Tensor, ph: int, pw: int,
+                             scales: List[float], sampling_ratio: int, aligned: bool, mode: int, s0: float,
+                             lvl0: int, lo: int, hi: int) -> torch.Tensor:
+    x = features[0]
+    out = _empty((rows.shape[0], x.shape[1], ph, pw), x)
+    _launch(_rules.multi_scale_roi_align_forward, x.device.index, _SCALAR[x.dtype], [_view(f) for f in features],
+            [tuple(f.shape) for f in features], scales, rows.data_ptr(), rows.shape[0], (ph, pw),
+            (mode, s0, lvl0, lo, hi), sampling_ratio, aligned, _view(out))
+    return out
+
+
+def _level_shapes(flat_shapes):
+    return [tuple(flat_shapes[i:i + 4]) for i in range(0, len(flat_shapes), 4)]
+
+
+def multi_scale_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, flat_shapes: List[int], scales: List[float],
+                              sampling_ratio: int, aligned: bool, mode: int, s0: float, lvl0: int, lo: int, hi: int,
+                              channels_last: bool) -> List[torch.Tensor]:
+    shapes = _level_shapes(flat_shapes)
+    grads = [_accumulator(shape, grad, _layout_format(channels_last)) for shape in shapes]
+    _launch(_rules.multi_scale_roi_align_backward, grad.device.index, _SCALAR[grad.dtype], _view(grad),
+            [_view(g) for g in grads], shapes, scales, rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]),
+            (mode, s0, lvl0, lo, hi), sampling_ratio, aligned)
+    return [_as_dtype(g, grad.dtype) for g in grads]
+
+
+def _setup_rotated(ctx, inputs, output):
+    input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise = inputs
+    ctx.save_for_backward(rows)
+    ctx.args = (tuple(input.shape), scale, sampling_ratio, aligned, clockwise,
+                _memory_format(input) is torch.channels_last)
+
+
+def _setup_multi_scale(ctx, inputs, output):
+    features, rows = inputs[0], inputs[1]
+    ctx.save_for_backward(rows)
+    ctx.args = ([v for f in features for v in f.shape],) + tuple(inputs[4:]) + (
+        _memory_format(features[0]) is torch.channels_last,)
+
+
+def _make_more_backwards(rotated_bwd, multi_scale_bwd):
+    def rotated_backward(ctx, grad):
+        if grad is None:
+            return (None,) * 8
+        (rows,) = ctx.saved_tensors
+        shape, *rest = ctx.args
+        return (rotated_bwd(grad, rows, *shape, *rest),) + (None,) * 7
+
+    def multi_scale_backward(ctx, grad):
+        if grad is None:
+            return (None,) * 12
+        (rows,) = ctx.saved_tensors
+        return (multi_scale_bwd(grad, rows, *ctx.args),) + (None,) * 11
+
+    return rotated_backward, multi_scale_backward
+
+
+def _eager_multi_scale_function(backward):
+    """An autograd.Function over a variable number of levels (apply takes
+    tensors as separate arguments: the levels go last)."""
+    def flat_backward(ctx, grad):
+        grads = backward(ctx, grad)[0]
+        return (None,) * 11 + tuple(grads if grads is not None else [None] * (len(ctx.args[0]) // 4))
+
+    once_differentiable_backward = torch.autograd.function.once_differentiable(flat_backward)
+
+    class MultiScaleRoIAlignFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi, *features):
+            ctx.set_materialize_grads(False)
+            inputs = (list(features), rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi)
+            out = multi_scale_forward_cuda(*inputs)
+            _setup_multi_scale(ctx, inputs, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            if torch.is_grad_enabled():
+                return once_differentiable_backward(ctx, grad)
+            return flat_backward(ctx, grad)
+
+    def apply(features, rows, *args):
+        return MultiScaleRoIAlignFunction.apply(rows, *args, *features)
+
+    return apply
+
+
+_more_eager_backwards = _make_more_backwards(roi_align_rotated_backward_cuda, multi_scale_backward_cuda)
+_rotated_eager = _eager_function(roi_align_rotated_forward_cuda, _setup_rotated, _more_eager_backwards[0])
+_multi_scale_eager = _eager_multi_scale_function(_more_eager_backwards[1])
+
+
+def roi_align_rotated_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
+                                  sampling_ratio: int, aligned: bool, clockwise: bool) -> torch.Tensor:
+    _check_rois_in_op(rows, input)
+    if use_kernels(input):
+        return roi_align_rotated_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise)
+    with torch.no_grad():
+        out = _reference.roi_align_rotated(input, rows, (ph, pw), scale, sampling_ratio, aligned, clockwise)
+    return _fresh(out, input, _memory_format(input))
+
+
+def roi_align_rotated_backward_any(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int,
+                                   scale: float, sampling_ratio: int, aligned: bool, clockwise: bool,
+                                   channels_last: bool) -> torch.Tensor:
+    if use_kernels(grad):
+        return roi_align_rotated_backward_cuda(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, clockwise,
+                                               channels_last)
+    size = (grad.shape[2], grad.shape[3])
+    zero = torch.zeros((n, c, h, w), dtype=grad.dtype, device=grad.device)
+    (gi,) = _vjp(lambda x: _reference.roi_align_rotated(x, rows, size, scale, sampling_ratio, aligned, clockwise),
+                 (zero,), (0,), grad)
+    return _fresh(gi.to(grad.dtype), grad, _layout_format(channels_last))
+
+
+def multi_scale_forward_any(features: List[torch.Tensor], rows: torch.Tensor, ph: int, pw: int,
+                            scales: List[float], sampling_ratio: int, aligned: bool, mode: int, s0: float,
+                            lvl0: int, lo: int, hi: int) -> torch.Tensor:
+    _check_rois_in_op(rows, features[0])
+    if use_kernels(features[0]):
+        return multi_scale_forward_cuda(features, rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0,
+                                        lo, hi)
+    with torch.no_grad():
+        out = _reference.multi_scale_roi_align(features, rows, (ph, pw), scales, sampling_ratio, aligned,
+                                               (mode, s0, lvl0, lo, hi))
+    return _fresh(out, features[0], _memory_format(features[0]))
+
+
+def multi_scale_backward_any(grad: torch.Tensor, rows: torch.Tensor, flat_shapes: List[int], scales: List[float],
+                             sampling_ratio: int, aligned: bool, mode: int, s0: float, lvl0: int, lo: int, hi: int,
+                             channels_last: bool) -> List[torch.Tensor]:
+    if use_kernels(grad):
+        return multi_scale_backward_cuda(grad, rows, flat_shapes, scales, sampling_ratio, aligned, mode, s0, lvl0,
+                                         lo, hi, channels_last)
+    zeros = tuple(torch.zeros(shape, dtype=grad.dtype, device=grad.device) for shape in _level_shapes(flat_shapes))
+    size = (grad.shape[2], grad.shape[3])
+    grads = _vjp(lambda *f: _reference.multi_scale_roi_align(list(f), rows, size, scales, sampling_ratio, aligned,
+                                                             (mode, s0, lvl0, lo, hi)),
+                 zeros, tuple(range(len(zeros))), grad)
+    return [_fresh(g.to(grad.dtype), grad, _layout_format(channels_last)) for g in grads]
+
+
+def _fake_rotated_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise):
+    return _empty((rows.shape[0], input.shape[1], ph, pw), input)
+
+
+def _fake_rotated_bwd(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, clockwise, channels_last):
+    return _empty_grad_input(grad, (n, c, h, w), channels_last)
+
+
+def _fake_multi_scale_fwd(features, rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi):
+    return _empty((rows.shape[0], features[0].shape[1], ph, pw), features[0])
+
+
+def _fake_multi_scale_bwd(grad, rows, flat_shapes, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi,
+                          channels_last):
+    return [_empty_grad_input(grad, shape, channels_last) for shape in _level_shapes(flat_shapes)]
+
+
+if hasattr(torch.library, "custom_op"):
+    _more_op_backwards = _make_more_backwards(
+        _define("roi_align_rotated_backward", roi_align_rotated_backward_any, _fake_rotated_bwd),
+        _define("multi_scale_roi_align_backward", multi_scale_backward_any, _fake_multi_scale_bwd))
+    _rotated_op = _define("roi_align_rotated_forward", roi_align_rotated_forward_any, _fake_rotated_fwd)
+    _multi_scale_op = _define("multi_scale_roi_align_forward", multi_scale_forward_any, _fake_multi_scale_fwd)
+    _rotated_op.register_autograd(_more_op_backwards[0], setup_context=_setup_rotated)
+    _multi_scale_op.register_autograd(_more_op_backwards[1], setup_context=_setup_multi_scale)
+else:
+    _rotated_op, _multi_scale_op = roi_align_rotated_forward_any, multi_scale_forward_any
+
+
+def roi_align_rotated_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise):
+    if tracing():
+        if _in_onnx_export():
+            raise _onnx.unsupported("roi_align_rotated")
+        return _rotated_op(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise)
+    if not use_kernels(input):
+        return _reference.roi_align_rotated(input, rows.detach(), (ph, pw), scale, sampling_ratio, aligned,
+                                            clockwise)
+    if input.requires_grad and torch.is_grad_enabled():
+        return _rotated_eager(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise)
+    return roi_align_rotated_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise)
+
+
+def multi_scale_fwd(features, rows, ph, pw, scales, sampling_ratio, aligned, mapping):
+    """``mapping``: :func:`_rules.level_mapping`'s (mode, s0, lvl0, lo, hi)."""
+    if tracing():
+        if _in_onnx_export():
+            raise _onnx.unsupported("multi_scale_roi_align")
+        return _multi_scale_op(features, rows, ph, pw, scales, sampling_ratio, aligned, *mapping)
+    if not use_kernels(features[0]):
+        return _reference.multi_scale_roi_align(features, rows.detach(), (ph, pw), scales, sampling_ratio, aligned,
+                                                mapping)
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        return _multi_scale_eager(features, rows, ph, pw, scales, sampling_ratio, aligned, *mapping)
+    return multi_scale_forward_cuda(features, rows, ph, pw, scales, sampling_ratio, aligned, *mapping)
+
+
+def prepare_levels(features, boxes, output_size):
+    """Validate a multi-level call; returns (rows [K, 5], (ph, pw))."""
+    if not isinstance(features, (list, tuple)) or not features:
+        raise TypeError("features must be a non-empty list of (N, C, H_l, W_l) tensors, one per pyramid level")
+    for i, f in enumerate(features):
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"features[{i}] must be a torch.Tensor, got {type(f).__name__}")
+        if f.dtype != features[0].dtype or f.device != features[0].device:
+            raise TypeError(f"features[{i}] must have the dtype and device of features[0] "
+                            f"({features[0].dtype}, {features[0].device}), got {f.dtype}, {f.device}")
+    return prepare(features[0], boxes, output_size, False)
+
+
+# ---------------------------------------------------------------------------
 # the entries the functional operators call, after prepare()
 
 def roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
@@ -480,10 +713,10 @@ def prroi_fwd(input, rows, ph, pw, scale, ps):
     return prroi_forward_cuda(input, rows, ph, pw, scale, ps)
 
 
-def prepare(input, rois, output_size, position_sensitive):
-    """Validate the arguments; returns (rows [K, 5] in the accumulation dtype,
-    (ph, pw)). Checks RoI values where that is free (CPU) or asked for; while
-    a graph is traced the op checks them itself, on real data."""
+def prepare(input, rois, output_size, position_sensitive, columns=5):
+    """Validate the arguments; returns (rows [K, columns] in the accumulation
+    dtype, (ph, pw)). Checks RoI values where that is free (CPU) or asked for;
+    while a graph is traced the op checks them itself, on real data."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     dtype = input.dtype
@@ -494,11 +727,11 @@ def prepare(input, rois, output_size, position_sensitive):
     output_size = _rules.output_size_pair(output_size)
     _rules.channels_out(shape[1], output_size, position_sensitive)
     acc = _acc(dtype)
-    if (type(rois) is torch.Tensor and rois.dtype == acc and rois.dim() == 2 and rois.shape[1] == 5
+    if (type(rois) is torch.Tensor and rois.dtype == acc and rois.dim() == 2 and rois.shape[1] == columns
             and rois.device == input.device and rois.is_contiguous()):
         rows = rois  # already what the kernels read
     else:
-        rows = _rois.roi_rows(rois, input, shape[0], "float64" if acc == torch.float64 else "float32")
+        rows = _rois.roi_rows(rois, input, shape[0], "float64" if acc == torch.float64 else "float32", columns)
     if _rois.wants_value_check(rois, input.is_cuda) and not tracing():
         _rois.check_roi_values(rows, shape[0])
     return rows, output_size
@@ -513,7 +746,7 @@ def use_kernels(input):
 # boxes, then the custom op; the op checks RoI values on real data)
 
 def script_rows(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: List[int],
-                position_sensitive: bool) -> torch.Tensor:
+                position_sensitive: bool, columns: int = 5) -> torch.Tensor:
     torch._assert(input.dim() == 4, "input must be 4-d (N, C, H, W)")
     torch._assert(len(output_size) == 2 and output_size[0] > 0 and output_size[1] > 0,
                   "output_size must be positive")
@@ -522,15 +755,15 @@ def script_rows(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tenso
                       "input: position-sensitive pooling needs channels divisible by ph * pw")
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     if isinstance(boxes, torch.Tensor):
-        torch._assert(boxes.dim() == 2 and boxes.size(1) == 5, "rois must have shape [K, 5]")
+        torch._assert(boxes.dim() == 2 and boxes.size(1) == columns, "rois must have shape [K, 5] ([K, 6] rotated)")
         return boxes.to(acc).contiguous()
     torch._assert(len(boxes) == input.size(0), "rois given as a list must hold one [L, 4] tensor per image")
     parts: List[torch.Tensor] = []
     for i, b in enumerate(boxes):
-        torch._assert(b.dim() == 2 and b.size(1) == 4, "rois[i] must have shape [L, 4]")
+        torch._assert(b.dim() == 2 and b.size(1) == columns - 1, "rois[i] must have shape [L, 4] ([L, 5] rotated)")
         parts.append(torch.cat([torch.full_like(b[:, :1], float(i)), b], dim=1).to(acc))
     if len(parts) == 0:
-        return torch.zeros((0, 5), dtype=acc, device=input.device)
+        return torch.zeros((0, columns), dtype=acc, device=input.device)
     return torch.cat(parts, dim=0)
 
 
@@ -551,3 +784,11 @@ def script_prroi(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tens
                  spatial_scale: float, ps: bool) -> torch.Tensor:
     rows = script_rows(input, boxes, output_size, ps)
     return torch.ops.cupy_roi.prroi_pool_forward(input, rows, output_size[0], output_size[1], spatial_scale, ps)
+
+
+def script_roi_align_rotated(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]],
+                             output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool,
+                             clockwise: bool) -> torch.Tensor:
+    rows = script_rows(input, boxes, output_size, False, 6)
+    return torch.ops.cupy_roi.roi_align_rotated_forward(input, rows, output_size[0], output_size[1], spatial_scale,
+                                                        sampling_ratio, aligned, clockwise)

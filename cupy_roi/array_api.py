@@ -31,7 +31,8 @@ from ._rules import channels_out, check_shape4, output_size_pair  # noqa: F401  
 __all__ = [
     "roi_align_forward", "roi_align_backward", "ps_roi_align_forward", "ps_roi_align_backward",
     "roi_pool_forward", "roi_pool_backward", "ps_roi_pool_forward", "ps_roi_pool_backward",
-    "prroi_pool_forward", "prroi_pool_backward",
+    "prroi_pool_forward", "prroi_pool_backward", "roi_align_rotated_forward", "roi_align_rotated_backward",
+    "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
 ]
 
 
@@ -98,7 +99,7 @@ def _arrays(rois, *arrays):
 class _Call:
     """One GPU operator call: validated sizes, RoI rows, stream and device."""
 
-    def __init__(self, like, shape, rois, output_size, position_sensitive, stream, scalar_type, name):
+    def __init__(self, like, shape, rois, output_size, position_sensitive, stream, scalar_type, name, columns=5):
         cupy = _gpu.import_cupy()
         check_shape4(shape, name)
         self.cupy = cupy
@@ -111,7 +112,7 @@ class _Call:
         self.device = like.device.id
         self.stream = _stream_for(stream, self.device)
         with cupy.cuda.Device(self.device), self.stream:
-            self.rows = _rois.roi_rows(rois, like, self.shape[0], self.acc)
+            self.rows = _rois.roi_rows(rois, like, self.shape[0], self.acc, columns)
             if _rois.wants_value_check(rois, on_gpu=True):
                 _rois.check_roi_values(self.rows, self.shape[0])
         self.k = int(self.rows.shape[0])
@@ -181,29 +182,29 @@ def _is_numpy(a):
 # ---------------------------------------------------------------------------
 # CPU path: the reference implementation, through torch
 
-def _cpu_rows(rois, input):
+def _cpu_rows(rois, input, columns=5):
     import torch
 
-    rows = _rois.roi_rows(rois, input, input.shape[0], _rois.accumulation_dtype_name(str(input.dtype)))
+    rows = _rois.roi_rows(rois, input, input.shape[0], _rois.accumulation_dtype_name(str(input.dtype)), columns)
     _rois.check_roi_values(rows, input.shape[0])
     return torch.from_numpy(rows)
 
 
-def _cpu_forward(fn, input, rois, *args, **kwargs):
+def _cpu_forward(fn, input, rois, *args, columns=5, **kwargs):
     import torch
 
     from . import _reference
 
     check_shape4(input.shape)
     _scalar_type(input, None, "input")
-    rows = _cpu_rows(rois, input)
+    rows = _cpu_rows(rois, input, columns)
     out = getattr(_reference, fn)(torch.from_numpy(np.ascontiguousarray(input)), rows, *args, **kwargs)
     if isinstance(out, tuple):
         return tuple(o.numpy() for o in out)
     return out.numpy()
 
 
-def _cpu_backward(fn, grad_output, input, rois, *args, rois_grad=False):
+def _cpu_backward(fn, grad_output, input, rois, *args, rois_grad=False, columns=5):
     """Vector-Jacobian product of the reference, in the accumulation dtype."""
     import torch
 
@@ -213,7 +214,7 @@ def _cpu_backward(fn, grad_output, input, rois, *args, rois_grad=False):
     _scalar_type(input, None, "input")
     acc = getattr(torch, _rois.accumulation_dtype_name(str(input.dtype)))
     x = torch.from_numpy(np.ascontiguousarray(input)).to(acc).requires_grad_(True)
-    rows = _cpu_rows(rois, input).requires_grad_(rois_grad)
+    rows = _cpu_rows(rois, input, columns).requires_grad_(rois_grad)
     out = getattr(_reference, fn)(x, rows, *args)
     go = torch.from_numpy(np.ascontiguousarray(grad_output)).to(acc)
     if tuple(go.shape) != tuple(out.shape):
@@ -272,6 +273,135 @@ def ps_roi_align_backward(grad_output, rois, input_shape, output_size, spatial_s
                           aligned=True, **kw):
     return roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scale, sampling_ratio,
                               aligned, True, **kw)
+
+
+# ---------------------------------------------------------------------------
+# rotated RoIAlign
+
+def roi_align_rotated_forward(input, rois, output_size, spatial_scale=1.0, sampling_ratio=0, aligned=True,
+                              clockwise=False, *, out=None, stream=None, scalar_type=None):
+    """Rotated RoIAlign forward (mmcv semantics, see
+    :func:`cupy_roi.roi_align_rotated`): ``rois`` are ``[K, 6]`` rows
+    ``(batch_index, cx, cy, w, h, angle)`` (angle in radians) or a list of
+    ``[L_i, 5]``; returns ``(K, C, ph, pw)``."""
+    rois, input, out = _arrays(rois, (input, "input"), (out, "out"))
+    args = (float(spatial_scale), int(sampling_ratio), bool(aligned), bool(clockwise))
+    if _is_numpy(input):
+        return _cpu_forward("roi_align_rotated", input, rois, output_size_pair(output_size), *args, columns=6)
+    call = _Call(input, input.shape, rois, output_size, False, stream, scalar_type, "input", columns=6)
+    out = call.output(out, input)
+    with call.cupy.cuda.Device(call.device):
+        _rules.roi_align_rotated_forward(call.device, call.stream.ptr, call.scalar, _view(input), call.shape,
+                                         _ptr(call.rows), call.k, call.output_size, *args, _view(out))
+    return out
+
+
+def roi_align_rotated_backward(grad_output, rois, input_shape, output_size, spatial_scale=1.0, sampling_ratio=0,
+                               aligned=True, clockwise=False, *, grad_input=None, stream=None, scalar_type=None):
+    """Gradient of :func:`roi_align_rotated_forward` w.r.t. its input, shape ``input_shape``."""
+    rois, grad_output, grad_input = _arrays(rois, (grad_output, "grad_output"), (grad_input, "grad_input"))
+    args = (float(spatial_scale), int(sampling_ratio), bool(aligned), bool(clockwise))
+    if _is_numpy(grad_output):
+        like = np.zeros(tuple(input_shape), grad_output.dtype)
+        return _cpu_backward("roi_align_rotated", grad_output, like, rois, output_size_pair(output_size), *args,
+                             columns=6)
+    call = _Call(grad_output, input_shape, rois, output_size, False, stream, scalar_type, "grad_output",
+                 columns=6)
+    call.check_grad_output(grad_output)
+    grad_input = call.grad_input(grad_input, grad_output)
+    with call.cupy.cuda.Device(call.device):
+        _rules.roi_align_rotated_backward(call.device, call.stream.ptr, call.scalar, _view(grad_output), call.shape,
+                                          _ptr(call.rows), call.k, call.output_size, *args, _view(grad_input))
+    return grad_input
+
+
+# ---------------------------------------------------------------------------
+# multi-level (FPN) RoIAlign
+
+def _levels(features, rois, output_size, spatial_scales, stream, scalar_type, mapping, canonical_scale,
+            canonical_level, finest_scale, name):
+    features = [as_array(f, f"{name}[{i}]") for i, f in enumerate(features)]
+    scales = [float(v) for v in spatial_scales]
+    _rules.check_levels([tuple(f.shape) for f in features], scales)
+    for i, f in enumerate(features[1:], 1):
+        if f.dtype != features[0].dtype or _is_numpy(f) != _is_numpy(features[0]):
+            raise TypeError(f"{name}[{i}] must be an array of the kind and dtype of {name}[0]")
+    level_map = _rules.level_mapping(mapping, scales, canonical_scale, canonical_level, finest_scale)
+    return features, scales, level_map
+
+
+def multi_scale_roi_align_forward(features, rois, output_size, spatial_scales, sampling_ratio=-1, aligned=False, *,
+                                  mapping="torchvision", canonical_scale=224, canonical_level=4, finest_scale=56,
+                                  stream=None, scalar_type=None):
+    """Multi-level RoIAlign forward (see :func:`cupy_roi.multi_scale_roi_align`):
+    ``features`` is a list of ``(N, C, H_l, W_l)`` arrays, finest first, with one
+    scale each; returns ``(K, C, ph, pw)``, all levels in one launch."""
+    features, scales, level_map = _levels(features, rois, output_size, spatial_scales, stream, scalar_type, mapping,
+                                          canonical_scale, canonical_level, finest_scale, "features")
+    rois = _arrays(rois)[0]
+    x = features[0]
+    if _is_numpy(x):
+        import torch
+
+        from . import _reference
+
+        rows = _cpu_rows(rois, x)
+        out = _reference.multi_scale_roi_align([torch.from_numpy(np.ascontiguousarray(f)) for f in features], rows,
+                                               output_size_pair(output_size), scales, int(sampling_ratio),
+                                               bool(aligned), level_map)
+        return out.numpy()
+    call = _Call(x, x.shape, rois, output_size, False, stream, scalar_type, "features[0]")
+    for i, f in enumerate(features):
+        if f.device.id != call.device:
+            raise ValueError(f"features[{i}] must be on device {call.device}, got device {f.device.id}")
+    out = call.output(None, x)
+    with call.cupy.cuda.Device(call.device):
+        _rules.multi_scale_roi_align_forward(call.device, call.stream.ptr, call.scalar, [_view(f) for f in features],
+                                             [tuple(f.shape) for f in features], scales, _ptr(call.rows), call.k,
+                                             call.output_size, level_map, int(sampling_ratio), bool(aligned),
+                                             _view(out))
+    return out
+
+
+def multi_scale_roi_align_backward(grad_output, rois, feature_shapes, output_size, spatial_scales,
+                                   sampling_ratio=-1, aligned=False, *, mapping="torchvision", canonical_scale=224,
+                                   canonical_level=4, finest_scale=56, stream=None, scalar_type=None):
+    """Gradients of :func:`multi_scale_roi_align_forward` w.r.t. each level
+    (shapes ``feature_shapes``), as a list of accumulation-dtype arrays laid
+    out like ``grad_output``."""
+    rois, grad_output = _arrays(rois, (grad_output, "grad_output"))
+    shapes = [tuple(int(v) for v in s) for s in feature_shapes]
+    scales = [float(v) for v in spatial_scales]
+    _rules.check_levels(shapes, scales)
+    level_map = _rules.level_mapping(mapping, scales, canonical_scale, canonical_level, finest_scale)
+    if _is_numpy(grad_output):
+        import torch
+
+        from . import _reference
+
+        acc = getattr(torch, _rois.accumulation_dtype_name(str(grad_output.dtype)))
+        rows = _cpu_rows(rois, np.zeros(shapes[0], grad_output.dtype))
+        levels = [torch.zeros(s, dtype=acc, requires_grad=True) for s in shapes]
+        out = _reference.multi_scale_roi_align(levels, rows, output_size_pair(output_size), scales,
+                                               int(sampling_ratio), bool(aligned), level_map)
+        grads = torch.autograd.grad(out, levels, torch.from_numpy(np.ascontiguousarray(grad_output)).to(acc),
+                                    allow_unused=True)
+        return [torch.zeros(s, dtype=acc).numpy() if g is None else g.numpy() for g, s in zip(grads, shapes)]
+    call = _Call(grad_output, shapes[0], rois, output_size, False, stream, scalar_type, "grad_output")
+    call.check_grad_output(grad_output)
+    grads = [_zeros_like_layout(call, s, grad_output) for s in shapes]
+    with call.cupy.cuda.Device(call.device):
+        _rules.multi_scale_roi_align_backward(call.device, call.stream.ptr, call.scalar, _view(grad_output),
+                                              [_view(g) for g in grads], shapes, scales, _ptr(call.rows), call.k,
+                                              call.output_size, level_map, int(sampling_ratio), bool(aligned))
+    return grads
+
+
+def _zeros_like_layout(call, shape, layout_like):
+    g = call.new_array(shape, call.acc, layout_like)
+    with call.cupy.cuda.Device(call.device), call.stream:
+        g.fill(0)
+    return g
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""RoIAlign and position-sensitive RoIAlign (``torchvision.ops`` semantics)."""
+"""RoIAlign and position-sensitive RoIAlign (``torchvision.ops`` semantics), and
+RoIAlign over rotated boxes (mmcv semantics)."""
 from typing import List, Union
 
 import torch
@@ -53,6 +54,46 @@ def ps_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size:
 def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, ps):
     rows, (ph, pw) = ops.prepare(input, boxes, output_size, ps)
     return ops.roi_align_fwd(input, rows, ph, pw, float(spatial_scale), int(sampling_ratio), bool(aligned), ps)
+
+
+def roi_align_rotated(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
+                      spatial_scale: float = 1.0, sampling_ratio: int = 0, aligned: bool = True,
+                      clockwise: bool = False) -> Tensor:
+    """RoI Align over rotated boxes (oriented detectors), with mmcv's
+    ``roi_align_rotated`` semantics.
+
+    Args:
+        input: ``(N, C, H, W)`` features, as for :func:`roi_align`.
+        boxes: ``Tensor[K, 6]`` rows ``(batch_index, cx, cy, w, h, angle)``, or a
+            list of N ``Tensor[L_i, 5]`` boxes ``(cx, cy, w, h, angle)`` of image i;
+            centre and size in input-image coordinates, ``angle`` in radians,
+            counter-clockwise on the image (y pointing down) unless ``clockwise``.
+        output_size: int or ``(ph, pw)``; bin ``(i, j)`` lies ``i`` rows down the
+            box's own height axis and ``j`` columns along its width axis.
+        spatial_scale: maps box coordinates to feature coordinates (1/stride).
+        sampling_ratio: samples per bin and axis; ``<= 0``: ``ceil(roi_size / bins)``.
+        aligned: shift the centre by -0.5 pixel (pixel-centre convention); when
+            False, boxes smaller than one feature cell are grown to 1x1.
+        clockwise: read ``angle`` as clockwise.
+
+    Returns:
+        ``(K, C, ph, pw)`` with input's dtype; differentiable w.r.t. ``input``.
+
+    With angle 0 this is :func:`roi_align` on the box ``(cx - w/2, cy - h/2,
+    cx + w/2, cy + h/2)`` with the same ``aligned``. detectron2's
+    ``ROIAlignRotated`` takes angles in degrees, counter-clockwise, and always
+    shifts by half a pixel: convert its rows with
+    ``rois[:, 5] = torch.deg2rad(rois[:, 5])`` and call with ``aligned=True,
+    clockwise=False``.
+    """
+    if not torch.jit.is_scripting():
+        if ops.fx_proxy(input, boxes):
+            return ops.fx_leaf(roi_align_rotated, input, boxes, output_size, spatial_scale, sampling_ratio, aligned,
+                               clockwise)
+        rows, (ph, pw) = ops.prepare(input, boxes, output_size, False, columns=6)
+        return ops.roi_align_rotated_fwd(input, rows, ph, pw, float(spatial_scale), int(sampling_ratio),
+                                         bool(aligned), bool(clockwise))
+    return ops.script_roi_align_rotated(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, clockwise)
 
 
 class RoIAlign(nn.Module):
@@ -112,3 +153,24 @@ class PSROIAlign(PSRoIAlign):
     def __repr__(self):
         return (f"PSROIAlign(spatial_scale={self.spatial_scale}, roi_size={self.roi_size}, "
                 f"sampling_ratio={self.sampling_ratio}, pooled_dim={self.pooled_dim})")
+
+
+class RoIAlignRotated(nn.Module):
+    """See :func:`roi_align_rotated`; mmcv's module name and signature."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int = 0, aligned: bool = True,
+                 clockwise: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.clockwise = clockwise
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return roi_align_rotated(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
+                                 self.aligned, self.clockwise)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, clockwise={self.clockwise})")

@@ -1,4 +1,5 @@
-"""Small cases for compute-sanitizer: every operator, dtype and layout, forward
+"""Small cases for compute-sanitizer: every operator (rotated and multi-level
+RoIAlign included), dtype and layout, forward
 and backward (box gradients for PrRoIPool), through the torch ops and the CuPy
 array API, with invalid RoIs left unchecked (they must read nothing).
 
@@ -35,6 +36,15 @@ def rois(rng, n, h, w):
     return np.array(good + bad, dtype=np.float64)
 
 
+def rotated_rows(rng, r):
+    """Rotated rows from the [K, 5] rows: same batch indices (bad ones too),
+    centres and sizes from the corners, angles of every quadrant."""
+    cx, cy = (r[:, 1] + r[:, 3]) / 2, (r[:, 2] + r[:, 4]) / 2
+    w, h = r[:, 3] - r[:, 1], r[:, 4] - r[:, 2]
+    angle = rng.uniform(-4, 4, len(r))
+    return np.stack([r[:, 0], cx, cy, w, h, angle], 1)
+
+
 def layouts(x):
     yield "nchw", x
     yield "channels_last", x.to(memory_format=torch.channels_last)
@@ -61,6 +71,21 @@ def main():
         # zero RoIs
         out = OPS["roi_align"](base.detach().requires_grad_(True), torch.zeros(0, 5, device="cuda"))
         out.sum().backward()
+        acc = torch.float32 if dtype != torch.float64 else dtype
+        rot = torch.tensor(rotated_rows(rng, r), device="cuda", dtype=acc)
+        for layout, x in layouts(base):
+            x = x.detach().requires_grad_(True)
+            for aligned, clockwise in ((True, False), (False, True)):
+                out = cupy_roi.roi_align_rotated(x, rot, (2, 3), 0.5, 0, aligned, clockwise)
+                out.backward(torch.ones_like(out))
+            # a pyramid: this layout, and a strided half-size view
+            levels = [x, x[..., ::2, ::2]]
+            for mapping in ("torchvision", "mmdet"):
+                out = cupy_roi.multi_scale_roi_align(levels, torch.tensor(r, device="cuda", dtype=acc), (2, 3),
+                                                     [0.5, 0.25], 0, True, mapping=mapping, canonical_scale=4,
+                                                     finest_scale=2)
+                out.backward(torch.ones_like(out))
+            count += 4
     import cupy
 
     xc = cupy.asarray(rng.standard_normal((n, c, h, w)))
@@ -71,10 +96,17 @@ def main():
     array_api.roi_pool_backward(out, rc, argmax, xc.shape, (2, 3), 0.5)
     out = array_api.prroi_pool_forward(xc, rc, (2, 3), 0.5, True)
     array_api.prroi_pool_backward(out, xc, rc, (2, 3), 0.5, True)
+    rot = cupy.asarray(rotated_rows(rng, r))
+    out = array_api.roi_align_rotated_forward(xc, rot, (2, 3), 0.5)
+    array_api.roi_align_rotated_backward(out, rot, xc.shape, (2, 3), 0.5)
+    out = array_api.multi_scale_roi_align_forward([xc, xc[..., ::2, ::2]], rc, 2, [0.5, 0.25], mapping="mmdet",
+                                                  finest_scale=2)
+    array_api.multi_scale_roi_align_backward(out, rc, [xc.shape, xc[..., ::2, ::2].shape], 2, [0.5, 0.25],
+                                             mapping="mmdet", finest_scale=2)
     torch.cuda.synchronize()
     cupy.cuda.Device().synchronize()
-    print(f"sanitize_cases: {count} torch forward+backward calls (4 dtypes x {len(OPS)} ops x 3 layouts), "
-          "array API calls, unchecked invalid RoIs: done")
+    print(f"sanitize_cases: {count} torch forward+backward calls (4 dtypes x 3 layouts x ({len(OPS)} ops + "
+          "rotated and multi-level RoIAlign)), array API calls, unchecked invalid RoIs: done")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,39 @@ def prroi_pool(x, rois, ph, pw, scale, ps):
                                                 min(ye, hc + 1), min(xe, wc + 1))
                     out[k, c, i, j] = s / (bw * bh)
     return out
+
+
+def roi_align_rotated(x, rois, ph, pw, scale, sampling_ratio, aligned, clockwise, degrees=False):
+    """Rotated RoIAlign from its definition: each bin's samples laid on the
+    box's own (height, width) axes around its centre, turned by the angle
+    counter-clockwise on the image (y down: the box's width axis points to
+    (cos a, -sin a) in (x, y)) unless ``clockwise``. ``degrees``: angles as
+    detectron2 gives them."""
+    n, ch, h, w = x.shape
+    out = np.zeros((len(rois), ch, ph, pw))
+    off = 0.5 if aligned else 0.0
+    for k, (b, cx, cy, bw_, bh_, angle) in enumerate(rois):
+        a = math.radians(angle) if degrees else angle
+        a = -a if clockwise else a
+        rw, rh = bw_ * scale, bh_ * scale
+        if not aligned:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        ccx, ccy = cx * scale - off, cy * scale - off
+        width_axis = (math.cos(a), -math.sin(a))   # (dx, dy) of one unit along the box's width
+        height_axis = (math.sin(a), math.cos(a))   # perpendicular, "down" the box
+        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rh / ph), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rw / pw), 0)
+        for i in range(ph):
+            for j in range(pw):
+                pts = []
+                for iy in range(gh):
+                    v = -rh / 2 + (i + (iy + 0.5) / gh) * rh / ph
+                    for ix in range(gw):
+                        u = -rw / 2 + (j + (ix + 0.5) / gw) * rw / pw
+                        pts.append((ccy + u * width_axis[1] + v * height_axis[1],
+                                    ccx + u * width_axis[0] + v * height_axis[0]))
+                for c in range(ch):
+                    plane = x[int(b), c]
+                    s = sum(_bilinear(plane, py, px) for py, px in pts)
+                    out[k, c, i, j] = s / max(gh * gw, 1)
+    return out

@@ -105,7 +105,7 @@ def test_broken_source_fails(nvrtc, cuda_include):
     assert result != 0 and "no_such_member" in log
 
 
-_C_TYPES = {"int": "i", "index_t": "q", "typename acc_type<T>::type": "a"}
+_C_TYPES = {"int": "i", "index_t": "q", "typename acc_type<T>::type": "a", "LevelTable": "L"}
 
 
 def _parameter_codes(text, kernel):
@@ -139,3 +139,6 @@ def test_argument_packer_layout():
     assert _kernels.ArgumentPacker("ipaqi", "float64").offsets == [0, 8, 16, 24, 32]
     assert _kernels.ArgumentPacker("iia", "float64").offsets == [0, 4, 8]
     assert _kernels.ArgumentPacker("ia", "float32").offsets == [0, 4]
+    # the LevelTable struct: 8-byte aligned, 452 bytes of members padded to 456
+    table = _kernels.ArgumentPacker("iLi", "float32")
+    assert table.offsets == [0, 8, 464] and table.struct.size == 468
