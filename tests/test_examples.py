@@ -62,3 +62,10 @@ def test_ddp_example_two_ranks_share_one_gpu():
     out = run_ddp_example(2, "--steps", "40", CUDA_VISIBLE_DEVICES="0")
     assert "world size 2, backend gloo" in out and "rank 1: device cuda:0" in out
     assert "gradients: largest difference between ranks 0; weights: 0" in out and "\nOK" in out
+
+
+def test_fpn_and_rotated_example(capsys):
+    runpy.run_path(str(EXAMPLES / "fpn_and_rotated.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "FPN pooled (3, 16, 7, 7) scales [0.25, 0.125, 0.0625, 0.03125]" in out
+    assert "detectron2 convention, same result: True" in out and "ran on:" in out

@@ -2,6 +2,7 @@
 independent oracles and invariants (CI), kernels against the reference and
 against torchvision.ops.MultiScaleRoIAlign (marked cuda)."""
 import math
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -518,3 +519,16 @@ def test_new_ops_cupy_array_api():
     want = array_api.multi_scale_roi_align_backward(go, rows, [f.shape for f in feats], 2, scales)
     for a, b in zip(grads, want):
         assert np.allclose(a.get(), b, rtol=1e-10, atol=1e-12)
+
+
+def test_rotated_scripts():
+    g = rng()
+    x = torch.tensor(g.standard_normal((2, 3, 8, 8)))
+    r = torch.tensor(rotated_rows(g, 5, 2, 8, 8, 1.0))
+    want = cupy_roi.roi_align_rotated(x, r, 2, 1.0, 2)
+    with warnings.catch_warnings():  # newer PyTorch deprecates TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fn = torch.jit.script(cupy_roi.roi_align_rotated)
+        module = torch.jit.script(cupy_roi.RoIAlignRotated(2, 1.0, 2))
+    assert torch.allclose(fn(x, r, [2, 2], 1.0, 2, True, False), want, rtol=1e-12, atol=1e-13)
+    assert torch.allclose(module(x, r), want, rtol=1e-12, atol=1e-13)
