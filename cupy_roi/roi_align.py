@@ -80,7 +80,9 @@ def roi_align_rotated(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_
         ``(K, C, ph, pw)`` with input's dtype; differentiable w.r.t. ``input``.
 
     With angle 0 this is :func:`roi_align` on the box ``(cx - w/2, cy - h/2,
-    cx + w/2, cy + h/2)`` with the same ``aligned``. detectron2's
+    cx + w/2, cy + h/2)`` with the same ``aligned`` (with ``aligned=False``,
+    for boxes at least one feature cell wide and high: smaller ones grow about
+    their centre here, from their corner in roi_align). detectron2's
     ``ROIAlignRotated`` takes angles in degrees, counter-clockwise, and always
     shifts by half a pixel: convert its rows with
     ``rois[:, 5] = torch.deg2rad(rois[:, 5])`` and call with ``aligned=True,
