@@ -311,6 +311,21 @@ def _vjp(fn, inputs, wrt, grad):
     return pullback(grad.to(out.dtype))
 
 
+def _grad_input_like(gi, grad, channels_last):
+    """A feature gradient as the op returns it: a fresh tensor in ``grad``'s
+    dtype, laid out as the forward's input was."""
+    return _fresh(gi.to(grad.dtype), grad, _layout_format(channels_last))
+
+
+def _linear_vjp(fn, shapes, grad, channels_last):
+    """Feature gradients of ``fn(*features)`` (features of ``shapes``) against
+    ``grad``, for an op linear in its features: the vjp at zero features is the
+    vjp everywhere, so no saved input is needed."""
+    zeros = tuple(torch.zeros(shape, dtype=grad.dtype, device=grad.device) for shape in shapes)
+    grads = _vjp(fn, zeros, tuple(range(len(zeros))), grad)
+    return [_grad_input_like(g, grad, channels_last) for g in grads]
+
+
 def roi_align_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
                           sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
     _check_rois_in_op(rows, input)
@@ -326,11 +341,8 @@ def roi_align_backward_any(grad: torch.Tensor, rows: torch.Tensor, n: int, c: in
     if use_kernels(grad):
         return roi_align_backward_cuda(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps, channels_last)
     size = (grad.shape[2], grad.shape[3])
-    # linear in the features: the vjp at zero features is the vjp everywhere
-    zero = torch.zeros((n, c, h, w), dtype=grad.dtype, device=grad.device)
-    (gi,) = _vjp(lambda x: _reference.roi_align(x, rows, size, scale, sampling_ratio, aligned, ps), (zero,),
-                 (0,), grad)
-    return _fresh(gi.to(grad.dtype), grad, _layout_format(channels_last))
+    return _linear_vjp(lambda x: _reference.roi_align(x, rows, size, scale, sampling_ratio, aligned, ps),
+                       [(n, c, h, w)], grad, channels_last)[0]
 
 
 def roi_pool_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
@@ -353,19 +365,18 @@ def roi_pool_backward_any(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.
     if use_kernels(grad):
         return roi_pool_backward_cuda(grad, rows, argmax, n, c, h, w, scale, ps, channels_last)
     if ps:
-        zero = torch.zeros((n, c, h, w), dtype=grad.dtype, device=grad.device)
         size = (grad.shape[2], grad.shape[3])
-        (gi,) = _vjp(lambda x: _reference.roi_pool(x, rows, size, scale, True), (zero,), (0,), grad)
-    else:  # each bin's gradient goes to its maximum
-        acc = grad.to(_acc(grad.dtype))
-        at = argmax.long()
-        keep = at >= 0
-        image = rows[:, 0].long().view(-1, 1, 1, 1).expand_as(at)
-        channel = torch.arange(c, device=grad.device).view(1, -1, 1, 1).expand_as(at)
-        flat = torch.zeros((n, c, h * w), dtype=acc.dtype, device=grad.device)
-        flat.index_put_((image[keep], channel[keep], at[keep]), acc[keep], accumulate=True)
-        gi = flat.view(n, c, h, w)
-    return _fresh(gi.to(grad.dtype), grad, _layout_format(channels_last))
+        return _linear_vjp(lambda x: _reference.roi_pool(x, rows, size, scale, True), [(n, c, h, w)], grad,
+                           channels_last)[0]
+    # each bin's gradient goes to its maximum
+    acc = grad.to(_acc(grad.dtype))
+    at = argmax.long()
+    keep = at >= 0
+    image = rows[:, 0].long().view(-1, 1, 1, 1).expand_as(at)
+    channel = torch.arange(c, device=grad.device).view(1, -1, 1, 1).expand_as(at)
+    flat = torch.zeros((n, c, h * w), dtype=acc.dtype, device=grad.device)
+    flat.index_put_((image[keep], channel[keep], at[keep]), acc[keep], accumulate=True)
+    return _grad_input_like(flat.view(n, c, h, w), grad, channels_last)
 
 
 def prroi_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
@@ -572,10 +583,8 @@ def roi_align_rotated_backward_any(grad: torch.Tensor, rows: torch.Tensor, n: in
         return roi_align_rotated_backward_cuda(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, clockwise,
                                                channels_last)
     size = (grad.shape[2], grad.shape[3])
-    zero = torch.zeros((n, c, h, w), dtype=grad.dtype, device=grad.device)
-    (gi,) = _vjp(lambda x: _reference.roi_align_rotated(x, rows, size, scale, sampling_ratio, aligned, clockwise),
-                 (zero,), (0,), grad)
-    return _fresh(gi.to(grad.dtype), grad, _layout_format(channels_last))
+    return _linear_vjp(lambda x: _reference.roi_align_rotated(x, rows, size, scale, sampling_ratio, aligned,
+                                                              clockwise), [(n, c, h, w)], grad, channels_last)[0]
 
 
 def multi_scale_forward_any(features: List[torch.Tensor], rows: torch.Tensor, ph: int, pw: int,
@@ -597,12 +606,10 @@ def multi_scale_backward_any(grad: torch.Tensor, rows: torch.Tensor, flat_shapes
     if use_kernels(grad):
         return multi_scale_backward_cuda(grad, rows, flat_shapes, scales, sampling_ratio, aligned, mode, s0, lvl0,
                                          lo, hi, channels_last)
-    zeros = tuple(torch.zeros(shape, dtype=grad.dtype, device=grad.device) for shape in _level_shapes(flat_shapes))
     size = (grad.shape[2], grad.shape[3])
-    grads = _vjp(lambda *f: _reference.multi_scale_roi_align(list(f), rows, size, scales, sampling_ratio, aligned,
-                                                             (mode, s0, lvl0, lo, hi)),
-                 zeros, tuple(range(len(zeros))), grad)
-    return [_fresh(g.to(grad.dtype), grad, _layout_format(channels_last)) for g in grads]
+    return _linear_vjp(lambda *f: _reference.multi_scale_roi_align(list(f), rows, size, scales, sampling_ratio,
+                                                                   aligned, (mode, s0, lvl0, lo, hi)),
+                       _level_shapes(flat_shapes), grad, channels_last)
 
 
 def _fake_rotated_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise):

@@ -131,12 +131,16 @@ class _Call:
         _check_array(out, self.out_shape, like.dtype, "out", self.device)
         return out
 
+    def zeros(self, shape, layout_like):
+        """A zero-filled accumulation-dtype buffer of ``shape``, laid out like ``layout_like``."""
+        g = self.new_array(shape, self.acc, layout_like)
+        with self.cupy.cuda.Device(self.device), self.stream:
+            g.fill(0)
+        return g
+
     def grad_input(self, grad_input, layout_like):
         if grad_input is None:
-            g = self.new_array(self.shape, self.acc, layout_like)
-            with self.cupy.cuda.Device(self.device), self.stream:
-                g.fill(0)
-            return g
+            return self.zeros(self.shape, layout_like)
         _check_array(grad_input, self.shape, np.dtype(self.acc), "grad_input", self.device)
         return grad_input
 
@@ -318,16 +322,11 @@ def roi_align_rotated_backward(grad_output, rois, input_shape, output_size, spat
 # ---------------------------------------------------------------------------
 # multi-level (FPN) RoIAlign
 
-def _levels(features, rois, output_size, spatial_scales, stream, scalar_type, mapping, canonical_scale,
-            canonical_level, finest_scale, name):
-    features = [as_array(f, f"{name}[{i}]") for i, f in enumerate(features)]
+def _levels(shapes, spatial_scales, mapping, canonical_scale, canonical_level, finest_scale):
+    """Checked level scales and the kernel's level mapping, for forward and backward."""
     scales = [float(v) for v in spatial_scales]
-    _rules.check_levels([tuple(f.shape) for f in features], scales)
-    for i, f in enumerate(features[1:], 1):
-        if f.dtype != features[0].dtype or _is_numpy(f) != _is_numpy(features[0]):
-            raise TypeError(f"{name}[{i}] must be an array of the kind and dtype of {name}[0]")
-    level_map = _rules.level_mapping(mapping, scales, canonical_scale, canonical_level, finest_scale)
-    return features, scales, level_map
+    _rules.check_levels(shapes, scales)
+    return scales, _rules.level_mapping(mapping, scales, canonical_scale, canonical_level, finest_scale)
 
 
 def multi_scale_roi_align_forward(features, rois, output_size, spatial_scales, sampling_ratio=-1, aligned=False, *,
@@ -336,8 +335,12 @@ def multi_scale_roi_align_forward(features, rois, output_size, spatial_scales, s
     """Multi-level RoIAlign forward (see :func:`cupy_roi.multi_scale_roi_align`):
     ``features`` is a list of ``(N, C, H_l, W_l)`` arrays, finest first, with one
     scale each; returns ``(K, C, ph, pw)``, all levels in one launch."""
-    features, scales, level_map = _levels(features, rois, output_size, spatial_scales, stream, scalar_type, mapping,
-                                          canonical_scale, canonical_level, finest_scale, "features")
+    features = [as_array(f, f"features[{i}]") for i, f in enumerate(features)]
+    scales, level_map = _levels([tuple(f.shape) for f in features], spatial_scales, mapping, canonical_scale,
+                                canonical_level, finest_scale)
+    for i, f in enumerate(features[1:], 1):
+        if f.dtype != features[0].dtype or _is_numpy(f) != _is_numpy(features[0]):
+            raise TypeError(f"features[{i}] must be an array of the kind and dtype of features[0]")
     rois = _arrays(rois)[0]
     x = features[0]
     if _is_numpy(x):
@@ -371,16 +374,14 @@ def multi_scale_roi_align_backward(grad_output, rois, feature_shapes, output_siz
     out like ``grad_output``."""
     rois, grad_output = _arrays(rois, (grad_output, "grad_output"))
     shapes = [tuple(int(v) for v in s) for s in feature_shapes]
-    scales = [float(v) for v in spatial_scales]
-    _rules.check_levels(shapes, scales)
-    level_map = _rules.level_mapping(mapping, scales, canonical_scale, canonical_level, finest_scale)
+    scales, level_map = _levels(shapes, spatial_scales, mapping, canonical_scale, canonical_level, finest_scale)
     if _is_numpy(grad_output):
         import torch
 
         from . import _reference
 
         acc = getattr(torch, _rois.accumulation_dtype_name(str(grad_output.dtype)))
-        rows = _cpu_rows(rois, np.zeros(shapes[0], grad_output.dtype))
+        rows = _cpu_rows(rois, np.zeros((shapes[0][0], 1, 1, 1), grad_output.dtype))  # N, kind and dtype
         levels = [torch.zeros(s, dtype=acc, requires_grad=True) for s in shapes]
         out = _reference.multi_scale_roi_align(levels, rows, output_size_pair(output_size), scales,
                                                int(sampling_ratio), bool(aligned), level_map)
@@ -389,19 +390,12 @@ def multi_scale_roi_align_backward(grad_output, rois, feature_shapes, output_siz
         return [torch.zeros(s, dtype=acc).numpy() if g is None else g.numpy() for g, s in zip(grads, shapes)]
     call = _Call(grad_output, shapes[0], rois, output_size, False, stream, scalar_type, "grad_output")
     call.check_grad_output(grad_output)
-    grads = [_zeros_like_layout(call, s, grad_output) for s in shapes]
+    grads = [call.zeros(s, grad_output) for s in shapes]
     with call.cupy.cuda.Device(call.device):
         _rules.multi_scale_roi_align_backward(call.device, call.stream.ptr, call.scalar, _view(grad_output),
                                               [_view(g) for g in grads], shapes, scales, _ptr(call.rows), call.k,
                                               call.output_size, level_map, int(sampling_ratio), bool(aligned))
     return grads
-
-
-def _zeros_like_layout(call, shape, layout_like):
-    g = call.new_array(shape, call.acc, layout_like)
-    with call.cupy.cuda.Device(call.device), call.stream:
-        g.fill(0)
-    return g
 
 
 # ---------------------------------------------------------------------------
