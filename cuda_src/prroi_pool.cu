@@ -189,6 +189,10 @@ __global__ void prroi_pool_forward(
 // written with four atomics per block instead of four per output element.
 // grad_input and grad_rois ([K, 5]) are zero-filled accumulation buffers of the
 // accumulation type; input is read only when want_coords is set.
+// Deterministic (max_grad given, see GradSink): grad_input holds long long,
+// and each block writes its four sums to grad_rois[block * 4 ...], a
+// [K * chunks_per_roi, 4] buffer that prroi_pool_coords_sum reduces in a
+// fixed order (a block's own sum is fixed by its chunk, not by scheduling).
 template <typename T, bool PS>
 __global__ void prroi_pool_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
@@ -196,11 +200,12 @@ __global__ void prroi_pool_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
     int channels_fastest, int chunks_per_roi, int want_coords,
-    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
+    void* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3,
-    typename acc_type<T>::type* __restrict__ grad_rois) {
+    typename acc_type<T>::type* __restrict__ grad_rois, const double* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   __shared__ A scratch[32];
+  const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const index_t per_roi = (index_t)channels_out * ph * pw;
   const index_t chunk_len = (per_roi + chunks_per_roi - 1) / chunks_per_roi;
@@ -219,7 +224,7 @@ __global__ void prroi_pool_backward(
       const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]);
       const A coeff = grad / bin.area;
       const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
-      A* g_plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
+      const index_t g_plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
       const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
       // moments along xs, xe, ys, ye: sum F Wy start_moment_x(w), ... (see TentSpan)
       A m_xs = 0, m_xe = 0, m_ys = 0, m_ye = 0;
@@ -233,12 +238,12 @@ __global__ void prroi_pool_backward(
         for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
           const TentSpan<A> sy = bin.template span_y<true>(h);
           const A wy = sy.weight;
-          A* g_row = g_plane + h * gi_s2;
+          const index_t g_row = g_plane + h * gi_s2;
           const T* row = plane + h * in_s2;
 #pragma unroll
           for (int t = 0; t < kColumns; ++t) {
             if (wc + t > bin.w_hi) continue;
-            atomicAdd(g_row + (wc + t) * gi_s3, coeff * wy * wx[t]);
+            sink.add(g_row + (wc + t) * gi_s3, coeff * wy * wx[t]);
             if (want_coords) {
               const A f = to_acc(row[(wc + t) * in_s3]);
               const A fwy = f * wy, fwx = f * wx[t];
@@ -269,11 +274,32 @@ __global__ void prroi_pool_backward(
       g_y1 = block_sum(g_y1, scratch);
       g_x2 = block_sum(g_x2, scratch);
       g_y2 = block_sum(g_y2, scratch);
-      if (threadIdx.x == 0) {
+      if (threadIdx.x == 0 && sink.fixed) {
+        A* r = grad_rois + blk * 4;
+        r[0] = g_x1; r[1] = g_y1; r[2] = g_x2; r[3] = g_y2;
+      } else if (threadIdx.x == 0) {
         A* r = grad_rois + k * 5;
         atomicAdd(r + 1, g_x1); atomicAdd(r + 2, g_y1);
         atomicAdd(r + 3, g_x2); atomicAdd(r + 4, g_y2);
       }
     }
+  }
+}
+
+// The deterministic backward's coordinate gradients: grad_rois[k, 1 + e] +=
+// the sum over chunks of partials[(k * chunks_per_roi + chunk) * 4 + e], in
+// chunk order. partials must be zero-filled (blocks of invalid RoIs skip it).
+template <typename T, bool PS>
+__global__ void prroi_pool_coords_sum(
+    const typename acc_type<T>::type* __restrict__ partials, index_t num_rois, int chunks_per_roi,
+    typename acc_type<T>::type* __restrict__ grad_rois) {
+  typedef typename acc_type<T>::type A;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < num_rois * 4;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const index_t k = idx / 4;
+    const int e = (int)(idx % 4);
+    A sum = 0;
+    for (int chunk = 0; chunk < chunks_per_roi; ++chunk) sum += partials[(k * chunks_per_roi + chunk) * 4 + e];
+    grad_rois[k * 5 + 1 + e] += sum;
   }
 }

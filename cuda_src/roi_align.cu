@@ -103,10 +103,12 @@ __device__ __forceinline__ A bin_sample_sum(const T* plane, index_t s2, index_t 
   return sum;
 }
 
-// Adjoint of bin_sample_sum: adds grad times each sample's weights into a plane.
+// Adjoint of bin_sample_sum: adds grad times each sample's weights into the
+// plane starting at element plane of the sink's buffer.
 template <typename A, typename Frame>
-__device__ __forceinline__ void bin_sample_scatter(A* plane, index_t s2, index_t s3, int height, int width,
-                                                   const AlignGrid<A>& g, const Frame& frame, int i, int j, A grad) {
+__device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, index_t plane, index_t s2, index_t s3,
+                                                   int height, int width, const AlignGrid<A>& g, const Frame& frame,
+                                                   int i, int j, A grad) {
   for (int iy = 0; iy < g.grid_h; ++iy) {
     const A yy = g.sample_y(i, iy);
     for (int ix = 0; ix < g.grid_w; ++ix) {
@@ -114,10 +116,10 @@ __device__ __forceinline__ void bin_sample_scatter(A* plane, index_t s2, index_t
       frame.map(yy, g.sample_x(j, ix), y, x);
       Bilinear<A> w;
       if (!w.set(y, x, height, width)) continue;
-      atomicAdd(plane + w.y0 * s2 + w.x0 * s3, grad * w.w00);
-      atomicAdd(plane + w.y0 * s2 + w.x1 * s3, grad * w.w01);
-      atomicAdd(plane + w.y1 * s2 + w.x0 * s3, grad * w.w10);
-      atomicAdd(plane + w.y1 * s2 + w.x1 * s3, grad * w.w11);
+      sink.add(plane + w.y0 * s2 + w.x0 * s3, grad * w.w00);
+      sink.add(plane + w.y0 * s2 + w.x1 * s3, grad * w.w01);
+      sink.add(plane + w.y1 * s2 + w.x0 * s3, grad * w.w10);
+      sink.add(plane + w.y1 * s2 + w.x1 * s3, grad * w.w11);
     }
   }
 }
@@ -199,8 +201,9 @@ __global__ void roi_align_forward(
   }
 }
 
-// grad_input is an accumulation buffer of the accumulation type (float for
-// half types), zero-filled by the caller.
+// grad_input is a zero-filled accumulation buffer: of the accumulation type
+// (float for half types), or of long long when max_grad is given (the
+// deterministic backward, see GradSink).
 template <typename T, bool PS>
 __global__ void roi_align_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
@@ -208,10 +211,11 @@ __global__ void roi_align_backward(
     int channels_out, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
     int channels_fastest,
-    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3) {
+    void* __restrict__ grad_input, int batch, int height, int width,
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const double* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
@@ -222,8 +226,8 @@ __global__ void roi_align_backward(
     g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
-    A* plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
-    bin_sample_scatter(plane, gi_s2, gi_s3, height, width, g, AxisFrame(), p.i, p.j, grad);
+    const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
+    bin_sample_scatter(sink, plane, gi_s2, gi_s3, height, width, g, AxisFrame(), p.i, p.j, grad);
   }
 }
 
@@ -264,10 +268,11 @@ __global__ void roi_align_rotated_backward(
     int channels_out, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned, int clockwise,
     int channels_fastest,
-    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3) {
+    void* __restrict__ grad_input, int batch, int height, int width,
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const double* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
@@ -278,8 +283,8 @@ __global__ void roi_align_rotated_backward(
       continue;
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
-    A* plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
-    bin_sample_scatter(plane, gi_s2, gi_s3, height, width, g, f, p.i, p.j, grad);
+    const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
+    bin_sample_scatter(sink, plane, gi_s2, gi_s3, height, width, g, f, p.i, p.j, grad);
   }
 }
 
@@ -316,7 +321,8 @@ __global__ void multi_scale_roi_align_forward(
   }
 }
 
-// grads: the levels' accumulation buffers (float for half types), zero-filled.
+// grads: the levels' zero-filled accumulation buffers (float for half types;
+// long long when max_grad is given, see GradSink).
 template <typename T, bool PS>
 __global__ void multi_scale_roi_align_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
@@ -324,9 +330,10 @@ __global__ void multi_scale_roi_align_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
-    int sampling_ratio, int aligned, int channels_fastest) {
+    int sampling_ratio, int aligned, int channels_fastest, const double* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const GradSink<A> sink(nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
@@ -339,8 +346,8 @@ __global__ void multi_scale_roi_align_backward(
     g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
-    A* plane = reinterpret_cast<A*>(grads.data[l]) + (index_t)b * grads.s0[l] + (index_t)c_in * grads.s1[l];
-    bin_sample_scatter(plane, grads.s2[l], grads.s3[l], grads.height[l], grads.width[l], g, AxisFrame(), p.i, p.j,
-                       grad);
+    const index_t plane = (index_t)b * grads.s0[l] + (index_t)c_in * grads.s1[l];
+    bin_sample_scatter(sink.rebased(reinterpret_cast<void*>(grads.data[l])), plane, grads.s2[l], grads.s3[l],
+                       grads.height[l], grads.width[l], g, AxisFrame(), p.i, p.j, grad);
   }
 }

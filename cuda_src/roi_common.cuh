@@ -125,6 +125,61 @@ template <typename A> __device__ __forceinline__ A negative_infinity();
 template <> __device__ __forceinline__ float negative_infinity<float>() { return __int_as_float(0xff800000); }
 template <> __device__ __forceinline__ double negative_infinity<double>() { return __longlong_as_double(0xfff0000000000000LL); }
 
+// Where a backward kernel adds its contributions to an input gradient.
+//
+// Default: float atomics into an accumulation-type buffer. Fast, but atomics
+// land in whatever order the threads reach them, so the last bits of a sum
+// change from run to run.
+//
+// Deterministic (a bound is given): each contribution is rounded to a
+// fixed-point integer with 2^shift units per gradient unit and added with a
+// 64-bit integer atomic into a long long buffer. Integer addition is
+// associative, so every order gives the same bits. No element's running sum
+// can exceed M = max|grad_output| * contributions, where contributions is the
+// most output bins that can reach one input element (K * ph * pw, or K for
+// position-sensitive pooling: each bin hands out at most its own gradient, as
+// its weights sum to at most 1). shift puts M just under 2^62, so no sum
+// overflows; each rounding errs by at most 2^-(shift + 1) <= M * 2^-62.
+// fixed_point_gradient turns the buffer back into floating point.
+__device__ __forceinline__ int fixed_point_shift(const double* max_grad, double contributions) {
+  int e = 0;
+  frexp(max_grad[0] * contributions, &e);  // M < 2^e
+  // Clamped so that 2^shift is a normal float: only absurd magnitudes lose bits.
+  return min(max(62 - e, -126), 126);
+}
+
+__device__ __forceinline__ long long to_fixed(float v) { return __float2ll_rn(v); }
+__device__ __forceinline__ long long to_fixed(double v) { return __double2ll_rn(v); }
+
+template <typename A>
+struct GradSink {
+  void* base;
+  A scale;
+  bool fixed;
+
+  // max_grad: device pointer to max|grad_output| (float64), or null for float atomics.
+  __device__ __forceinline__ GradSink(void* buffer, const double* max_grad, double contributions)
+      : base(buffer), scale(A(1)), fixed(max_grad != nullptr) {
+    if (fixed) scale = A(ldexp(1.0, fixed_point_shift(max_grad, contributions)));
+  }
+  __device__ __forceinline__ GradSink<A> rebased(void* buffer) const {
+    GradSink<A> s = *this;
+    s.base = buffer;
+    return s;
+  }
+  __device__ __forceinline__ void add(index_t at, A v) const {
+    if (fixed)
+      atomicAdd(static_cast<unsigned long long*>(base) + at, (unsigned long long)to_fixed(v * scale));
+    else
+      atomicAdd(static_cast<A*>(base) + at, v);
+  }
+};
+
+// Most output bins that can add to one input element (see GradSink).
+__device__ __forceinline__ double gradient_contributions(index_t num_rois, int ph, int pw, bool ps) {
+  return (double)num_rois * (ps ? 1.0 : (double)ph * pw);
+}
+
 // Sum over a thread block; the result is valid in thread 0 only.
 template <typename A>
 __device__ __forceinline__ A block_sum(A v, A* scratch) {
@@ -141,3 +196,39 @@ __device__ __forceinline__ A block_sum(A v, A* scratch) {
 }
 
 }  // namespace cupy_roi
+
+using namespace cupy_roi;
+
+// A deterministic backward's fixed-point buffer (dense, in the order of the
+// gradient's layout) as floating point: into out (the input's dtype, or the
+// accumulation dtype with out_is_acc), added to what out holds with
+// accumulate. num_rois, ph, pw and position_sensitive are the backward's.
+// A non-finite max|grad_output| makes every element NaN: the integers cannot
+// carry it.
+template <typename T, bool PS>
+__global__ void fixed_point_gradient(
+    const long long* __restrict__ fixed, const double* __restrict__ max_grad,
+    index_t num_rois, int ph, int pw, int position_sensitive,
+    int batch, int channels, int height, int width, int channels_fastest,
+    void* __restrict__ out, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3,
+    int out_is_acc, int accumulate) {
+  typedef typename acc_type<T>::type A;
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels, height, width, channels_fastest != 0);
+  const double contributions = gradient_contributions(num_rois, ph, pw, position_sensitive != 0);
+  const double unit = ldexp(1.0, -fixed_point_shift(max_grad, contributions));
+  const bool finite = isfinite(max_grad[0] * contributions);
+  const index_t total = (index_t)batch * channels * height * width;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, channels, height, width, channels_fastest != 0);
+    const index_t at = out_at.at(idx, p);
+    A v = finite ? A((double)fixed[idx] * unit) : quiet_nan<A>();
+    if (out_is_acc) {
+      A* o = static_cast<A*>(out) + at;
+      *o = accumulate ? *o + v : v;
+    } else {
+      T* o = static_cast<T*>(out) + at;
+      store(o, accumulate ? to_acc(*o) + v : v);
+    }
+  }
+}

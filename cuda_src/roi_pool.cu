@@ -104,10 +104,11 @@ __global__ void roi_pool_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
     int channels_fastest, const int* __restrict__ argmax,
-    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3) {
+    void* __restrict__ grad_input, int batch, int height, int width,
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const double* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
@@ -116,18 +117,18 @@ __global__ void roi_pool_backward(
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]);
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
-    A* plane = grad_input + (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
+    const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
     if (PS) {
       PoolBin<A, PS> bin;
       bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
       if (bin.empty()) continue;
       const A g = grad / A((bin.h1 - bin.h0) * (bin.w1 - bin.w0));
       for (int h = bin.h0; h < bin.h1; ++h)
-        for (int w = bin.w0; w < bin.w1; ++w) atomicAdd(plane + h * gi_s2 + w * gi_s3, g);
+        for (int w = bin.w0; w < bin.w1; ++w) sink.add(plane + h * gi_s2 + w * gi_s3, g);
     } else {
       const int at = argmax[channels_fastest ? ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j : idx];
       if (at < 0 || at >= height * width) continue;
-      atomicAdd(plane + (at / width) * gi_s2 + (at % width) * gi_s3, grad);
+      sink.add(plane + (at / width) * gi_s2 + (at % width) * gi_s3, grad);
     }
   }
 }

@@ -29,15 +29,17 @@ CUDA_TYPES = {
 FAMILIES = {
     "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
-                                   "multi_scale_roi_align_backward")),
-    "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward")),
-    "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward")),
+                                   "multi_scale_roi_align_backward", "fixed_point_gradient")),
+    "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
+    "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_coords_sum",
+                                     "fixed_point_gradient")),
 }
 
 #: kernels instantiated without their position-sensitive variant (no public
 #: operator uses it); every other kernel is compiled for both
 PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
-                        "multi_scale_roi_align_forward", "multi_scale_roi_align_backward"))
+                        "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
+                        "fixed_point_gradient", "prroi_pool_coords_sum"))
 
 #: C parameter list of every kernel, one letter a parameter: p pointer,
 #: i int, q 64-bit index, a accumulation scalar (float, or double for double),
@@ -45,15 +47,17 @@ PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward
 #: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
 SIGNATURES = {
     "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
-    "roi_align_backward": "pqqqq" "pqiii" "aiii" "piiiqqqq",
+    "roi_align_backward": "pqqqq" "pqiii" "aiii" "piiiqqqq" "p",
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
-    "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq",
+    "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "multi_scale_roi_align_forward": "Li" "pqiii" "iaiii" "iii" "pqqqq",
-    "multi_scale_roi_align_backward": "pqqqq" "Li" "pqiii" "iaiii" "iii",
+    "multi_scale_roi_align_backward": "pqqqq" "Li" "pqiii" "iaiii" "iii" "p",
     "roi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq" "p",
-    "roi_pool_backward": "pqqqq" "pqiii" "ai" "p" "piiiqqqq",
+    "roi_pool_backward": "pqqqq" "pqiii" "ai" "p" "piiiqqqq" "p",
     "prroi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq",
-    "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiii" "piiiqqqq" "p",
+    "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiii" "piiiqqqq" "pp",
+    "prroi_pool_coords_sum": "pqip",
+    "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
 }
 
 #: kMaxLevels of roi_align.cu: the most pyramid levels one launch takes

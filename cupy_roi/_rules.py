@@ -54,6 +54,11 @@ def channels_fastest(strides, shape):
 # then the op's sizes and views, in the order of the kernel's parameters.
 # Backward kernels walk the bins in the order of the gradient buffer's layout:
 # their atomics, not their reads, decide how well memory accesses coalesce.
+# Their last argument, max_grad, is 0 for float atomics into an
+# accumulation-dtype buffer, or, for the deterministic backward, a device
+# pointer to max|grad_output| as one float64, with the buffer holding int64
+# fixed point (GradSink in cuda_src/roi_common.cuh) that fixed_point_gradient
+# then converts.
 
 def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None):
     if total == 0:
@@ -72,13 +77,13 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
 
 
 def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, sampling_ratio, aligned,
-                       grad_input):
+                       grad_input, max_grad=0):
     n, c, h, w = size_in
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     _run("roi_align", "roi_align_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned,
-        channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1]))
+        channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1], max_grad))
 
 
 def roi_align_rotated_forward(device, stream, scalar, x, shape, rows, k, size, scale, sampling_ratio, aligned,
@@ -92,12 +97,12 @@ def roi_align_rotated_forward(device, stream, scalar, x, shape, rows, k, size, s
 
 
 def roi_align_rotated_backward(device, stream, scalar, grad, size_in, rows, k, size, scale, sampling_ratio,
-                               aligned, clockwise, grad_input):
+                               aligned, clockwise, grad_input, max_grad=0):
     n, c, h, w = size_in
     ph, pw = size
     _run("roi_align", "roi_align_rotated_backward", device, stream, scalar, False, k * c * ph * pw, (
         grad[0], *grad[1], rows, k, c, ph, pw, scale, sampling_ratio, aligned, clockwise,
-        channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1]))
+        channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1], max_grad))
 
 
 # Level mappings of multi-level RoIAlign (the kernel's pyramid_level modes).
@@ -165,12 +170,12 @@ def multi_scale_roi_align_forward(device, stream, scalar, views, shapes, scales,
 
 
 def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, shapes, scales, rows, k, size, mapping,
-                                   sampling_ratio, aligned):
+                                   sampling_ratio, aligned, max_grad=0):
     n, c = shapes[0][:2]
     ph, pw = size
     _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False, k * c * ph * pw, (
         grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
-        sampling_ratio, aligned, channels_fastest(grad_views[0][1], shapes[0])))
+        sampling_ratio, aligned, channels_fastest(grad_views[0][1], shapes[0]), max_grad))
 
 
 def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out, argmax):
@@ -183,13 +188,14 @@ def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale,
         out[0], *out[1], argmax))
 
 
-def roi_pool_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, argmax, grad_input):
+def roi_pool_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, argmax, grad_input,
+                      max_grad=0):
     n, c, h, w = size_in
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     _run("roi_pool", "roi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, channels_fastest(grad_input[1], size_in),
-        argmax, grad_input[0], n, h, w, *grad_input[1]))
+        argmax, grad_input[0], n, h, w, *grad_input[1], max_grad))
 
 
 def prroi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out):
@@ -208,13 +214,42 @@ def prroi_backward_grid(k, per_roi, target_blocks=4096):
     return chunks, max(1, min(k * chunks, 1 << 22))
 
 
-def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, size, scale, grad_input, grad_rows):
+def prroi_coordinate_partials(k, size, shape, ps):
+    """Length of the deterministic backward's per-block coordinate sums."""
+    ph, pw = size
+    c_out = shape[1] // (ph * pw) if ps else shape[1]
+    return k * prroi_backward_grid(k, c_out * ph * pw)[0] * 4
+
+
+def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, size, scale, grad_input, grad_rows,
+                        max_grad=0, partials=0):
     """``grad_rows``: pointer to a zero-filled ``[K, 5]`` accumulation buffer, or
-    0 for no coordinate gradients."""
+    0 for no coordinate gradients. Deterministic (``max_grad``): ``partials``
+    points to a zero-filled accumulation buffer of
+    :func:`prroi_coordinate_partials` elements when ``grad_rows`` is given."""
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     chunks, blocks = prroi_backward_grid(k, c_out * ph * pw)
+    coords = partials if max_grad else grad_rows
     _run("prroi_pool", "prroi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
         grad[0], *grad[1], x[0], *x[1], rows, k, c_out, ph, pw, scale, channels_fastest(x[1], shape), chunks,
-        int(grad_rows != 0), grad_input[0], n, h, w, *grad_input[1], grad_rows), blocks=blocks)
+        int(grad_rows != 0), grad_input[0], n, h, w, *grad_input[1], coords, max_grad), blocks=blocks)
+    if max_grad and grad_rows:
+        _run("prroi_pool", "prroi_pool_coords_sum", device, stream, scalar, False, k * 4,
+             (partials, k, chunks, grad_rows))
+
+
+def fixed_point_gradient(device, stream, scalar, family, fixed, max_grad, k, size, ps, shape, out, out_is_acc,
+                         accumulate=False):
+    """Convert a deterministic backward's int64 buffer ``fixed`` (dense, in the
+    order :func:`channels_fastest` picks for ``out``'s strides) into the view
+    ``out`` of ``shape``: the scalar type, or with ``out_is_acc`` the
+    accumulation type; added to ``out``'s values with ``accumulate``. ``k``,
+    ``size`` and ``ps`` are the backward's. ``family``: any kernel family (each
+    holds a copy)."""
+    n, c, h, w = shape
+    ph, pw = size
+    _run(family, "fixed_point_gradient", device, stream, scalar, False, n * c * h * w, (
+        fixed, max_grad, k, ph, pw, int(ps), n, c, h, w, channels_fastest(out[1], shape), out[0], *out[1],
+        int(out_is_acc), int(accumulate)))

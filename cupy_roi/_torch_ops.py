@@ -2,15 +2,16 @@
 
 CUDA tensors go to the kernels as their device pointers and strides, on the
 current stream of their device, with outputs allocated by PyTorch; no CuPy
-array is made per tensor. CPU tensors, and CUDA tensors under
-``torch.use_deterministic_algorithms(True)``, take the reference path, whose
-autograd gives the backward.
+array is made per tensor. CPU tensors take the reference path, whose autograd
+gives the backward. The backward kernels run deterministic (fixed-point
+integer atomics, see :func:`deterministic_backward`) when the call asked for
+it or ``torch.use_deterministic_algorithms(True)`` is on.
 
 Dispatch, per call:
 
 * eager CUDA, some input needs a gradient: a plain ``torch.autograd.Function``;
 * eager CUDA, no gradient needed: the forward implementation directly;
-* eager CPU (or deterministic mode): the reference path, differentiated by autograd;
+* eager CPU: the reference path, differentiated by autograd;
 * while a graph is traced on any device (``torch.compile``, ``torch.export``,
   ``torch.jit.trace``, TorchScript): ``torch.library.custom_op`` operators
   (``torch.ops.cupy_roi.*``) with registered fake (meta) functions and
@@ -71,9 +72,9 @@ def fx_proxy(*args):
     return _first_proxy(args) is not None
 
 
-def fx_leaf(fn, *args):
-    """Record ``fn(*args)`` as one call_function node of the graph being traced."""
-    return _first_proxy(args).tracer.create_proxy("call_function", fn, args, {})
+def fx_leaf(fn, *args, **kwargs):
+    """Record ``fn(*args, **kwargs)`` as one call_function node of the graph being traced."""
+    return _first_proxy(args).tracer.create_proxy("call_function", fn, args, kwargs)
 
 
 def _acc(dtype):
@@ -118,14 +119,58 @@ def _empty_grad_input(grad, shape, channels_last):
     return torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=_layout_format(channels_last))
 
 
+def _zeros(shape, dtype, device, memory_format):
+    if memory_format is torch.contiguous_format:  # one call instead of empty + zero_
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format).zero_()
+
+
 def _accumulator(shape, like, memory_format):
     """Zero-filled gradient buffer in the accumulation dtype (the kernels add
     into it), laid out as the forward's input was: autograd copies a gradient
     whose strides differ from its input's, and the gradient arriving from
     ``.sum()`` has all-zero strides, which say nothing about a layout."""
-    if memory_format is torch.contiguous_format:  # one call instead of empty + zero_
-        return torch.zeros(shape, dtype=_acc(like.dtype), device=like.device)
-    return torch.empty(shape, dtype=_acc(like.dtype), device=like.device, memory_format=memory_format).zero_()
+    return _zeros(shape, _acc(like.dtype), like.device, memory_format)
+
+
+def deterministic_backward(requested):
+    """Whether a backward runs its deterministic kernels: asked for by the
+    call (``deterministic=True``) or by ``torch.use_deterministic_algorithms``
+    when the backward runs."""
+    return bool(requested) or torch.are_deterministic_algorithms_enabled()
+
+
+class _GradientBuffer:
+    """What a backward kernel adds one gradient into, and how it becomes the
+    gradient. Float atomics into an accumulation-dtype buffer; or, for the
+    deterministic backward, int64 fixed point scaled by max|grad| (one float64
+    computed on the device: no synchronization), converted by a kernel
+    afterwards. Empty gradients take the float path: nothing to add."""
+
+    __slots__ = ("buffer", "max_grad", "memory_format")
+
+    def __init__(self, shape, grad, memory_format, deterministic):
+        self.memory_format = memory_format
+        if deterministic and grad.numel():
+            self.buffer = _zeros(shape, torch.int64, grad.device, memory_format)
+            self.max_grad = torch.linalg.vector_norm(grad, float("inf"), dtype=torch.float64)
+        else:
+            self.buffer = _accumulator(shape, grad, memory_format)
+            self.max_grad = None
+
+    @property
+    def max_grad_ptr(self):
+        return 0 if self.max_grad is None else self.max_grad.data_ptr()
+
+    def result(self, dtype, family, k, size, ps):
+        """The gradient in ``dtype``; ``k``, ``size`` and ``ps`` are the backward's."""
+        if self.max_grad is None:
+            return _as_dtype(self.buffer, dtype)
+        out = torch.empty(self.buffer.shape, dtype=dtype, device=self.buffer.device,
+                          memory_format=self.memory_format)
+        _launch(_rules.fixed_point_gradient, out.device.index, _SCALAR[dtype], family, self.buffer.data_ptr(),
+                self.max_grad.data_ptr(), k, size, ps, tuple(out.shape), _view(out), False)
+        return out
 
 
 def _as_dtype(t, dtype):
@@ -145,12 +190,14 @@ def roi_align_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw:
 
 
 def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
-                            sampling_ratio: int, aligned: bool, ps: bool, channels_last: bool) -> torch.Tensor:
-    grad_input = _accumulator((n, c, h, w), grad, _layout_format(channels_last))
+                            sampling_ratio: int, aligned: bool, ps: bool, channels_last: bool,
+                            deterministic: bool) -> torch.Tensor:
+    sink = _GradientBuffer((n, c, h, w), grad, _layout_format(channels_last), deterministic_backward(deterministic))
+    size = tuple(grad.shape[2:])
     _launch(_rules.roi_align_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
-            rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, sampling_ratio, aligned,
-            _view(grad_input))
-    return _as_dtype(grad_input, grad.dtype)
+            rows.data_ptr(), rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer),
+            sink.max_grad_ptr)
+    return sink.result(grad.dtype, "roi_align", rows.shape[0], size, ps)
 
 
 def roi_pool_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
@@ -164,12 +211,13 @@ def roi_pool_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: 
 
 
 def roi_pool_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.Tensor, n: int, c: int, h: int,
-                           w: int, scale: float, ps: bool, channels_last: bool) -> torch.Tensor:
-    grad_input = _accumulator((n, c, h, w), grad, _layout_format(channels_last))
+                           w: int, scale: float, ps: bool, channels_last: bool, deterministic: bool) -> torch.Tensor:
+    sink = _GradientBuffer((n, c, h, w), grad, _layout_format(channels_last), deterministic_backward(deterministic))
+    size = tuple(grad.shape[2:])
     _launch(_rules.roi_pool_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
-            rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, 0 if ps else argmax.data_ptr(),
-            _view(grad_input))
-    return _as_dtype(grad_input, grad.dtype)
+            rows.data_ptr(), rows.shape[0], size, scale, 0 if ps else argmax.data_ptr(), _view(sink.buffer),
+            sink.max_grad_ptr)
+    return sink.result(grad.dtype, "roi_pool", rows.shape[0], size, ps)
 
 
 def prroi_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
@@ -181,35 +229,44 @@ def prroi_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int
 
 
 def prroi_backward_cuda(grad: torch.Tensor, input: torch.Tensor, rows: torch.Tensor, scale: float, ps: bool,
-                        rois_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_input = _accumulator(tuple(input.shape), input, _memory_format(input))
-    grad_rows = torch.zeros((rows.shape[0], 5) if rois_grad else (0, 5), dtype=rows.dtype, device=rows.device)
+                        rois_grad: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    shape, size, k = tuple(input.shape), tuple(grad.shape[2:]), rows.shape[0]
+    sink = _GradientBuffer(shape, grad, _memory_format(input), deterministic_backward(deterministic))
+    grad_rows = torch.zeros((k, 5) if rois_grad else (0, 5), dtype=rows.dtype, device=rows.device)
+    partials = None
+    if rois_grad and sink.max_grad is not None:
+        partials = torch.zeros(_rules.prroi_coordinate_partials(k, size, shape, ps), dtype=rows.dtype,
+                               device=rows.device)
     _launch(_rules.prroi_pool_backward, input.device.index, _SCALAR[input.dtype], ps, _view(grad), _view(input),
-            tuple(input.shape), rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, _view(grad_input),
-            grad_rows.data_ptr() if rois_grad else 0)
-    return _as_dtype(grad_input, input.dtype), grad_rows
+            shape, rows.data_ptr(), k, size, scale, _view(sink.buffer), grad_rows.data_ptr() if rois_grad else 0,
+            sink.max_grad_ptr, 0 if partials is None else partials.data_ptr())
+    return sink.result(input.dtype, "prroi_pool", k, size, ps), grad_rows
 
 
 # ---------------------------------------------------------------------------
 # autograd: one setup/backward pair per family, shared by the eager
 # autograd.Function and the custom ops' registered autograd
 
+# Every forward takes ``deterministic`` last, for its backward only (the
+# forward kernels have no atomics and are deterministic anyway).
+
 def _setup_roi_align(ctx, inputs, output):
-    input, rows, ph, pw, scale, sampling_ratio, aligned, ps = inputs
+    input, rows, ph, pw, scale, sampling_ratio, aligned, ps, deterministic = inputs
     ctx.save_for_backward(rows)
-    ctx.args = (tuple(input.shape), scale, sampling_ratio, aligned, ps, _memory_format(input) is torch.channels_last)
+    ctx.args = (tuple(input.shape), scale, sampling_ratio, aligned, ps, _memory_format(input) is torch.channels_last,
+                deterministic)
 
 
 def _setup_roi_pool(ctx, inputs, output):
-    input, rows, ph, pw, scale, ps = inputs
+    input, rows, ph, pw, scale, ps, deterministic = inputs
     ctx.save_for_backward(rows, output[1])
-    ctx.args = (tuple(input.shape), scale, ps, _memory_format(input) is torch.channels_last)
+    ctx.args = (tuple(input.shape), scale, ps, _memory_format(input) is torch.channels_last, deterministic)
 
 
 def _setup_prroi(ctx, inputs, output):
-    input, rows, ph, pw, scale, ps = inputs
+    input, rows, ph, pw, scale, ps, deterministic = inputs
     ctx.save_for_backward(input, rows)
-    ctx.args = (scale, ps)
+    ctx.args = (scale, ps, deterministic)
 
 
 def _make_backwards(roi_align_bwd, roi_pool_bwd, prroi_bwd):
@@ -218,27 +275,27 @@ def _make_backwards(roi_align_bwd, roi_pool_bwd, prroi_bwd):
 
     def roi_align_backward(ctx, grad):
         if grad is None:  # output unused (the eager path does not materialize zeros)
-            return (None,) * 8
+            return (None,) * 9
         (rows,) = ctx.saved_tensors
-        shape, scale, sampling_ratio, aligned, ps, channels_last = ctx.args
-        return (roi_align_bwd(grad, rows, *shape, scale, sampling_ratio, aligned, ps, channels_last),
-                None, None, None, None, None, None, None)
+        shape, scale, sampling_ratio, aligned, ps, channels_last, deterministic = ctx.args
+        return (roi_align_bwd(grad, rows, *shape, scale, sampling_ratio, aligned, ps, channels_last, deterministic),
+                ) + (None,) * 8
 
     def roi_pool_backward(ctx, grad, _grad_argmax):
         if grad is None:
-            return (None,) * 6
+            return (None,) * 7
         rows, argmax = ctx.saved_tensors
-        shape, scale, ps, channels_last = ctx.args
-        return roi_pool_bwd(grad, rows, argmax, *shape, scale, ps, channels_last), None, None, None, None, None
+        shape, scale, ps, channels_last, deterministic = ctx.args
+        return (roi_pool_bwd(grad, rows, argmax, *shape, scale, ps, channels_last, deterministic),) + (None,) * 6
 
     def prroi_backward(ctx, grad):
         if grad is None:
-            return (None,) * 6
+            return (None,) * 7
         input, rows = ctx.saved_tensors
-        scale, ps = ctx.args
+        scale, ps, deterministic = ctx.args
         rois_grad = ctx.needs_input_grad[1]
-        grad_input, grad_rows = prroi_bwd(grad, input, rows, scale, ps, rois_grad)
-        return grad_input, (grad_rows if rois_grad else None), None, None, None, None
+        grad_input, grad_rows = prroi_bwd(grad, input, rows, scale, ps, rois_grad, deterministic)
+        return (grad_input, (grad_rows if rois_grad else None)) + (None,) * 5
 
     return roi_align_backward, roi_pool_backward, prroi_backward
 
@@ -252,7 +309,7 @@ def _eager_function(forward_impl, setup, backward):
             # No zero tensors made for gradients that never arrive (RoIPool's
             # argmax output, an output left unused): the backward takes None.
             ctx.set_materialize_grads(False)
-            out = forward_impl(*args)
+            out = forward_impl(*args[:-1])  # the last, deterministic, is the backward's
             setup(ctx, args, out)
             if isinstance(out, tuple):
                 ctx.mark_non_differentiable(*out[1:])
@@ -327,7 +384,7 @@ def _linear_vjp(fn, shapes, grad, channels_last):
 
 
 def roi_align_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
-                          sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
+                          sampling_ratio: int, aligned: bool, ps: bool, deterministic: bool) -> torch.Tensor:
     _check_rois_in_op(rows, input)
     if use_kernels(input):
         return roi_align_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
@@ -337,16 +394,18 @@ def roi_align_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: 
 
 
 def roi_align_backward_any(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
-                           sampling_ratio: int, aligned: bool, ps: bool, channels_last: bool) -> torch.Tensor:
+                           sampling_ratio: int, aligned: bool, ps: bool, channels_last: bool,
+                           deterministic: bool) -> torch.Tensor:
     if use_kernels(grad):
-        return roi_align_backward_cuda(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps, channels_last)
+        return roi_align_backward_cuda(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps, channels_last,
+                                       deterministic)
     size = (grad.shape[2], grad.shape[3])
     return _linear_vjp(lambda x: _reference.roi_align(x, rows, size, scale, sampling_ratio, aligned, ps),
                        [(n, c, h, w)], grad, channels_last)[0]
 
 
 def roi_pool_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
-                         ps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         ps: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check_rois_in_op(rows, input)
     if use_kernels(input):
         return roi_pool_forward_cuda(input, rows, ph, pw, scale, ps)
@@ -361,9 +420,9 @@ def roi_pool_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: i
 
 
 def roi_pool_backward_any(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.Tensor, n: int, c: int, h: int,
-                          w: int, scale: float, ps: bool, channels_last: bool) -> torch.Tensor:
+                          w: int, scale: float, ps: bool, channels_last: bool, deterministic: bool) -> torch.Tensor:
     if use_kernels(grad):
-        return roi_pool_backward_cuda(grad, rows, argmax, n, c, h, w, scale, ps, channels_last)
+        return roi_pool_backward_cuda(grad, rows, argmax, n, c, h, w, scale, ps, channels_last, deterministic)
     if ps:
         size = (grad.shape[2], grad.shape[3])
         return _linear_vjp(lambda x: _reference.roi_pool(x, rows, size, scale, True), [(n, c, h, w)], grad,
@@ -380,7 +439,7 @@ def roi_pool_backward_any(grad: torch.Tensor, rows: torch.Tensor, argmax: torch.
 
 
 def prroi_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
-                      ps: bool) -> torch.Tensor:
+                      ps: bool, deterministic: bool) -> torch.Tensor:
     _check_rois_in_op(rows, input)
     if use_kernels(input):
         return prroi_forward_cuda(input, rows, ph, pw, scale, ps)
@@ -390,9 +449,9 @@ def prroi_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int,
 
 
 def prroi_backward_any(grad: torch.Tensor, input: torch.Tensor, rows: torch.Tensor, scale: float, ps: bool,
-                       rois_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       rois_grad: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if use_kernels(input):
-        return prroi_backward_cuda(grad, input, rows, scale, ps, rois_grad)
+        return prroi_backward_cuda(grad, input, rows, scale, ps, rois_grad, deterministic)
     size = (grad.shape[2], grad.shape[3])
     grads = _vjp(lambda x, r: _reference.prroi_pool(x, r, size, scale, ps), (input, rows),
                  (0, 1) if rois_grad else (0,), grad)
@@ -405,28 +464,28 @@ def prroi_backward_any(grad: torch.Tensor, input: torch.Tensor, rows: torch.Tens
 # ---------------------------------------------------------------------------
 # custom ops (torch.ops.cupy_roi.*), for graph tracing on every device
 
-def _fake_roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
+def _fake_roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps, deterministic):
     return _empty(_out_shape(input, rows, ph, pw, ps), input)
 
 
-def _fake_roi_align_bwd(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps, channels_last):
+def _fake_roi_align_bwd(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, ps, channels_last, deterministic):
     return _empty_grad_input(grad, (n, c, h, w), channels_last)
 
 
-def _fake_roi_pool_fwd(input, rows, ph, pw, scale, ps):
+def _fake_roi_pool_fwd(input, rows, ph, pw, scale, ps, deterministic):
     shape = _out_shape(input, rows, ph, pw, ps)
     return _empty(shape, input), torch.empty(shape if not ps else (0,), dtype=torch.int32, device=input.device)
 
 
-def _fake_roi_pool_bwd(grad, rows, argmax, n, c, h, w, scale, ps, channels_last):
+def _fake_roi_pool_bwd(grad, rows, argmax, n, c, h, w, scale, ps, channels_last, deterministic):
     return _empty_grad_input(grad, (n, c, h, w), channels_last)
 
 
-def _fake_prroi_fwd(input, rows, ph, pw, scale, ps):
+def _fake_prroi_fwd(input, rows, ph, pw, scale, ps, deterministic):
     return _empty(_out_shape(input, rows, ph, pw, ps), input)
 
 
-def _fake_prroi_bwd(grad, input, rows, scale, ps, rois_grad):
+def _fake_prroi_bwd(grad, input, rows, scale, ps, rois_grad, deterministic):
     return _empty(tuple(input.shape), input), torch.empty((rows.shape[0], 5) if rois_grad else (0, 5),
                                                           dtype=rows.dtype, device=rows.device)
 
@@ -466,12 +525,13 @@ def roi_align_rotated_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: 
 
 def roi_align_rotated_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int,
                                     scale: float, sampling_ratio: int, aligned: bool, clockwise: bool,
-                                    channels_last: bool) -> torch.Tensor:
-    grad_input = _accumulator((n, c, h, w), grad, _layout_format(channels_last))
+                                    channels_last: bool, deterministic: bool) -> torch.Tensor:
+    sink = _GradientBuffer((n, c, h, w), grad, _layout_format(channels_last), deterministic_backward(deterministic))
+    size = tuple(grad.shape[2:])
     _launch(_rules.roi_align_rotated_backward, grad.device.index, _SCALAR[grad.dtype], _view(grad), (n, c, h, w),
-            rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]), scale, sampling_ratio, aligned, clockwise,
-            _view(grad_input))
-    return _as_dtype(grad_input, grad.dtype)
+            rows.data_ptr(), rows.shape[0], size, scale, sampling_ratio, aligned, clockwise, _view(sink.buffer),
+            sink.max_grad_ptr)
+    return sink.result(grad.dtype, "roi_align", rows.shape[0], size, False)
 
 
 def multi_scale_forward_cuda(features: List[torch.Tensor], rows: torch.Tensor, ph: int, pw: int,
@@ -491,42 +551,45 @@ def _level_shapes(flat_shapes):
 
 def multi_scale_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, flat_shapes: List[int], scales: List[float],
                               sampling_ratio: int, aligned: bool, mode: int, s0: float, lvl0: int, lo: int, hi: int,
-                              channels_last: bool) -> List[torch.Tensor]:
-    shapes = _level_shapes(flat_shapes)
-    grads = [_accumulator(shape, grad, _layout_format(channels_last)) for shape in shapes]
+                              channels_last: bool, deterministic: bool) -> List[torch.Tensor]:
+    shapes, size, k = _level_shapes(flat_shapes), tuple(grad.shape[2:]), rows.shape[0]
+    sinks = [_GradientBuffer(shape, grad, _layout_format(channels_last), deterministic_backward(deterministic))
+             for shape in shapes]
+    for sink in sinks[1:]:  # one max|grad| serves every level
+        sink.max_grad = sinks[0].max_grad
     _launch(_rules.multi_scale_roi_align_backward, grad.device.index, _SCALAR[grad.dtype], _view(grad),
-            [_view(g) for g in grads], shapes, scales, rows.data_ptr(), rows.shape[0], tuple(grad.shape[2:]),
-            (mode, s0, lvl0, lo, hi), sampling_ratio, aligned)
-    return [_as_dtype(g, grad.dtype) for g in grads]
+            [_view(sink.buffer) for sink in sinks], shapes, scales, rows.data_ptr(), k, size,
+            (mode, s0, lvl0, lo, hi), sampling_ratio, aligned, sinks[0].max_grad_ptr)
+    return [sink.result(grad.dtype, "roi_align", k, size, False) for sink in sinks]
 
 
 def _setup_rotated(ctx, inputs, output):
-    input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise = inputs
+    input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise, deterministic = inputs
     ctx.save_for_backward(rows)
     ctx.args = (tuple(input.shape), scale, sampling_ratio, aligned, clockwise,
-                _memory_format(input) is torch.channels_last)
+                _memory_format(input) is torch.channels_last, deterministic)
 
 
 def _setup_multi_scale(ctx, inputs, output):
-    features, rows = inputs[0], inputs[1]
+    features, rows, deterministic = inputs[0], inputs[1], inputs[-1]
     ctx.save_for_backward(rows)
-    ctx.args = ([v for f in features for v in f.shape],) + tuple(inputs[4:]) + (
-        _memory_format(features[0]) is torch.channels_last,)
+    ctx.args = ([v for f in features for v in f.shape],) + tuple(inputs[4:-1]) + (
+        _memory_format(features[0]) is torch.channels_last, deterministic)
 
 
 def _make_more_backwards(rotated_bwd, multi_scale_bwd):
     def rotated_backward(ctx, grad):
         if grad is None:
-            return (None,) * 8
+            return (None,) * 9
         (rows,) = ctx.saved_tensors
         shape, *rest = ctx.args
-        return (rotated_bwd(grad, rows, *shape, *rest),) + (None,) * 7
+        return (rotated_bwd(grad, rows, *shape, *rest),) + (None,) * 8
 
     def multi_scale_backward(ctx, grad):
         if grad is None:
-            return (None,) * 12
+            return (None,) * 13
         (rows,) = ctx.saved_tensors
-        return (multi_scale_bwd(grad, rows, *ctx.args),) + (None,) * 11
+        return (multi_scale_bwd(grad, rows, *ctx.args),) + (None,) * 12
 
     return rotated_backward, multi_scale_backward
 
@@ -536,17 +599,18 @@ def _eager_multi_scale_function(backward):
     tensors as separate arguments: the levels go last)."""
     def flat_backward(ctx, grad):
         grads = backward(ctx, grad)[0]
-        return (None,) * 11 + tuple(grads if grads is not None else [None] * (len(ctx.args[0]) // 4))
+        return (None,) * 12 + tuple(grads if grads is not None else [None] * (len(ctx.args[0]) // 4))
 
     once_differentiable_backward = torch.autograd.function.once_differentiable(flat_backward)
 
     class MultiScaleRoIAlignFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi, *features):
+        def forward(ctx, rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi, deterministic,
+                    *features):
             ctx.set_materialize_grads(False)
             inputs = (list(features), rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi)
             out = multi_scale_forward_cuda(*inputs)
-            _setup_multi_scale(ctx, inputs, out)
+            _setup_multi_scale(ctx, inputs + (deterministic,), out)
             return out
 
         @staticmethod
@@ -567,7 +631,8 @@ _multi_scale_eager = _eager_multi_scale_function(_more_eager_backwards[1])
 
 
 def roi_align_rotated_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
-                                  sampling_ratio: int, aligned: bool, clockwise: bool) -> torch.Tensor:
+                                  sampling_ratio: int, aligned: bool, clockwise: bool,
+                                  deterministic: bool) -> torch.Tensor:
     _check_rois_in_op(rows, input)
     if use_kernels(input):
         return roi_align_rotated_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise)
@@ -578,10 +643,10 @@ def roi_align_rotated_forward_any(input: torch.Tensor, rows: torch.Tensor, ph: i
 
 def roi_align_rotated_backward_any(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int,
                                    scale: float, sampling_ratio: int, aligned: bool, clockwise: bool,
-                                   channels_last: bool) -> torch.Tensor:
+                                   channels_last: bool, deterministic: bool) -> torch.Tensor:
     if use_kernels(grad):
         return roi_align_rotated_backward_cuda(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, clockwise,
-                                               channels_last)
+                                               channels_last, deterministic)
     size = (grad.shape[2], grad.shape[3])
     return _linear_vjp(lambda x: _reference.roi_align_rotated(x, rows, size, scale, sampling_ratio, aligned,
                                                               clockwise), [(n, c, h, w)], grad, channels_last)[0]
@@ -589,7 +654,7 @@ def roi_align_rotated_backward_any(grad: torch.Tensor, rows: torch.Tensor, n: in
 
 def multi_scale_forward_any(features: List[torch.Tensor], rows: torch.Tensor, ph: int, pw: int,
                             scales: List[float], sampling_ratio: int, aligned: bool, mode: int, s0: float,
-                            lvl0: int, lo: int, hi: int) -> torch.Tensor:
+                            lvl0: int, lo: int, hi: int, deterministic: bool) -> torch.Tensor:
     _check_rois_in_op(rows, features[0])
     if use_kernels(features[0]):
         return multi_scale_forward_cuda(features, rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0,
@@ -602,30 +667,32 @@ def multi_scale_forward_any(features: List[torch.Tensor], rows: torch.Tensor, ph
 
 def multi_scale_backward_any(grad: torch.Tensor, rows: torch.Tensor, flat_shapes: List[int], scales: List[float],
                              sampling_ratio: int, aligned: bool, mode: int, s0: float, lvl0: int, lo: int, hi: int,
-                             channels_last: bool) -> List[torch.Tensor]:
+                             channels_last: bool, deterministic: bool) -> List[torch.Tensor]:
     if use_kernels(grad):
         return multi_scale_backward_cuda(grad, rows, flat_shapes, scales, sampling_ratio, aligned, mode, s0, lvl0,
-                                         lo, hi, channels_last)
+                                         lo, hi, channels_last, deterministic)
     size = (grad.shape[2], grad.shape[3])
     return _linear_vjp(lambda *f: _reference.multi_scale_roi_align(list(f), rows, size, scales, sampling_ratio,
                                                                    aligned, (mode, s0, lvl0, lo, hi)),
                        _level_shapes(flat_shapes), grad, channels_last)
 
 
-def _fake_rotated_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise):
+def _fake_rotated_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise, deterministic):
     return _empty((rows.shape[0], input.shape[1], ph, pw), input)
 
 
-def _fake_rotated_bwd(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, clockwise, channels_last):
+def _fake_rotated_bwd(grad, rows, n, c, h, w, scale, sampling_ratio, aligned, clockwise, channels_last,
+                      deterministic):
     return _empty_grad_input(grad, (n, c, h, w), channels_last)
 
 
-def _fake_multi_scale_fwd(features, rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi):
+def _fake_multi_scale_fwd(features, rows, ph, pw, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi,
+                          deterministic):
     return _empty((rows.shape[0], features[0].shape[1], ph, pw), features[0])
 
 
 def _fake_multi_scale_bwd(grad, rows, flat_shapes, scales, sampling_ratio, aligned, mode, s0, lvl0, lo, hi,
-                          channels_last):
+                          channels_last, deterministic):
     return [_empty_grad_input(grad, shape, channels_last) for shape in _level_shapes(flat_shapes)]
 
 
@@ -641,30 +708,30 @@ else:
     _rotated_op, _multi_scale_op = roi_align_rotated_forward_any, multi_scale_forward_any
 
 
-def roi_align_rotated_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise):
+def roi_align_rotated_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise, deterministic=False):
     if tracing():
         if _in_onnx_export():
             raise _onnx.unsupported("roi_align_rotated")
-        return _rotated_op(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise)
+        return _rotated_op(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise, deterministic)
     if not use_kernels(input):
         return _reference.roi_align_rotated(input, rows.detach(), (ph, pw), scale, sampling_ratio, aligned,
                                             clockwise)
     if input.requires_grad and torch.is_grad_enabled():
-        return _rotated_eager(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise)
+        return _rotated_eager(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise, deterministic)
     return roi_align_rotated_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, clockwise)
 
 
-def multi_scale_fwd(features, rows, ph, pw, scales, sampling_ratio, aligned, mapping):
+def multi_scale_fwd(features, rows, ph, pw, scales, sampling_ratio, aligned, mapping, deterministic=False):
     """``mapping``: :func:`_rules.level_mapping`'s (mode, s0, lvl0, lo, hi)."""
     if tracing():
         if _in_onnx_export():
             raise _onnx.unsupported("multi_scale_roi_align")
-        return _multi_scale_op(features, rows, ph, pw, scales, sampling_ratio, aligned, *mapping)
+        return _multi_scale_op(features, rows, ph, pw, scales, sampling_ratio, aligned, *mapping, deterministic)
     if not use_kernels(features[0]):
         return _reference.multi_scale_roi_align(features, rows.detach(), (ph, pw), scales, sampling_ratio, aligned,
                                                 mapping)
     if torch.is_grad_enabled() and any(f.requires_grad for f in features):
-        return _multi_scale_eager(features, rows, ph, pw, scales, sampling_ratio, aligned, *mapping)
+        return _multi_scale_eager(features, rows, ph, pw, scales, sampling_ratio, aligned, *mapping, deterministic)
     return multi_scale_forward_cuda(features, rows, ph, pw, scales, sampling_ratio, aligned, *mapping)
 
 
@@ -684,39 +751,39 @@ def prepare_levels(features, boxes, output_size):
 # ---------------------------------------------------------------------------
 # the entries the functional operators call, after prepare()
 
-def roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps):
+def roi_align_fwd(input, rows, ph, pw, scale, sampling_ratio, aligned, ps, deterministic=False):
     if tracing():
         if _in_onnx_export():
             return _onnx.roi_align(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
-        return _roi_align_op(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
+        return _roi_align_op(input, rows, ph, pw, scale, sampling_ratio, aligned, ps, deterministic)
     if not use_kernels(input):  # no box gradient, as on the GPU and in torchvision
         return _reference.roi_align(input, rows.detach(), (ph, pw), scale, sampling_ratio, aligned, ps)
     if input.requires_grad and torch.is_grad_enabled():
-        return _roi_align_eager(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
+        return _roi_align_eager(input, rows, ph, pw, scale, sampling_ratio, aligned, ps, deterministic)
     return roi_align_forward_cuda(input, rows, ph, pw, scale, sampling_ratio, aligned, ps)
 
 
-def roi_pool_fwd(input, rows, ph, pw, scale, ps):
+def roi_pool_fwd(input, rows, ph, pw, scale, ps, deterministic=False):
     if tracing():
         if _in_onnx_export():
             return _onnx.roi_pool(input, rows, ph, pw, scale, ps)
-        return _roi_pool_op(input, rows, ph, pw, scale, ps)[0]
+        return _roi_pool_op(input, rows, ph, pw, scale, ps, deterministic)[0]
     if not use_kernels(input):
         return _reference.roi_pool(input, rows.detach(), (ph, pw), scale, ps)
     if input.requires_grad and torch.is_grad_enabled():
-        return _roi_pool_eager(input, rows, ph, pw, scale, ps)[0]
+        return _roi_pool_eager(input, rows, ph, pw, scale, ps, deterministic)[0]
     return roi_pool_forward_cuda(input, rows, ph, pw, scale, ps)[0]
 
 
-def prroi_fwd(input, rows, ph, pw, scale, ps):
+def prroi_fwd(input, rows, ph, pw, scale, ps, deterministic=False):
     if tracing():
         if _in_onnx_export():
             return _onnx.prroi_pool(input, rows, ph, pw, scale, ps)
-        return _prroi_op(input, rows, ph, pw, scale, ps)
+        return _prroi_op(input, rows, ph, pw, scale, ps, deterministic)
     if not use_kernels(input):
         return _reference.prroi_pool(input, rows, (ph, pw), scale, ps)
     if (input.requires_grad or rows.requires_grad) and torch.is_grad_enabled():
-        return _prroi_eager(input, rows, ph, pw, scale, ps)
+        return _prroi_eager(input, rows, ph, pw, scale, ps, deterministic)
     return prroi_forward_cuda(input, rows, ph, pw, scale, ps)
 
 
@@ -745,7 +812,7 @@ def prepare(input, rois, output_size, position_sensitive, columns=5):
 
 
 def use_kernels(input):
-    return input.is_cuda and not torch.are_deterministic_algorithms_enabled()
+    return input.is_cuda
 
 
 # ---------------------------------------------------------------------------
@@ -775,27 +842,30 @@ def script_rows(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tenso
 
 
 def script_roi_align(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: List[int],
-                     spatial_scale: float, sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
+                     spatial_scale: float, sampling_ratio: int, aligned: bool, ps: bool,
+                     deterministic: bool = False) -> torch.Tensor:
     rows = script_rows(input, boxes, output_size, ps)
     return torch.ops.cupy_roi.roi_align_forward(input, rows, output_size[0], output_size[1], spatial_scale,
-                                                sampling_ratio, aligned, ps)
+                                                sampling_ratio, aligned, ps, deterministic)
 
 
 def script_roi_pool(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: List[int],
-                    spatial_scale: float, ps: bool) -> torch.Tensor:
+                    spatial_scale: float, ps: bool, deterministic: bool = False) -> torch.Tensor:
     rows = script_rows(input, boxes, output_size, ps)
-    return torch.ops.cupy_roi.roi_pool_forward(input, rows, output_size[0], output_size[1], spatial_scale, ps)[0]
+    return torch.ops.cupy_roi.roi_pool_forward(input, rows, output_size[0], output_size[1], spatial_scale, ps,
+                                               deterministic)[0]
 
 
 def script_prroi(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: List[int],
-                 spatial_scale: float, ps: bool) -> torch.Tensor:
+                 spatial_scale: float, ps: bool, deterministic: bool = False) -> torch.Tensor:
     rows = script_rows(input, boxes, output_size, ps)
-    return torch.ops.cupy_roi.prroi_pool_forward(input, rows, output_size[0], output_size[1], spatial_scale, ps)
+    return torch.ops.cupy_roi.prroi_pool_forward(input, rows, output_size[0], output_size[1], spatial_scale, ps,
+                                                 deterministic)
 
 
 def script_roi_align_rotated(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]],
                              output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool,
-                             clockwise: bool) -> torch.Tensor:
+                             clockwise: bool, deterministic: bool = False) -> torch.Tensor:
     rows = script_rows(input, boxes, output_size, False, 6)
     return torch.ops.cupy_roi.roi_align_rotated_forward(input, rows, output_size[0], output_size[1], spatial_scale,
-                                                        sampling_ratio, aligned, clockwise)
+                                                        sampling_ratio, aligned, clockwise, deterministic)

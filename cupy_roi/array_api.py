@@ -17,7 +17,9 @@ Conventions shared by every function here:
 * ``out``: optional output array to write (any strides, the input's dtype).
 * Backward functions return gradients in the accumulation dtype (float32 for
   float16/bfloat16 inputs, else the input's); ``grad_input`` may be passed as a
-  zero-filled buffer of that dtype to accumulate into.
+  zero-filled buffer of that dtype to accumulate into. ``deterministic=True``
+  gives bitwise-reproducible gradients (int64 fixed-point accumulation, see the
+  README); the CPU path is deterministic anyway.
 * ``stream``: a ``cupy.cuda.Stream`` or ``ExternalStream`` of the input's device;
   default: CuPy's current stream of that device (not of the current device).
   Nothing here synchronizes with the host, unless the RoI value check is
@@ -144,6 +146,33 @@ class _Call:
         _check_array(grad_input, self.shape, np.dtype(self.acc), "grad_input", self.device)
         return grad_input
 
+    def gradient_sink(self, grad_output, shape, layout_like, deterministic):
+        """Where a backward kernel adds one gradient: ``(buffer, max_grad)``.
+        max_grad is None for float atomics into a zero-filled accumulation
+        buffer (returned as None: the caller supplies it); for the
+        deterministic backward, a zero-filled int64 buffer laid out like
+        ``layout_like`` and max|grad_output| as a float64 0-d device array
+        (computed on the stream: no synchronization)."""
+        if not deterministic or grad_output.size == 0:
+            return None, None
+        cupy = self.cupy
+        fixed = self.new_array(shape, np.int64, layout_like)
+        with cupy.cuda.Device(self.device), self.stream:
+            fixed.fill(0)
+            g = grad_output
+            if self.scalar == "bfloat16":  # raw bits: the float32 with the same leading bits
+                g = (g.astype(np.uint32) << 16).view(np.float32)
+            max_grad = cupy.abs(g).max().astype(np.float64)
+        return fixed, max_grad
+
+    def finish_gradient(self, family, fixed, max_grad, out):
+        """Convert a deterministic backward's int64 buffer, adding into ``out``
+        (the caller's zero-filled or accumulating accumulation-dtype buffer)."""
+        with self.cupy.cuda.Device(self.device):
+            _rules.fixed_point_gradient(self.device, self.stream.ptr, self.scalar, family, _ptr(fixed), _ptr(max_grad),
+                                        self.k, self.output_size, self.ps, tuple(out.shape), _view(out), True, True)
+        return out
+
     def check_grad_output(self, grad_output):
         _check_array(grad_output, self.out_shape, None, "grad_output", self.device)
         if _scalar_type(grad_output, self.scalar if self.scalar == "bfloat16" else None,
@@ -252,7 +281,7 @@ def roi_align_forward(input, rois, output_size, spatial_scale=1.0, sampling_rati
 
 def roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scale=1.0, sampling_ratio=-1,
                        aligned=False, position_sensitive=False, *, grad_input=None, stream=None,
-                       scalar_type=None):
+                       scalar_type=None, deterministic=False):
     """Gradient of :func:`roi_align_forward` w.r.t. its input, shape ``input_shape``."""
     rois, grad_output, grad_input = _arrays(rois, (grad_output, "grad_output"), (grad_input, "grad_input"))
     if _is_numpy(grad_output):
@@ -263,9 +292,11 @@ def roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scal
                  "grad_output")
     call.check_grad_output(grad_output)
     grad_input = call.grad_input(grad_input, grad_output)
+    fixed, max_grad = call.gradient_sink(grad_output, call.shape, grad_input, deterministic)
     call.run(_rules.roi_align_backward, _view(grad_output), call.shape, _ptr(call.rows), call.k,
-             call.output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), _view(grad_input))
-    return grad_input
+             call.output_size, float(spatial_scale), int(sampling_ratio), bool(aligned),
+             _view(grad_input if fixed is None else fixed), 0 if fixed is None else _ptr(max_grad))
+    return grad_input if fixed is None else call.finish_gradient("roi_align", fixed, max_grad, grad_input)
 
 
 def ps_roi_align_forward(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True, **kw):
@@ -301,7 +332,8 @@ def roi_align_rotated_forward(input, rois, output_size, spatial_scale=1.0, sampl
 
 
 def roi_align_rotated_backward(grad_output, rois, input_shape, output_size, spatial_scale=1.0, sampling_ratio=0,
-                               aligned=True, clockwise=False, *, grad_input=None, stream=None, scalar_type=None):
+                               aligned=True, clockwise=False, *, grad_input=None, stream=None, scalar_type=None,
+                               deterministic=False):
     """Gradient of :func:`roi_align_rotated_forward` w.r.t. its input, shape ``input_shape``."""
     rois, grad_output, grad_input = _arrays(rois, (grad_output, "grad_output"), (grad_input, "grad_input"))
     args = (float(spatial_scale), int(sampling_ratio), bool(aligned), bool(clockwise))
@@ -313,10 +345,13 @@ def roi_align_rotated_backward(grad_output, rois, input_shape, output_size, spat
                  columns=6)
     call.check_grad_output(grad_output)
     grad_input = call.grad_input(grad_input, grad_output)
+    fixed, max_grad = call.gradient_sink(grad_output, call.shape, grad_input, deterministic)
     with call.cupy.cuda.Device(call.device):
         _rules.roi_align_rotated_backward(call.device, call.stream.ptr, call.scalar, _view(grad_output), call.shape,
-                                          _ptr(call.rows), call.k, call.output_size, *args, _view(grad_input))
-    return grad_input
+                                          _ptr(call.rows), call.k, call.output_size, *args,
+                                          _view(grad_input if fixed is None else fixed),
+                                          0 if fixed is None else _ptr(max_grad))
+    return grad_input if fixed is None else call.finish_gradient("roi_align", fixed, max_grad, grad_input)
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +403,8 @@ def multi_scale_roi_align_forward(features, rois, output_size, spatial_scales, s
 
 def multi_scale_roi_align_backward(grad_output, rois, feature_shapes, output_size, spatial_scales,
                                    sampling_ratio=-1, aligned=False, *, mapping="torchvision", canonical_scale=224,
-                                   canonical_level=4, finest_scale=56, stream=None, scalar_type=None):
+                                   canonical_level=4, finest_scale=56, stream=None, scalar_type=None,
+                                   deterministic=False):
     """Gradients of :func:`multi_scale_roi_align_forward` w.r.t. each level
     (shapes ``feature_shapes``), as a list of accumulation-dtype arrays laid
     out like ``grad_output``."""
@@ -391,11 +427,17 @@ def multi_scale_roi_align_backward(grad_output, rois, feature_shapes, output_siz
     call = _Call(grad_output, shapes[0], rois, output_size, False, stream, scalar_type, "grad_output")
     call.check_grad_output(grad_output)
     grads = [call.zeros(s, grad_output) for s in shapes]
+    sinks = [call.gradient_sink(grad_output, s, grad_output, deterministic) for s in shapes]
+    max_grad = sinks[0][1]
     with call.cupy.cuda.Device(call.device):
         _rules.multi_scale_roi_align_backward(call.device, call.stream.ptr, call.scalar, _view(grad_output),
-                                              [_view(g) for g in grads], shapes, scales, _ptr(call.rows), call.k,
-                                              call.output_size, level_map, int(sampling_ratio), bool(aligned))
-    return grads
+                                              [_view(g if f is None else f) for g, (f, _) in zip(grads, sinks)],
+                                              shapes, scales, _ptr(call.rows), call.k, call.output_size, level_map,
+                                              int(sampling_ratio), bool(aligned),
+                                              0 if max_grad is None else _ptr(max_grad))
+    if max_grad is None:
+        return grads
+    return [call.finish_gradient("roi_align", f, max_grad, g) for g, (f, _) in zip(grads, sinks)]
 
 
 # ---------------------------------------------------------------------------
@@ -432,7 +474,8 @@ def roi_pool_forward(input, rois, output_size, spatial_scale=1.0, position_sensi
 
 
 def roi_pool_backward(grad_output, rois, argmax, input_shape, output_size, spatial_scale=1.0,
-                      position_sensitive=False, *, grad_input=None, stream=None, scalar_type=None):
+                      position_sensitive=False, *, grad_input=None, stream=None, scalar_type=None,
+                      deterministic=False):
     """Gradient of :func:`roi_pool_forward` w.r.t. its input (``argmax`` is
     needed for RoIPool, ignored for PSRoIPool)."""
     ps = bool(position_sensitive)
@@ -453,9 +496,11 @@ def roi_pool_backward(grad_output, rois, argmax, input_shape, output_size, spati
     if not ps and (argmax.dtype != np.int32 or not argmax.flags.c_contiguous):
         raise TypeError("argmax must be the contiguous int32 array returned by roi_pool_forward")
     grad_input = call.grad_input(grad_input, grad_output)
+    fixed, max_grad = call.gradient_sink(grad_output, call.shape, grad_input, deterministic)
     call.run(_rules.roi_pool_backward, _view(grad_output), call.shape, _ptr(call.rows), call.k,
-             call.output_size, float(spatial_scale), 0 if ps else _ptr(argmax), _view(grad_input))
-    return grad_input
+             call.output_size, float(spatial_scale), 0 if ps else _ptr(argmax),
+             _view(grad_input if fixed is None else fixed), 0 if fixed is None else _ptr(max_grad))
+    return grad_input if fixed is None else call.finish_gradient("roi_pool", fixed, max_grad, grad_input)
 
 
 def _argmax_scatter_cpu(grad_output, rois, argmax, input_shape, acc):
@@ -497,7 +542,8 @@ def prroi_pool_forward(input, rois, output_size, spatial_scale=1.0, position_sen
 
 
 def prroi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, position_sensitive=False,
-                        *, rois_grad=True, grad_input=None, grad_rois=None, stream=None, scalar_type=None):
+                        *, rois_grad=True, grad_input=None, grad_rois=None, stream=None, scalar_type=None,
+                        deterministic=False):
     """Gradients of :func:`prroi_pool_forward` w.r.t. the input and, with
     ``rois_grad``, the RoI rows ``[K, 5]`` (column 0, the batch index, gets 0).
     Returns ``(grad_input, grad_rois or None)``; ``grad_rois``, if given, must
@@ -518,6 +564,16 @@ def prroi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0
         _check_array(grad_rois, (call.k, 5), np.dtype(call.acc), "grad_rois", call.device)
         if not grad_rois.flags.c_contiguous:
             raise ValueError("grad_rois must be C-contiguous")
+    fixed, max_grad = call.gradient_sink(grad_output, call.shape, grad_input, deterministic)
+    partials = None
+    if fixed is not None and rois_grad:
+        with call.cupy.cuda.Device(call.device), call.stream:
+            partials = call.cupy.zeros(_rules.prroi_coordinate_partials(call.k, call.output_size, call.shape,
+                                                                        call.ps), call.acc)
     call.run(_rules.prroi_pool_backward, _view(grad_output), _view(input), call.shape, _ptr(call.rows), call.k,
-             call.output_size, float(spatial_scale), _view(grad_input), _ptr(grad_rois) if rois_grad else 0)
+             call.output_size, float(spatial_scale), _view(grad_input if fixed is None else fixed),
+             _ptr(grad_rois) if rois_grad else 0, 0 if fixed is None else _ptr(max_grad),
+             0 if partials is None else _ptr(partials))
+    if fixed is not None:
+        call.finish_gradient("prroi_pool", fixed, max_grad, grad_input)
     return grad_input, (grad_rois if rois_grad else None)

@@ -14,7 +14,7 @@ from . import _torch_ops as ops
 def multi_scale_roi_align(features: List[Tensor], boxes: Union[Tensor, List[Tensor]], output_size,
                           spatial_scales: List[float], sampling_ratio: int = -1, aligned: bool = False, *,
                           mapping: str = "torchvision", canonical_scale: float = 224, canonical_level: int = 4,
-                          finest_scale: float = 56) -> Tensor:
+                          finest_scale: float = 56, deterministic: bool = False) -> Tensor:
     """RoI Align over a feature pyramid: each RoI is pooled from one level.
 
     Args:
@@ -39,6 +39,9 @@ def multi_scale_roi_align(features: List[Tensor], boxes: Union[Tensor, List[Tens
 
             One level takes every box. A box whose level is NaN (``w * h < 0``:
             one side inverted) gets a zero output row, as in both libraries.
+        deterministic: run the deterministic backward (bitwise-identical
+            gradients on every run; see the README). Also on whenever
+            ``torch.use_deterministic_algorithms(True)`` is.
 
     Returns:
         ``(K, C, ph, pw)`` in the features' dtype, rows in the order of ``boxes``;
@@ -49,13 +52,15 @@ def multi_scale_roi_align(features: List[Tensor], boxes: Union[Tensor, List[Tens
     """
     if ops.fx_proxy(features, boxes):
         return ops.fx_leaf(multi_scale_roi_align, features, boxes, output_size, spatial_scales, sampling_ratio,
-                           aligned)
+                           aligned, mapping=mapping, canonical_scale=canonical_scale,
+                           canonical_level=canonical_level, finest_scale=finest_scale, deterministic=deterministic)
     features = list(features)
     rows, (ph, pw) = ops.prepare_levels(features, boxes, output_size)
     scales = [float(s) for s in spatial_scales]
     _rules.check_levels([tuple(f.shape) for f in features], scales)
     level_map = _rules.level_mapping(mapping, scales, canonical_scale, canonical_level, finest_scale)
-    return ops.multi_scale_fwd(features, rows, ph, pw, scales, int(sampling_ratio), bool(aligned), level_map)
+    return ops.multi_scale_fwd(features, rows, ph, pw, scales, int(sampling_ratio), bool(aligned), level_map,
+                               bool(deterministic))
 
 
 def _infer_scale(feature: Tensor, original_size: List[int]) -> float:
@@ -77,6 +82,7 @@ class MultiScaleRoIAlign(nn.Module):
         aligned: the RoIAlign convention (torchvision: False).
         mapping: ``"torchvision"`` or ``"mmdet"`` (see :func:`multi_scale_roi_align`).
         finest_scale: mmdetection's constant (its default, 56).
+        deterministic: the bitwise-reproducible backward (see :func:`multi_scale_roi_align`).
 
     ``forward(x: Dict[str, Tensor], boxes: List[Tensor[L_i, 4]], image_shapes:
     List[Tuple[int, int]])`` returns ``(sum L_i, C, ph, pw)``. The scales are
@@ -86,7 +92,8 @@ class MultiScaleRoIAlign(nn.Module):
 
     def __init__(self, featmap_names: List[str], output_size: Union[int, Tuple[int], List[int]],
                  sampling_ratio: int, *, canonical_scale: int = 224, canonical_level: int = 4,
-                 aligned: bool = False, mapping: str = "torchvision", finest_scale: float = 56):
+                 aligned: bool = False, mapping: str = "torchvision", finest_scale: float = 56,
+                 deterministic: bool = False):
         super().__init__()
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
@@ -100,6 +107,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.aligned = aligned
         self.mapping = mapping
         self.finest_scale = finest_scale
+        self.deterministic = deterministic
         self.scales: Optional[List[float]] = None
 
     def _setup_scales(self, features: List[Tensor], image_shapes: List[Tuple[int, int]]) -> List[float]:
@@ -116,7 +124,8 @@ class MultiScaleRoIAlign(nn.Module):
             self.scales = self._setup_scales(features, image_shapes)
         return multi_scale_roi_align(features, boxes, self.output_size, self.scales, self.sampling_ratio,
                                      self.aligned, mapping=self.mapping, canonical_scale=self.canonical_scale,
-                                     canonical_level=self.canonical_level, finest_scale=self.finest_scale)
+                                     canonical_level=self.canonical_level, finest_scale=self.finest_scale,
+                                     deterministic=self.deterministic)
 
     def __repr__(self):
         return (f"{type(self).__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "

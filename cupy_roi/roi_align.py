@@ -10,7 +10,8 @@ from . import _torch_ops as ops
 
 
 def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
-              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+              deterministic: bool = False) -> Tensor:
     """RoI Align (Mask R-CNN), a drop-in for ``torchvision.ops.roi_align``.
 
     Args:
@@ -23,19 +24,25 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: Br
         spatial_scale: maps box coordinates to feature coordinates (1/stride).
         sampling_ratio: samples per bin and axis; ``<= 0``: ``ceil(roi_size / bins)``.
         aligned: shift boxes by -0.5 pixel (pixel-centre convention).
+        deterministic: run the deterministic backward (bitwise-identical
+            gradients on every run; see the README). Also on whenever
+            ``torch.use_deterministic_algorithms(True)`` is.
 
     Returns:
         ``(K, C, ph, pw)`` with input's dtype; differentiable w.r.t. ``input``.
     """
     if not torch.jit.is_scripting():
         if ops.fx_proxy(input, boxes):
-            return ops.fx_leaf(roi_align, input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False)
-    return ops.script_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False)
+            return ops.fx_leaf(roi_align, input, boxes, output_size, spatial_scale, sampling_ratio, aligned,
+                               deterministic)
+        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False, deterministic)
+    return ops.script_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False,
+                                deterministic)
 
 
 def ps_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
-                 spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = True) -> Tensor:
+                 spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = True,
+                 deterministic: bool = False) -> Tensor:
     """Position-sensitive RoI Align (R-FCN, Light-Head R-CNN), a drop-in for
     ``torchvision.ops.ps_roi_align`` (which computes ``aligned=True``).
 
@@ -46,19 +53,22 @@ def ps_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size:
     """
     if not torch.jit.is_scripting():
         if ops.fx_proxy(input, boxes):
-            return ops.fx_leaf(ps_roi_align, input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True)
-    return ops.script_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True)
+            return ops.fx_leaf(ps_roi_align, input, boxes, output_size, spatial_scale, sampling_ratio, aligned,
+                               deterministic)
+        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True, deterministic)
+    return ops.script_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True,
+                                deterministic)
 
 
-def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, ps):
+def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, ps, deterministic):
     rows, (ph, pw) = ops.prepare(input, boxes, output_size, ps)
-    return ops.roi_align_fwd(input, rows, ph, pw, float(spatial_scale), int(sampling_ratio), bool(aligned), ps)
+    return ops.roi_align_fwd(input, rows, ph, pw, float(spatial_scale), int(sampling_ratio), bool(aligned), ps,
+                             bool(deterministic))
 
 
 def roi_align_rotated(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
                       spatial_scale: float = 1.0, sampling_ratio: int = 0, aligned: bool = True,
-                      clockwise: bool = False) -> Tensor:
+                      clockwise: bool = False, deterministic: bool = False) -> Tensor:
     """RoI Align over rotated boxes (oriented detectors), with mmcv's
     ``roi_align_rotated`` semantics.
 
@@ -75,6 +85,9 @@ def roi_align_rotated(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_
         aligned: shift the centre by -0.5 pixel (pixel-centre convention); when
             False, boxes smaller than one feature cell are grown to 1x1.
         clockwise: read ``angle`` as clockwise.
+        deterministic: run the deterministic backward (bitwise-identical
+            gradients on every run; see the README). Also on whenever
+            ``torch.use_deterministic_algorithms(True)`` is.
 
     Returns:
         ``(K, C, ph, pw)`` with input's dtype; differentiable w.r.t. ``input``.
@@ -91,42 +104,49 @@ def roi_align_rotated(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_
     if not torch.jit.is_scripting():
         if ops.fx_proxy(input, boxes):
             return ops.fx_leaf(roi_align_rotated, input, boxes, output_size, spatial_scale, sampling_ratio, aligned,
-                               clockwise)
+                               clockwise, deterministic)
         rows, (ph, pw) = ops.prepare(input, boxes, output_size, False, columns=6)
         return ops.roi_align_rotated_fwd(input, rows, ph, pw, float(spatial_scale), int(sampling_ratio),
-                                         bool(aligned), bool(clockwise))
-    return ops.script_roi_align_rotated(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, clockwise)
+                                         bool(aligned), bool(clockwise), bool(deterministic))
+    return ops.script_roi_align_rotated(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, clockwise,
+                                        deterministic)
 
 
 class RoIAlign(nn.Module):
     """See :func:`roi_align`."""
 
-    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False):
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False, *,
+                 deterministic: bool = False):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.deterministic = deterministic
 
     def forward(self, input: Tensor, rois) -> Tensor:
-        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                         self.deterministic)
 
     def __repr__(self):
         return (f"{type(self).__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+                f"{', deterministic=True' if self.deterministic else ''})")
 
 
 class PSRoIAlign(nn.Module):
     """See :func:`ps_roi_align`; torchvision's module name and signature."""
 
-    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int):
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, *, deterministic: bool = False):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
+        self.deterministic = deterministic
 
     def forward(self, input: Tensor, rois) -> Tensor:
-        return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
+        return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, True,
+                            self.deterministic)
 
     def __repr__(self):
         return (f"{type(self).__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
@@ -140,8 +160,9 @@ class PSROIAlign(PSRoIAlign):
     >>> PSROIAlign(spatial_scale=1/16, roi_size=7, sampling_ratio=2, pooled_dim=10)
     """
 
-    def __init__(self, spatial_scale: float, roi_size: int, sampling_ratio: int, pooled_dim: int):
-        super().__init__((roi_size, roi_size), spatial_scale, sampling_ratio)
+    def __init__(self, spatial_scale: float, roi_size: int, sampling_ratio: int, pooled_dim: int, *,
+                 deterministic: bool = False):
+        super().__init__((roi_size, roi_size), spatial_scale, sampling_ratio, deterministic=deterministic)
         self.roi_size = roi_size
         self.pooled_dim = pooled_dim
 
@@ -161,17 +182,18 @@ class RoIAlignRotated(nn.Module):
     """See :func:`roi_align_rotated`; mmcv's module name and signature."""
 
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int = 0, aligned: bool = True,
-                 clockwise: bool = False):
+                 clockwise: bool = False, *, deterministic: bool = False):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.clockwise = clockwise
+        self.deterministic = deterministic
 
     def forward(self, input: Tensor, rois) -> Tensor:
         return roi_align_rotated(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
-                                 self.aligned, self.clockwise)
+                                 self.aligned, self.clockwise, self.deterministic)
 
     def __repr__(self):
         return (f"{type(self).__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
