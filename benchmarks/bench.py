@@ -8,6 +8,11 @@ faster), and with ``--graph`` the same two calls replayed from a CUDA graph
 (the kernel-only floor, host work taken away). torchvision has no bfloat16
 kernels here: bfloat16 rows compare with its float16. The geometric mean of
 the ratio closes the table.
+
+``--deterministic`` adds a second table: cupy_roi's backward alone (autograd
+over a saved forward), float atomics against the deterministic backward
+(``deterministic=True``), eager and from a CUDA graph, for every case above
+plus multi-level (FPN) and rotated RoIAlign.
 """
 import argparse
 import math
@@ -62,16 +67,22 @@ CASES = [
 ]
 
 
-def call_ours(name, x, r, size, scale, sr):
+def call_ours(name, x, r, size, scale, sr, deterministic=False):
     if name in ("roi_align",):
-        return cupy_roi.roi_align(x, r, size, scale, sr, True)
+        return cupy_roi.roi_align(x, r, size, scale, sr, True, deterministic)
     if name == "ps_roi_align":
-        return cupy_roi.ps_roi_align(x, r, size, scale, sr)
+        return cupy_roi.ps_roi_align(x, r, size, scale, sr, True, deterministic)
     if name == "roi_pool":
-        return cupy_roi.roi_pool(x, r, size, scale)
+        return cupy_roi.roi_pool(x, r, size, scale, deterministic)
     if name == "ps_roi_pool":
-        return cupy_roi.ps_roi_pool(x, r, size, scale)
-    return cupy_roi.prroi_pool2d(x, r, size, size, scale)
+        return cupy_roi.ps_roi_pool(x, r, size, scale, deterministic)
+    if name == "multi_scale_roi_align":  # x: the finest level; four levels, torchvision's mapping
+        levels = [x] + [x[..., ::2 ** i, ::2 ** i] for i in range(1, 4)]
+        return cupy_roi.multi_scale_roi_align(levels, r, size, [scale / 2 ** i for i in range(4)], sr,
+                                              deterministic=deterministic)
+    if name == "roi_align_rotated":  # r: (b, cx, cy, w, h, angle)
+        return cupy_roi.roi_align_rotated(x, r, size, scale, sr, True, deterministic=deterministic)
+    return cupy_roi.prroi_pool2d(x, r, size, size, scale, deterministic)
 
 
 def call_anchor(name, x, r, size, scale, sr):
@@ -82,6 +93,80 @@ def call_anchor(name, x, r, size, scale, sr):
     if name == "roi_pool":
         return tv.roi_pool(x, r, size, scale)
     return tv.ps_roi_pool(x, r, size, scale)
+
+
+def call_reference(name, x, r, size, scale, sr):
+    """What deterministic mode ran before it had kernels: the pure-PyTorch
+    reference path on the GPU, differentiated by autograd."""
+    from cupy_roi import _reference
+
+    if name in ("roi_align", "ps_roi_align"):
+        return _reference.roi_align(x, r, (size, size), scale, sr, True, name == "ps_roi_align")
+    if name in ("roi_pool", "ps_roi_pool"):
+        return _reference.roi_pool(x, r, (size, size), scale, name == "ps_roi_pool")
+    return _reference.prroi_pool(x, r, (size, size), scale, False)
+
+
+def backward_only(op, inputs, go):
+    """The backward of one saved forward, alone."""
+    out = op()
+
+    def run():
+        torch.autograd.grad(out, inputs, go, retain_graph=True)
+    return run
+
+
+DETERMINISTIC_CASES = CASES + [
+    ("multi_scale_roi_align FPN", "multi_scale_roi_align", None, 2, 256, 200, 272, 4, 512, 7, 2),
+    ("roi_align_rotated", "roi_align_rotated", None, 2, 256, 100, 136, 8, 512, 7, 2),
+]
+
+
+def deterministic_table(args, gen):
+    """cupy_roi's backward, float atomics vs deterministic."""
+    lines = ["", "Backward alone (autograd over a saved forward): float atomics vs deterministic=True (ms)", "",
+             "| case | dtype | gradients | atomic | deterministic | det / atomic | atomic, graph | "
+             "deterministic, graph | graph det / atomic | reference path (before), float32 only |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ratios = []
+    for (title, ours, _, n, c, h, w, stride, per_image, size, sr) in DETERMINISTIC_CASES:
+        if args.only and args.only not in title:
+            continue
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(n, c, h, w, generator=gen).to("cuda", dtype).requires_grad_(True)
+            r = rois_for(n, per_image, h, w, stride, gen).to("cuda")
+            if ours == "roi_align_rotated":
+                centre, extent = (r[:, 1:3] + r[:, 3:5]) / 2, r[:, 3:5] - r[:, 1:3]
+                angle = torch.rand(len(r), generator=gen).to("cuda") * 6.28 - 3.14
+                r = torch.cat([r[:, :1], centre, extent, angle[:, None]], 1)
+            kinds = [("features", False)] + ([("features and boxes", True)] if ours == "prroi_pool2d" else [])
+            for label, coords in kinds:
+                rr = r.clone().requires_grad_(coords)
+                inputs = (x, rr) if coords else (x,)
+                go = torch.randn(call_ours(ours, x, rr, size, 1.0 / stride, sr).shape, generator=gen).to("cuda", dtype)
+                times = []
+                for graph in (False, True):
+                    for det in (False, True):
+                        fn = backward_only(lambda det=det: call_ours(ours, x, rr, size, 1.0 / stride, sr, det),
+                                           inputs, go)
+                        times.append(timed(graphed(fn) if graph else fn, reps=args.reps))
+                ratios.append(times[3] / times[2])
+                before = "-"
+                work = len(r) * c * size * size * 4
+                if dtype == torch.float32 and ours not in ("multi_scale_roi_align", "roi_align_rotated") \
+                        and work < 3e8:
+                    fn = backward_only(lambda: call_reference(ours, x, rr, size, 1.0 / stride, sr), inputs, go)
+                    before = f"{timed(fn, warmup=1, reps=3):.3f}"
+                dname = str(dtype).replace("torch.", "")
+                lines.append(f"| {title} | {dname} | {label} | {times[0]:.3f} | {times[1]:.3f} | "
+                             f"{times[1] / times[0]:.2f} | {times[2]:.3f} | {times[3]:.3f} | "
+                             f"{times[3] / times[2]:.2f} | {before} |")
+            del x, r
+            torch.cuda.empty_cache()
+    if ratios:
+        lines += ["", f"Deterministic / atomic backward (graph replay): max {max(ratios):.2f}, geometric mean "
+                      f"{math.exp(sum(math.log(v) for v in ratios) / len(ratios)):.2f} over {len(ratios)} rows"]
+    return lines
 
 
 def graphed(fn):
@@ -104,6 +189,9 @@ def main():
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--graph", action="store_true", help="add CUDA-graph replay columns")
     parser.add_argument("--only", default=None, help="run the cases whose title contains this text")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="add the table of atomic vs deterministic backward times")
+    parser.add_argument("--skip-anchor", action="store_true", help="only the deterministic table")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     header = "| case | dtype | pass | torchvision | cupy_roi | cupy_roi / torchvision |"
@@ -115,7 +203,7 @@ def main():
              header, rule]
     ratios = []
     for (title, ours, anchor, n, c, h, w, stride, per_image, size, sr) in CASES:
-        if args.only and args.only not in title:
+        if args.skip_anchor or (args.only and args.only not in title):
             continue
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             anchor_dtype = torch.float16 if dtype == torch.bfloat16 else dtype
@@ -164,9 +252,12 @@ def main():
                              f"{t_tv:.3f} | {t_me:.3f} | {t_me / t_tv:.2f} |{cells}")
             del x, xa, r
             torch.cuda.empty_cache()
-    geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
-    lines += ["", f"Geometric mean of cupy_roi / torchvision over {len(ratios)} rows: {geo:.2f}; "
-                  f"rows above 1.0: {sum(v > 1.0 for v in ratios)}"]
+    if ratios:
+        geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+        lines += ["", f"Geometric mean of cupy_roi / torchvision over {len(ratios)} rows: {geo:.2f}; "
+                      f"rows above 1.0: {sum(v > 1.0 for v in ratios)}"]
+    if args.deterministic:
+        lines += deterministic_table(args, gen)
     table = "\n".join(lines)
     print(table)
     if args.out:

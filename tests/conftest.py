@@ -1,5 +1,19 @@
+import os
+
 import pytest
 import torch
+
+try:  # property-based tests (tests/test_properties.py): a small profile for CI, a larger one for the GPU run
+    from hypothesis import HealthCheck, settings
+
+    _common = dict(deadline=None, database=None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                          HealthCheck.function_scoped_fixture])
+    settings.register_profile("ci", max_examples=100, **_common)
+    settings.register_profile("gpu", max_examples=400, **_common)
+    settings.load_profile(os.environ.get("CUPY_ROI_HYPOTHESIS_PROFILE", "ci"))
+except ImportError:
+    pass
 
 
 def _gpu_reason():

@@ -1,7 +1,8 @@
 """Small cases for compute-sanitizer: every operator (rotated and multi-level
 RoIAlign included), dtype and layout, forward
-and backward (box gradients for PrRoIPool), through the torch ops and the CuPy
-array API, with invalid RoIs left unchecked (they must read nothing).
+and backward (box gradients for PrRoIPool), atomic and deterministic, through
+the torch ops and the CuPy array API, with invalid RoIs left unchecked (they
+must read nothing).
 
     compute-sanitizer --tool memcheck  python tests/sanitize_cases.py
     compute-sanitizer --tool racecheck python tests/sanitize_cases.py
@@ -55,6 +56,21 @@ def layouts(x):
 
 def main():
     rng = np.random.default_rng(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    count = 0
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)  # the deterministic backward kernels
+        try:
+            count += torch_calls(rng)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    array_api_calls(rng)
+    torch.cuda.synchronize()
+    print(f"sanitize_cases: {count} torch forward+backward calls (2 backward modes x 4 dtypes x 3 layouts x "
+          f"({len(OPS)} ops + rotated and multi-level RoIAlign)), array API calls in both modes, unchecked invalid "
+          "RoIs: done")
+
+
+def torch_calls(rng):
     n, c, h, w = 2, 12, 7, 9
     r = rois(rng, n, h, w)
     count = 0
@@ -86,27 +102,31 @@ def main():
                                                      finest_scale=2)
                 out.backward(torch.ones_like(out))
             count += 4
+    return count
+
+
+def array_api_calls(rng):
     import cupy
 
+    n, c, h, w = 2, 12, 7, 9
+    r = rois(rng, n, h, w)
     xc = cupy.asarray(rng.standard_normal((n, c, h, w)))
     rc = cupy.asarray(r)
-    out = array_api.ps_roi_align_forward(xc, rc, (2, 3), 0.5, 2)
-    array_api.ps_roi_align_backward(out, rc, xc.shape, (2, 3), 0.5, 2)
-    out, argmax = array_api.roi_pool_forward(xc, rc, (2, 3), 0.5)
-    array_api.roi_pool_backward(out, rc, argmax, xc.shape, (2, 3), 0.5)
-    out = array_api.prroi_pool_forward(xc, rc, (2, 3), 0.5, True)
-    array_api.prroi_pool_backward(out, xc, rc, (2, 3), 0.5, True)
     rot = cupy.asarray(rotated_rows(rng, r))
-    out = array_api.roi_align_rotated_forward(xc, rot, (2, 3), 0.5)
-    array_api.roi_align_rotated_backward(out, rot, xc.shape, (2, 3), 0.5)
-    out = array_api.multi_scale_roi_align_forward([xc, xc[..., ::2, ::2]], rc, 2, [0.5, 0.25], mapping="mmdet",
-                                                  finest_scale=2)
-    array_api.multi_scale_roi_align_backward(out, rc, [xc.shape, xc[..., ::2, ::2].shape], 2, [0.5, 0.25],
-                                             mapping="mmdet", finest_scale=2)
-    torch.cuda.synchronize()
+    for det in (False, True):
+        out = array_api.ps_roi_align_forward(xc, rc, (2, 3), 0.5, 2)
+        array_api.ps_roi_align_backward(out, rc, xc.shape, (2, 3), 0.5, 2, deterministic=det)
+        out, argmax = array_api.roi_pool_forward(xc, rc, (2, 3), 0.5)
+        array_api.roi_pool_backward(out, rc, argmax, xc.shape, (2, 3), 0.5, deterministic=det)
+        out = array_api.prroi_pool_forward(xc, rc, (2, 3), 0.5, True)
+        array_api.prroi_pool_backward(out, xc, rc, (2, 3), 0.5, True, deterministic=det)
+        out = array_api.roi_align_rotated_forward(xc, rot, (2, 3), 0.5)
+        array_api.roi_align_rotated_backward(out, rot, xc.shape, (2, 3), 0.5, deterministic=det)
+        out = array_api.multi_scale_roi_align_forward([xc, xc[..., ::2, ::2]], rc, 2, [0.5, 0.25], mapping="mmdet",
+                                                      finest_scale=2)
+        array_api.multi_scale_roi_align_backward(out, rc, [xc.shape, xc[..., ::2, ::2].shape], 2, [0.5, 0.25],
+                                                 mapping="mmdet", finest_scale=2, deterministic=det)
     cupy.cuda.Device().synchronize()
-    print(f"sanitize_cases: {count} torch forward+backward calls (4 dtypes x 3 layouts x ({len(OPS)} ops + "
-          "rotated and multi-level RoIAlign)), array API calls, unchecked invalid RoIs: done")
 
 
 if __name__ == "__main__":
