@@ -9,10 +9,11 @@ faster), and with ``--graph`` the same two calls replayed from a CUDA graph
 kernels here: bfloat16 rows compare with its float16. The geometric mean of
 the ratio closes the table.
 
-``--deterministic`` adds a second table: cupy_roi's backward alone (autograd
-over a saved forward), float atomics against the deterministic backward
-(``deterministic=True``), eager and from a CUDA graph, for every case above
-plus multi-level (FPN) and rotated RoIAlign.
+``--deterministic`` adds a second table: cupy_roi's forward+backward with float
+atomics against the deterministic backward (``deterministic=True``), eager and
+from a CUDA graph, and the backward alone as graph(forward+backward) minus
+graph(forward), for every case above plus multi-level (FPN) and rotated
+RoIAlign; and the reference path that deterministic mode ran before.
 """
 import argparse
 import math
@@ -107,15 +108,6 @@ def call_reference(name, x, r, size, scale, sr):
     return _reference.prroi_pool(x, r, (size, size), scale, False)
 
 
-def backward_only(op, inputs, go):
-    """The backward of one saved forward, alone."""
-    out = op()
-
-    def run():
-        torch.autograd.grad(out, inputs, go, retain_graph=True)
-    return run
-
-
 DETERMINISTIC_CASES = CASES + [
     ("multi_scale_roi_align FPN", "multi_scale_roi_align", None, 2, 256, 200, 272, 4, 512, 7, 2),
     ("roi_align_rotated", "roi_align_rotated", None, 2, 256, 100, 136, 8, 512, 7, 2),
@@ -124,10 +116,11 @@ DETERMINISTIC_CASES = CASES + [
 
 def deterministic_table(args, gen):
     """cupy_roi's backward, float atomics vs deterministic."""
-    lines = ["", "Backward alone (autograd over a saved forward): float atomics vs deterministic=True (ms)", "",
-             "| case | dtype | gradients | atomic | deterministic | det / atomic | atomic, graph | "
-             "deterministic, graph | graph det / atomic | reference path (before), float32 only |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["", "cupy_roi forward+backward, float atomics vs deterministic=True (ms); backward = graph(fwd+bwd) "
+                 "- graph(fwd); last column: the reference path deterministic mode used before (eager fwd+bwd)", "",
+             "| case | dtype | gradients | fwd+bwd atomic | fwd+bwd det | atomic, graph | det, graph | "
+             "backward atomic | backward det | backward det / atomic | reference path (before) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ratios = []
     for (title, ours, _, n, c, h, w, stride, per_image, size, sr) in DETERMINISTIC_CASES:
         if args.only and args.only not in title:
@@ -142,29 +135,39 @@ def deterministic_table(args, gen):
             kinds = [("features", False)] + ([("features and boxes", True)] if ours == "prroi_pool2d" else [])
             for label, coords in kinds:
                 rr = r.clone().requires_grad_(coords)
-                inputs = (x, rr) if coords else (x,)
                 go = torch.randn(call_ours(ours, x, rr, size, 1.0 / stride, sr).shape, generator=gen).to("cuda", dtype)
-                times = []
-                for graph in (False, True):
-                    for det in (False, True):
-                        fn = backward_only(lambda det=det: call_ours(ours, x, rr, size, 1.0 / stride, sr, det),
-                                           inputs, go)
-                        times.append(timed(graphed(fn) if graph else fn, reps=args.reps))
-                ratios.append(times[3] / times[2])
+
+                def op(det, rr=rr):
+                    return call_ours(ours, x, rr, size, 1.0 / stride, sr, det)
+
+                def fwd_bwd(det, rr=rr):
+                    def run():
+                        x.grad = rr.grad = None
+                        op(det).backward(go)
+                    return run
+
+                with torch.no_grad():
+                    t_fwd = timed(graphed(lambda: op(False)), reps=args.reps)
+                t = [timed(fwd_bwd(False), reps=args.reps), timed(fwd_bwd(True), reps=args.reps),
+                     timed(graphed(fwd_bwd(False)), reps=args.reps), timed(graphed(fwd_bwd(True)), reps=args.reps)]
+                b_atomic, b_det = t[2] - t_fwd, t[3] - t_fwd
+                ratios.append(b_det / b_atomic)
                 before = "-"
                 work = len(r) * c * size * size * 4
                 if dtype == torch.float32 and ours not in ("multi_scale_roi_align", "roi_align_rotated") \
                         and work < 3e8:
-                    fn = backward_only(lambda: call_reference(ours, x, rr, size, 1.0 / stride, sr), inputs, go)
-                    before = f"{timed(fn, warmup=1, reps=3):.3f}"
+                    def reference(rr=rr):
+                        x.grad = rr.grad = None
+                        call_reference(ours, x, rr, size, 1.0 / stride, sr).backward(go)
+                    before = f"{timed(reference, warmup=1, reps=3):.3f}"
                 dname = str(dtype).replace("torch.", "")
-                lines.append(f"| {title} | {dname} | {label} | {times[0]:.3f} | {times[1]:.3f} | "
-                             f"{times[1] / times[0]:.2f} | {times[2]:.3f} | {times[3]:.3f} | "
-                             f"{times[3] / times[2]:.2f} | {before} |")
+                lines.append(f"| {title} | {dname} | {label} | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | {t[3]:.3f} | "
+                             f"{b_atomic:.3f} | {b_det:.3f} | {b_det / b_atomic:.2f} | {before} |")
             del x, r
             torch.cuda.empty_cache()
     if ratios:
-        lines += ["", f"Deterministic / atomic backward (graph replay): max {max(ratios):.2f}, geometric mean "
+        lines += ["", f"Deterministic / atomic backward (graph replay, forward subtracted): max {max(ratios):.2f}, "
+                      f"geometric mean "
                       f"{math.exp(sum(math.log(v) for v in ratios) / len(ratios)):.2f} over {len(ratios)} rows"]
     return lines
 

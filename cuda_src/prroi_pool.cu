@@ -87,9 +87,9 @@ struct PreciseBin {
 
   __device__ __forceinline__ void set(A x1, A y1, A x2, A y2, A scale, int i, int j, int ph, int pw,
                                       int height, int width) {
-    rx1 = x1 * scale; ry1 = y1 * scale;
-    bin_w = max(x2 * scale - rx1, A(0)) / pw;
-    bin_h = max(y2 * scale - ry1, A(0)) / ph;
+    rx1 = scaled(x1, scale); ry1 = scaled(y1, scale);
+    bin_w = max(scaled(x2, scale) - rx1, A(0)) / pw;
+    bin_h = max(scaled(y2, scale) - ry1, A(0)) / ph;
     off_x = j * bin_w; off_y = i * bin_h;
     const A xs = rx1 + off_x, ys = ry1 + off_y;
     const A xe = xs + bin_w, ye = ys + bin_h;

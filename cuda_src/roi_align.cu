@@ -33,9 +33,10 @@ struct AlignGrid {
   __device__ __forceinline__ void set(A x1, A y1, A x2, A y2, A scale, int ph, int pw,
                                       int sampling_ratio, bool aligned) {
     const A offset = aligned ? A(0.5) : A(0);
-    x_start = x1 * scale - offset;
-    y_start = y1 * scale - offset;
-    set_extent(y2 * scale - offset - y_start, x2 * scale - offset - x_start, ph, pw, sampling_ratio, aligned);
+    x_start = scaled(x1, scale) - offset;
+    y_start = scaled(y1, scale) - offset;
+    set_extent(scaled(y2, scale) - offset - y_start, scaled(x2, scale) - offset - x_start, ph, pw, sampling_ratio,
+               aligned);
   }
   // Box of size (w, h) centred on the origin of its own frame (rotated
   // RoIAlign, mmcv's order: the 1x1 clamp comes before the centring).

@@ -18,6 +18,12 @@ __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// v * s rounded on its own, never fused into a following add: an FMA keeps
+// the product's rounding error, so that x2 * s - x1 * s of two equal
+// coordinates would give a sliver instead of an empty box.
+__device__ __forceinline__ float scaled(float v, float s) { return __fmul_rn(v, s); }
+__device__ __forceinline__ double scaled(double v, double s) { return __dmul_rn(v, s); }
+
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }

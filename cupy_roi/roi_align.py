@@ -49,7 +49,9 @@ def ps_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size:
     ``input`` has ``C = C_out * ph * pw`` channels; output bin ``(i, j)`` of
     channel ``c`` reads input channel ``(c * ph + i) * pw + j``. RoIs carry their
     batch index, so any number of images per call. Returns ``(K, C_out, ph, pw)``.
-    Other arguments as :func:`roi_align`.
+    Other arguments as :func:`roi_align`. A box of zero size with adaptive
+    sampling (``sampling_ratio <= 0``) has no samples and gives 0, as in
+    torchvision's ``roi_align`` (its ``ps_roi_align`` gives NaN, 0/0).
     """
     if not torch.jit.is_scripting():
         if ops.fx_proxy(input, boxes):
