@@ -202,7 +202,7 @@ __global__ void prroi_pool_backward(
     int channels_fastest, int chunks_per_roi, int want_coords,
     void* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3,
-    typename acc_type<T>::type* __restrict__ grad_rois, const double* __restrict__ max_grad) {
+    typename acc_type<T>::type* __restrict__ grad_rois, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   __shared__ A scratch[32];
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));

@@ -213,7 +213,7 @@ __global__ void roi_align_backward(
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
     int channels_fastest,
     void* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const double* __restrict__ max_grad) {
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
@@ -270,7 +270,7 @@ __global__ void roi_align_rotated_backward(
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned, int clockwise,
     int channels_fastest,
     void* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const double* __restrict__ max_grad) {
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
@@ -331,10 +331,10 @@ __global__ void multi_scale_roi_align_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
-    int sampling_ratio, int aligned, int channels_fastest, const double* __restrict__ max_grad) {
+    int sampling_ratio, int aligned, int channels_fastest, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
-  const GradSink<A> sink(nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
+  const GradSink<A> sink((void*)nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {

@@ -147,9 +147,9 @@ template <> __device__ __forceinline__ double negative_infinity<double>() { retu
 // its weights sum to at most 1). shift puts M just under 2^62, so no sum
 // overflows; each rounding errs by at most 2^-(shift + 1) <= M * 2^-62.
 // fixed_point_gradient turns the buffer back into floating point.
-__device__ __forceinline__ int fixed_point_shift(const double* max_grad, double contributions) {
+__device__ __forceinline__ int fixed_point_shift(double max_grad, double contributions) {
   int e = 0;
-  frexp(max_grad[0] * contributions, &e);  // M < 2^e
+  frexp(max_grad * contributions, &e);  // M < 2^e
   // Clamped so that 2^shift is a normal float: only absurd magnitudes lose bits.
   return min(max(62 - e, -126), 126);
 }
@@ -163,10 +163,12 @@ struct GradSink {
   A scale;
   bool fixed;
 
-  // max_grad: device pointer to max|grad_output| (float64), or null for float atomics.
-  __device__ __forceinline__ GradSink(void* buffer, const double* max_grad, double contributions)
+  // max_grad: device pointer to max|grad_output| (in grad_output's type: a
+  // maximum is exact in any type), or null for float atomics.
+  template <typename T>
+  __device__ __forceinline__ GradSink(void* buffer, const T* max_grad, double contributions)
       : base(buffer), scale(A(1)), fixed(max_grad != nullptr) {
-    if (fixed) scale = A(ldexp(1.0, fixed_point_shift(max_grad, contributions)));
+    if (fixed) scale = A(ldexp(1.0, fixed_point_shift((double)to_acc(max_grad[0]), contributions)));
   }
   __device__ __forceinline__ GradSink<A> rebased(void* buffer) const {
     GradSink<A> s = *this;
@@ -213,7 +215,7 @@ using namespace cupy_roi;
 // carry it.
 template <typename T, bool PS>
 __global__ void fixed_point_gradient(
-    const long long* __restrict__ fixed, const double* __restrict__ max_grad,
+    const long long* __restrict__ fixed, const T* __restrict__ max_grad,
     index_t num_rois, int ph, int pw, int position_sensitive,
     int batch, int channels, int height, int width, int channels_fastest,
     void* __restrict__ out, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3,
@@ -221,8 +223,9 @@ __global__ void fixed_point_gradient(
   typedef typename acc_type<T>::type A;
   const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels, height, width, channels_fastest != 0);
   const double contributions = gradient_contributions(num_rois, ph, pw, position_sensitive != 0);
-  const double unit = ldexp(1.0, -fixed_point_shift(max_grad, contributions));
-  const bool finite = isfinite(max_grad[0] * contributions);
+  const double bound = (double)to_acc(max_grad[0]) * contributions;
+  const double unit = ldexp(1.0, -fixed_point_shift((double)to_acc(max_grad[0]), contributions));
+  const bool finite = isfinite(bound);
   const index_t total = (index_t)batch * channels * height * width;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {

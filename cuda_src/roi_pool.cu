@@ -105,7 +105,7 @@ __global__ void roi_pool_backward(
     int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
     int channels_fastest, const int* __restrict__ argmax,
     void* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const double* __restrict__ max_grad) {
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));

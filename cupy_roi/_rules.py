@@ -56,7 +56,7 @@ def channels_fastest(strides, shape):
 # their atomics, not their reads, decide how well memory accesses coalesce.
 # Their last argument, max_grad, is 0 for float atomics into an
 # accumulation-dtype buffer, or, for the deterministic backward, a device
-# pointer to max|grad_output| as one float64, with the buffer holding int64
+# pointer to max|grad_output| in its scalar type, with the buffer holding int64
 # fixed point (GradSink in cuda_src/roi_common.cuh) that fixed_point_gradient
 # then converts.
 

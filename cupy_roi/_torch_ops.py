@@ -143,8 +143,8 @@ def deterministic_backward(requested):
 class _GradientBuffer:
     """What a backward kernel adds one gradient into, and how it becomes the
     gradient. Float atomics into an accumulation-dtype buffer; or, for the
-    deterministic backward, int64 fixed point scaled by max|grad| (one float64
-    computed on the device: no synchronization), converted by a kernel
+    deterministic backward, int64 fixed point scaled by max|grad| (a 0-d
+    tensor computed on the device: no synchronization), converted by a kernel
     afterwards. Empty gradients take the float path: nothing to add."""
 
     __slots__ = ("buffer", "max_grad", "memory_format")
@@ -153,7 +153,8 @@ class _GradientBuffer:
         self.memory_format = memory_format
         if deterministic and grad.numel():
             self.buffer = _zeros(shape, torch.int64, grad.device, memory_format)
-            self.max_grad = torch.linalg.vector_norm(grad, float("inf"), dtype=torch.float64)
+            # in grad's dtype (casting first would copy the whole gradient)
+            self.max_grad = torch.linalg.vector_norm(grad, float("inf"))
         else:
             self.buffer = _accumulator(shape, grad, memory_format)
             self.max_grad = None

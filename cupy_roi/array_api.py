@@ -151,18 +151,18 @@ class _Call:
         max_grad is None for float atomics into a zero-filled accumulation
         buffer (returned as None: the caller supplies it); for the
         deterministic backward, a zero-filled int64 buffer laid out like
-        ``layout_like`` and max|grad_output| as a float64 0-d device array
-        (computed on the stream: no synchronization)."""
+        ``layout_like`` and max|grad_output| as a 0-d device array of its
+        type (computed on the stream: no synchronization)."""
         if not deterministic or grad_output.size == 0:
             return None, None
         cupy = self.cupy
         fixed = self.new_array(shape, np.int64, layout_like)
         with cupy.cuda.Device(self.device), self.stream:
             fixed.fill(0)
-            g = grad_output
-            if self.scalar == "bfloat16":  # raw bits: the float32 with the same leading bits
-                g = (g.astype(np.uint32) << 16).view(np.float32)
-            max_grad = cupy.abs(g).max().astype(np.float64)
+            if self.scalar == "bfloat16":  # raw bits: clearing the sign orders them as |values| (NaN last)
+                max_grad = cupy.bitwise_and(grad_output.view(np.uint16), np.uint16(0x7FFF)).max()
+            else:
+                max_grad = cupy.abs(grad_output).max()
         return fixed, max_grad
 
     def finish_gradient(self, family, fixed, max_grad, out):
