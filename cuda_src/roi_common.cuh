@@ -229,8 +229,9 @@ __global__ void fixed_point_gradient(
   const index_t total = (index_t)batch * channels * height * width;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels, height, width, channels_fastest != 0);
-    const index_t at = out_at.at(idx, p);
+    // a dense output (what the torch ops allocate) needs no position
+    const index_t at = out_at.dense ? idx : out_at.at(idx, decompose(idx, channels, height, width,
+                                                                     channels_fastest != 0));
     A v = finite ? A((double)fixed[idx] * unit) : quiet_nan<A>();
     if (out_is_acc) {
       A* o = static_cast<A*>(out) + at;
