@@ -149,12 +149,13 @@ class _GradientBuffer:
 
     __slots__ = ("buffer", "max_grad", "memory_format")
 
-    def __init__(self, shape, grad, memory_format, deterministic):
+    def __init__(self, shape, grad, memory_format, deterministic, max_grad=None):
         self.memory_format = memory_format
         if deterministic and grad.numel():
             self.buffer = _zeros(shape, torch.int64, grad.device, memory_format)
-            # in grad's dtype (casting first would copy the whole gradient)
-            self.max_grad = torch.linalg.vector_norm(grad, float("inf"))
+            # in grad's dtype (casting first would copy the whole gradient);
+            # several buffers of one backward share it
+            self.max_grad = torch.linalg.vector_norm(grad, float("inf")) if max_grad is None else max_grad
         else:
             self.buffer = _accumulator(shape, grad, memory_format)
             self.max_grad = None
@@ -554,10 +555,10 @@ def multi_scale_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, flat_shape
                               sampling_ratio: int, aligned: bool, mode: int, s0: float, lvl0: int, lo: int, hi: int,
                               channels_last: bool, deterministic: bool) -> List[torch.Tensor]:
     shapes, size, k = _level_shapes(flat_shapes), tuple(grad.shape[2:]), rows.shape[0]
-    sinks = [_GradientBuffer(shape, grad, _layout_format(channels_last), deterministic_backward(deterministic))
-             for shape in shapes]
-    for sink in sinks[1:]:  # one max|grad| serves every level
-        sink.max_grad = sinks[0].max_grad
+    deterministic = deterministic_backward(deterministic)
+    sinks = [_GradientBuffer(shapes[0], grad, _layout_format(channels_last), deterministic)]
+    sinks += [_GradientBuffer(shape, grad, _layout_format(channels_last), deterministic, sinks[0].max_grad)
+              for shape in shapes[1:]]
     _launch(_rules.multi_scale_roi_align_backward, grad.device.index, _SCALAR[grad.dtype], _view(grad),
             [_view(sink.buffer) for sink in sinks], shapes, scales, rows.data_ptr(), k, size,
             (mode, s0, lvl0, lo, hi), sampling_ratio, aligned, sinks[0].max_grad_ptr)

@@ -146,22 +146,23 @@ class _Call:
         _check_array(grad_input, self.shape, np.dtype(self.acc), "grad_input", self.device)
         return grad_input
 
-    def gradient_sink(self, grad_output, shape, layout_like, deterministic):
+    def gradient_sink(self, grad_output, shape, layout_like, deterministic, max_grad=None):
         """Where a backward kernel adds one gradient: ``(buffer, max_grad)``.
         max_grad is None for float atomics into a zero-filled accumulation
         buffer (returned as None: the caller supplies it); for the
         deterministic backward, a zero-filled int64 buffer laid out like
         ``layout_like`` and max|grad_output| as a 0-d device array of its
-        type (computed on the stream: no synchronization)."""
+        type (computed on the stream: no synchronization; or ``max_grad``,
+        when another buffer of the same backward has it)."""
         if not deterministic or grad_output.size == 0:
             return None, None
         cupy = self.cupy
         fixed = self.new_array(shape, np.int64, layout_like)
         with cupy.cuda.Device(self.device), self.stream:
             fixed.fill(0)
-            if self.scalar == "bfloat16":  # raw bits: clearing the sign orders them as |values| (NaN last)
+            if max_grad is None and self.scalar == "bfloat16":  # raw bits: without the sign they order as |values|
                 max_grad = cupy.bitwise_and(grad_output.view(np.uint16), np.uint16(0x7FFF)).max()
-            else:
+            elif max_grad is None:
                 max_grad = cupy.abs(grad_output).max()
         return fixed, max_grad
 
@@ -427,8 +428,9 @@ def multi_scale_roi_align_backward(grad_output, rois, feature_shapes, output_siz
     call = _Call(grad_output, shapes[0], rois, output_size, False, stream, scalar_type, "grad_output")
     call.check_grad_output(grad_output)
     grads = [call.zeros(s, grad_output) for s in shapes]
-    sinks = [call.gradient_sink(grad_output, s, grad_output, deterministic) for s in shapes]
+    sinks = [call.gradient_sink(grad_output, shapes[0], grad_output, deterministic)]
     max_grad = sinks[0][1]
+    sinks += [call.gradient_sink(grad_output, s, grad_output, deterministic, max_grad) for s in shapes[1:]]
     with call.cupy.cuda.Device(call.device):
         _rules.multi_scale_roi_align_backward(call.device, call.stream.ptr, call.scalar, _view(grad_output),
                                               [_view(g if f is None else f) for g, (f, _) in zip(grads, sinks)],
