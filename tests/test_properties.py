@@ -344,16 +344,20 @@ def _laid_out(x, layout):
 @given(p=problems(), layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(sorted(DTYPES)))
 def test_kernels_match_reference(p, layout, dtype):
     """Forward and both backwards of the kernels against the CPU reference on
-    the dtype-rounded input, in the kernels' accumulation dtype (float32 for
-    every type but float64: an adaptive sample count jumps where a box side
-    crosses a multiple of the bins, and the box must be rounded and scaled as
-    the kernel does to land on the same side); the deterministic backward is
-    bitwise repeatable and agrees with the atomic one."""
+    the dtype-rounded input and on the boxes as the kernels read them (float32
+    rows for every type but float64). The sampling ops' reference runs in the
+    kernels' accumulation dtype: their outputs jump where a box side crosses a
+    multiple of the bins (adaptive sample counts) or a rounding point, so the
+    box must be scaled as the kernel scales it to land on the same side.
+    PrRoIPool is continuous in its boxes and its kernels keep thin bins more
+    precise than a float32 reference: its reference runs in float64. The
+    deterministic backward is bitwise repeatable and agrees with the atomic one."""
     tdtype, tol = DTYPES[dtype]
-    acc = torch.float64 if tdtype == torch.float64 else torch.float32
+    rows_dtype = torch.float64 if tdtype == torch.float64 else torch.float32
+    acc = torch.float64 if p.name in ("prroi_pool", "ps_prroi_pool") else rows_dtype
     xq = torch.tensor(p.features()).to(tdtype)
     ref_x = xq.to(acc).clone().requires_grad_(True)  # a copy: xq itself when tdtype is float64
-    ref_rows = torch.tensor(p.rows).to(acc)
+    ref_rows = torch.tensor(p.rows).to(rows_dtype).to(acc)
     want = run(p, ref_x, ref_rows)
     go = torch.tensor(p.grad_output(tuple(want.shape))).to(tdtype)
     want.backward(go.to(acc))
