@@ -202,8 +202,9 @@ def main():
     if args.graph:
         header += " torchvision, graph | cupy_roi, graph | graph ratio |"
         rule += "---:|---:|---:|"
-    lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.reps} runs (ms)", "",
-             header, rule]
+    lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.reps} runs (ms)", ""]
+    if not args.skip_anchor:
+        lines += [header, rule]
     ratios = []
     for (title, ours, anchor, n, c, h, w, stride, per_image, size, sr) in CASES:
         if args.skip_anchor or (args.only and args.only not in title):

@@ -1,4 +1,5 @@
 """The examples run: on the CPU everywhere, and on the GPU where there is one (marked cuda)."""
+import os
 import pathlib
 import runpy
 import sys
@@ -69,3 +70,35 @@ def test_fpn_and_rotated_example(capsys):
     out = capsys.readouterr().out
     assert "FPN pooled (3, 16, 7, 7) scales [0.25, 0.125, 0.0625, 0.03125]" in out
     assert "detectron2 convention, same result: True" in out and "ran on:" in out
+
+
+def _needs(module):
+    """The notebook extra's modules: CI installs it, so a missing one fails
+    there; elsewhere the notebook test is skipped."""
+    try:
+        return __import__(module)
+    except ImportError:
+        message = f"{module} not installed: pip install '.[notebook]'"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_tour_notebook_runs(monkeypatch):
+    """examples/tour.ipynb runs top to bottom in a fresh kernel on this
+    checkout's code; its cells assert what they draw (RoIAlign's sampling
+    points, PSRoIAlign's channel map, PrRoIPool's continuity and box gradient,
+    the refined box's IoU)."""
+    nbformat, nbclient = _needs("nbformat"), _needs("nbclient")
+    _needs("matplotlib"), _needs("ipykernel")
+    root = str(EXAMPLES.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("CUPY_ROI_TOUR_FIGURES", raising=False)
+    nb = nbformat.read(str(EXAMPLES / "tour.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "IoU with the yellow bar" in text and "NumPy in -> ndarray (3, 3, 7, 7)" in text
+    assert sum(o.output_type == "display_data" for o in outputs) == 5  # the five figures
