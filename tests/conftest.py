@@ -30,6 +30,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU and CuPy (skipped otherwise)")
 
 
+def _nvrtc_compiles(items):
+    """tests/test_nvrtc_compile.py and the (family, scalar type, arch) of its
+    selected compile tests."""
+    selected = [item for item in items if getattr(item, "originalname", "") == "test_kernels_compile"]
+    keys = [tuple(item.callspec.params[n] for n in ("family", "scalar_type", "arch")) for item in selected]
+    return (selected[0].module if selected else None), keys
+
+
+def pytest_collection_finish(session):
+    # an xdist worker collects every test but runs a share: its tests compile their own
+    module, keys = _nvrtc_compiles(session.items)
+    if module is not None and "PYTEST_XDIST_WORKER" not in os.environ:
+        module.start_compiles(keys)  # in the background from here on
+
+
+def pytest_sessionfinish(session):
+    module, _ = _nvrtc_compiles(session.items)
+    if module is not None:
+        module.stop_compiles()
+
+
 def pytest_collection_modifyitems(config, items):
     reason = _gpu_reason()
     if reason is None:

@@ -9,6 +9,7 @@ expressions the kernel loader hands to ``cupy.RawModule``.
 import ctypes
 import importlib.util
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,13 +39,25 @@ def _missing(what):
     pytest.skip(message)
 
 
-def _load_nvrtc():
+def _nvrtc_library():
     lib_dir = _nvidia_dir("cuda_nvrtc")
     libs = sorted((lib_dir / "lib").glob("libnvrtc.so.12*")) if lib_dir else []
     libs = [p for p in libs if "alt" not in p.name and "builtins" not in p.name]
-    if not libs:
+    return libs[0] if libs else None
+
+
+def _include_dir():
+    include = _nvidia_dir("cuda_runtime")
+    if include is None or not (include / "include" / "cuda_fp16.h").is_file():
+        return None
+    return include / "include"
+
+
+def _load_nvrtc():
+    lib = _nvrtc_library()
+    if lib is None:
         _missing("NVRTC 12 (nvidia-cuda-nvrtc-cu12)")
-    return ctypes.CDLL(str(libs[0]))
+    return ctypes.CDLL(str(lib))
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +67,10 @@ def nvrtc():
 
 @pytest.fixture(scope="module")
 def cuda_include():
-    include = _nvidia_dir("cuda_runtime")
-    if include is None or not (include / "include" / "cuda_fp16.h").is_file():
+    include = _include_dir()
+    if include is None:
         _missing("cuda_fp16.h (nvidia-cuda-runtime-cu12)")
-    return include / "include"
+    return include
 
 
 def _compile(nvrtc, code, expressions, options):
@@ -86,13 +99,49 @@ def _compile(nvrtc, code, expressions, options):
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+# The compiles of test_kernels_compile, started at once on background threads
+# by conftest.py when collection has selected them: ctypes releases the GIL
+# inside NVRTC, so they use every core and overlap the tests that run before
+# these. Under pytest-xdist each worker compiles only what it runs, in the test.
+_executor = None
+_compiles = {}  # (family, scalar type, arch) -> Future of _compile's result
+
+
+def _compile_kernels(nvrtc, include, family, scalar_type, arch):
+    options = [f"--gpu-architecture={arch}", f"-I{include}", "--std=c++14"]
+    return _compile(nvrtc, _kernels.source(family), _kernels.name_expressions(family, scalar_type), options)
+
+
+def start_compiles(keys):
+    """Queue the compiles of ``keys`` ((family, scalar type, arch) triples);
+    nothing where NVRTC or the headers are missing: the tests then skip or
+    fail through their fixtures."""
+    global _executor
+    lib, include = _nvrtc_library(), _include_dir()
+    if lib is None or include is None:
+        return
+    nvrtc = ctypes.CDLL(str(lib))
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nvrtc")
+    for key in keys:
+        if key not in _compiles:
+            _compiles[key] = _executor.submit(_compile_kernels, nvrtc, include, *key)
+
+
+def stop_compiles():
+    """Drop the compiles not yet started (a run stopped early need not wait for them)."""
+    if _executor is not None:
+        _executor.shutdown(wait=False, cancel_futures=True)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("scalar_type", sorted(_kernels.CUDA_TYPES))
 @pytest.mark.parametrize("family", sorted(_kernels.FAMILIES))
 def test_kernels_compile(nvrtc, cuda_include, family, scalar_type, arch):
     expressions = _kernels.name_expressions(family, scalar_type)
-    options = [f"--gpu-architecture={arch}", f"-I{cuda_include}", "--std=c++14"]
-    result, log, lowered = _compile(nvrtc, _kernels.source(family), expressions, options)
+    queued = _compiles.get((family, scalar_type, arch))
+    result, log, lowered = (queued.result() if queued is not None
+                            else _compile_kernels(nvrtc, cuda_include, family, scalar_type, arch))
     assert result == 0, f"{family}/{scalar_type}/{arch} failed to compile:\n{log}"
     assert len(set(lowered)) == len(expressions)
 
