@@ -84,21 +84,21 @@ def make(rng, *, n=3, c_out=3, h=11, w=13, ph=3, pw=2, k=10, scale=0.5, ps=False
     return x, r
 
 
-def call(name, x, rois, ph, pw, scale, sampling_ratio=2, aligned=True):
+def call(name, x, rois, ph, pw, scale, sampling_ratio=2, aligned=True, deterministic=False):
     import cupy_roi
 
     size = (ph, pw)
     if name == "roi_align":
-        return cupy_roi.roi_align(x, rois, size, scale, sampling_ratio, aligned)
+        return cupy_roi.roi_align(x, rois, size, scale, sampling_ratio, aligned, deterministic)
     if name == "ps_roi_align":
-        return cupy_roi.ps_roi_align(x, rois, size, scale, sampling_ratio, aligned)
+        return cupy_roi.ps_roi_align(x, rois, size, scale, sampling_ratio, aligned, deterministic)
     if name == "roi_pool":
-        return cupy_roi.roi_pool(x, rois, size, scale)
+        return cupy_roi.roi_pool(x, rois, size, scale, deterministic)
     if name == "ps_roi_pool":
-        return cupy_roi.ps_roi_pool(x, rois, size, scale)
+        return cupy_roi.ps_roi_pool(x, rois, size, scale, deterministic)
     if name == "prroi_pool":
-        return cupy_roi.prroi_pool2d(x, rois, ph, pw, scale)
-    return cupy_roi.ps_prroi_pool(x, rois, size, scale)
+        return cupy_roi.prroi_pool2d(x, rois, ph, pw, scale, deterministic)
+    return cupy_roi.ps_prroi_pool(x, rois, size, scale, deterministic)
 
 
 def slow(name, x, rois, ph, pw, scale, sampling_ratio=2, aligned=True):

@@ -29,7 +29,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 import cupy_roi  # noqa: E402
 
-from . import slow_reference  # noqa: E402
+from . import cases, slow_reference  # noqa: E402
 
 ALIGNED_OPS = ["roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "prroi_pool", "ps_prroi_pool"]
 ALL_OPS = ALIGNED_OPS + ["roi_align_rotated"]
@@ -68,30 +68,18 @@ class Problem:
 
 def run(p, x, rows, deterministic=False):
     """The cupy_roi operator of ``p`` on torch tensors."""
-    size = (p.ph, p.pw)
-    if p.name in ("roi_align", "ps_roi_align"):
-        fn = cupy_roi.ps_roi_align if p.ps else cupy_roi.roi_align
-        return fn(x, rows, size, p.scale, p.sampling_ratio, p.aligned, deterministic=deterministic)
-    if p.name in ("roi_pool", "ps_roi_pool"):
-        fn = cupy_roi.ps_roi_pool if p.ps else cupy_roi.roi_pool
-        return fn(x, rows, size, p.scale, deterministic=deterministic)
-    if p.name == "prroi_pool":
-        return cupy_roi.prroi_pool2d(x, rows, p.ph, p.pw, p.scale, deterministic=deterministic)
-    if p.name == "ps_prroi_pool":
-        return cupy_roi.ps_prroi_pool(x, rows, size, p.scale, deterministic=deterministic)
-    return cupy_roi.roi_align_rotated(x, rows, size, p.scale, p.sampling_ratio, p.aligned, p.clockwise,
-                                      deterministic=deterministic)
+    if p.name == "roi_align_rotated":
+        return cupy_roi.roi_align_rotated(x, rows, (p.ph, p.pw), p.scale, p.sampling_ratio, p.aligned, p.clockwise,
+                                          deterministic=deterministic)
+    return cases.call(p.name, x, rows, p.ph, p.pw, p.scale, p.sampling_ratio, p.aligned, deterministic)
 
 
 def slow(p, x, rows):
     """The slow per-element oracle, float64 NumPy."""
-    if p.name in ("roi_align", "ps_roi_align"):
-        return slow_reference.roi_align(x, rows, p.ph, p.pw, p.scale, p.sampling_ratio, p.aligned, p.ps)
-    if p.name in ("roi_pool", "ps_roi_pool"):
-        return slow_reference.roi_pool(x, rows, p.ph, p.pw, p.scale, p.ps)
-    if p.name in ("prroi_pool", "ps_prroi_pool"):
-        return slow_reference.prroi_pool(x, rows, p.ph, p.pw, p.scale, p.ps)
-    return slow_reference.roi_align_rotated(x, rows, p.ph, p.pw, p.scale, p.sampling_ratio, p.aligned, p.clockwise)
+    if p.name == "roi_align_rotated":
+        return slow_reference.roi_align_rotated(x, rows, p.ph, p.pw, p.scale, p.sampling_ratio, p.aligned,
+                                                p.clockwise)
+    return cases.slow(p.name, x, rows, p.ph, p.pw, p.scale, p.sampling_ratio, p.aligned)
 
 
 # ---------------------------------------------------------------- strategies
