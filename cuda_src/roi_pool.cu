@@ -14,8 +14,8 @@ struct PoolBin {
 
   __device__ __forceinline__ void set(A x1, A y1, A x2, A y2, A scale, int i, int j, int ph, int pw,
                                       int height, int width) {
-    const A rx1 = round(x1 * scale), ry1 = round(y1 * scale);
-    const A rx2 = round(x2 * scale), ry2 = round(y2 * scale);
+    const A rx1 = corner(x1, scale), ry1 = corner(y1, scale);
+    const A rx2 = corner(x2, scale), ry2 = corner(y2, scale);
     const A extra = PS ? A(0) : A(1);
     const A roi_w = max(rx2 - rx1 + extra, A(1));
     const A roi_h = max(ry2 - ry1 + extra, A(1));
@@ -26,6 +26,12 @@ struct PoolBin {
     h1 = (int)min(max(ceil((i + 1) * bin_h) + ry1, A(0)), max_h);
     w0 = (int)min(max(floor(j * bin_w) + rx1, A(0)), max_w);
     w1 = (int)min(max(ceil((j + 1) * bin_w) + rx1, A(0)), max_w);
+  }
+  // torchvision's ps_roi_pool rounds a scaled corner with roundf, so in
+  // float even for double input: a product within float rounding of a
+  // half-integer lands where torchvision's does. roi_pool rounds in A.
+  static __device__ __forceinline__ A corner(A v, A scale) {
+    return PS ? A(roundf(float(v * scale))) : round(v * scale);
   }
   __device__ __forceinline__ bool empty() const { return h1 <= h0 || w1 <= w0; }
 

@@ -107,12 +107,17 @@ def roi_align(input, rows, output_size, spatial_scale, sampling_ratio, aligned, 
 
 
 def _round_half_away(v):
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+    # exact: floor(|v| + 0.5) rounds 0.49999997 up, since the sum rounds to 1
+    whole = torch.trunc(v)
+    return whole + torch.sign(v) * ((v - whole).abs() >= 0.5).to(v.dtype)
 
 
 def _pool_bins(r, spatial_scale, ph, pw, height, width, position_sensitive):
     """Integer bin bounds [K, bins] per axis, as the roi_pool kernels compute them."""
-    rx1, ry1, rx2, ry2 = (_round_half_away(r[:, i] * spatial_scale) for i in range(1, 5))
+    # PSRoIPool rounds in float32 whatever the dtype, as torchvision's roundf does
+    round_dtype = torch.float32 if position_sensitive else r.dtype
+    rx1, ry1, rx2, ry2 = (_round_half_away((r[:, i] * spatial_scale).to(round_dtype)).to(r.dtype)
+                          for i in range(1, 5))
     extra = 0.0 if position_sensitive else 1.0
     roi_w = (rx2 - rx1 + extra).clamp(min=1)
     roi_h = (ry2 - ry1 + extra).clamp(min=1)

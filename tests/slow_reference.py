@@ -57,7 +57,10 @@ def roi_align(x, rois, ph, pw, scale, sampling_ratio, aligned, ps):
 
 
 def _round(v):
-    return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+    """Half away from zero, exactly (C's round; floor(v + 0.5) is not:
+    0.49999999999999994 + 0.5 rounds to 1)."""
+    whole = math.trunc(v)
+    return whole + ((1 if v > 0 else -1) if abs(v - whole) >= 0.5 else 0)
 
 
 def roi_pool(x, rois, ph, pw, scale, ps):
@@ -65,7 +68,9 @@ def roi_pool(x, rois, ph, pw, scale, ps):
     c_out = ch // (ph * pw) if ps else ch
     out = np.zeros((len(rois), c_out, ph, pw))
     for k, (b, x1, y1, x2, y2) in enumerate(rois):
-        rx1, ry1, rx2, ry2 = (_round(v * scale) for v in (x1, y1, x2, y2))
+        # PSRoIPool rounds in float32 (torchvision's roundf), RoIPool in float64
+        rx1, ry1, rx2, ry2 = (_round(float(np.float32(v * scale)) if ps else v * scale)
+                              for v in (x1, y1, x2, y2))
         extra = 0 if ps else 1
         rw, rh = max(rx2 - rx1 + extra, 1), max(ry2 - ry1 + extra, 1)
         lim_h, lim_w = (h - 1, w - 1) if ps else (h, w)

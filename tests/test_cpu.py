@@ -43,6 +43,24 @@ def test_ps_roi_pool_hand_worked():
     assert torch.equal(out[0, 0], torch.tensor([[1., 2.], [3., 4.]], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype, corner, pool_want, ps_want", [
+    (torch.float64, 0.49999999999999994, 0.0, 5.0),
+    (torch.float32, 0.4999999701976776, 0.0, 0.0),  # the float just under 0.5
+])
+def test_pool_corners_a_hair_under_one_half(device, dtype, corner, pool_want, ps_want):
+    """A box whose four corners sit just under 0.5 pools cell (0, 0) of a
+    ramp if the corner rounds to 0 and cell (1, 1) = 5 if it rounds to 1.
+    roi_pool rounds in the input's dtype, half away from zero, as C's round
+    and torchvision do (floor(v + 0.5) gives 1: the sum rounds up to 1.0).
+    ps_roi_pool rounds in float32 whatever the dtype, as torchvision's roundf
+    does, so a float64 0.49999999999999994 becomes 0.5 and then 1."""
+    x = ramp(4, 4).to(device=device, dtype=dtype)
+    rows = torch.tensor([[0] + [corner] * 4], dtype=dtype, device=device)
+    assert cupy_roi.roi_pool(x, rows, 1, 1.0).item() == pool_want
+    assert cupy_roi.ps_roi_pool(x, rows, 1, 1.0).item() == ps_want
+
+
 def test_prroi_pool_hand_worked():
     # one pixel of value 1: f = (1 - y)(1 - x) on [0, 1]^2, whose mean there is 1/4
     one = torch.ones(1, 1, 1, 1, dtype=torch.float64)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import example, given, strategies as st  # noqa: E402
 
 import cupy_roi  # noqa: E402
 
@@ -328,8 +328,19 @@ def _laid_out(x, layout):
     return x
 
 
+def _found(name, x_shape, scale, row):
+    """A case the GPU profile once found, kept as an explicit example."""
+    n, c, h, w = x_shape
+    return Problem(name, n, c, h, w, 1, 1, scale, 0, False, False, np.array([row], dtype=np.float64), 0)
+
+
 @pytest.mark.cuda
 @given(p=problems(), layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(sorted(DTYPES)))
+# corners scaled to -0.49999997 and 0.49999997 in float32: the reference's
+# floor(|v| + 0.5) rounded them away from 0, the kernel's round() did not
+@example(p=_found("roi_pool", (1, 1, 1, 1), 1.90625,
+                  [0.0, -0.26229508196721313, 0.26229508196721313, -0.2617704918032787, 0.26281967213114754]),
+         layout="contiguous", dtype="bfloat16")
 def test_kernels_match_reference(p, layout, dtype):
     """Forward and both backwards of the kernels against the CPU reference on
     the dtype-rounded input and on the boxes as the kernels read them (float32
@@ -367,6 +378,10 @@ def test_kernels_match_reference(p, layout, dtype):
 
 @pytest.mark.cuda
 @given(p=problems(names=["roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool"]))
+# a float64 corner scaled to -0.49999999999999994: torchvision's ps_roi_pool
+# rounds it with roundf (to -1 by way of float -0.5); a double round gives 0
+@example(p=_found("ps_roi_pool", (1, 1, 2, 2), 0.9377398260526455,
+                  [0.0, -0.5331969338496769, -0.5331969338496769, -0.5321305399819776, -0.5321305399819776]))
 def test_kernels_match_torchvision(p):
     """torchvision.ops where the semantics match: ps_roi_align computes
     aligned=True; ps_roi_pool's backward disagrees with its own forward where a
