@@ -156,14 +156,14 @@ __global__ void prroi_pool_forward(
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
-    int channels_fastest,
+    int channel_block,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
-  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     T* out = output + out_at.at(idx, p);
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
@@ -217,7 +217,8 @@ __global__ void prroi_pool_backward(
     if (!load_roi(rois, k, batch, b, x1, y1, x2, y2)) continue;  // uniform over the block
     A g_x1 = 0, g_y1 = 0, g_x2 = 0, g_y2 = 0;
     for (index_t e = e_begin + threadIdx.x; e < e_end; e += blockDim.x) {
-      const BinPos p = decompose(k * per_roi + e, channels_out, ph, pw, channels_fastest != 0);
+      const BinPos p = decompose(k * per_roi + e, num_rois, channels_out, ph, pw,
+                                 channels_fastest ? 0 : channels_out);
       PreciseBin<A> bin;
       bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
       if (!(bin.area > A(0))) continue;

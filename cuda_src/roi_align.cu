@@ -182,14 +182,14 @@ __global__ void roi_align_forward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int channels_fastest,
+    int channel_block,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
-  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     T* out = output + out_at.at(idx, p);
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
@@ -211,7 +211,7 @@ __global__ void roi_align_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int channels_fastest,
+    int channel_block,
     void* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
@@ -220,7 +220,7 @@ __global__ void roi_align_backward(
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
     AlignGrid<A> g;
@@ -241,14 +241,14 @@ __global__ void roi_align_rotated_forward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned, int clockwise,
-    int channels_fastest,
+    int channel_block,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
-  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     T* out = output + out_at.at(idx, p);
     int b; AlignGrid<A> g; RotatedFrame<A> f;
     if (!load_rotated(rois, p.k, batch, spatial_scale, ph, pw, sampling_ratio, aligned != 0, clockwise != 0, b, g,
@@ -268,7 +268,7 @@ __global__ void roi_align_rotated_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned, int clockwise,
-    int channels_fastest,
+    int channel_block,
     void* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
@@ -277,7 +277,7 @@ __global__ void roi_align_rotated_backward(
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     int b; AlignGrid<A> g; RotatedFrame<A> f;
     if (!load_rotated(rois, p.k, batch, spatial_scale, ph, pw, sampling_ratio, aligned != 0, clockwise != 0, b, g,
                       f))
@@ -298,14 +298,14 @@ __global__ void multi_scale_roi_align_forward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
-    int sampling_ratio, int aligned, int channels_fastest,
+    int sampling_ratio, int aligned, int channel_block,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
-  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     T* out = output + out_at.at(idx, p);
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
@@ -331,14 +331,14 @@ __global__ void multi_scale_roi_align_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
-    int sampling_ratio, int aligned, int channels_fastest, const T* __restrict__ max_grad) {
+    int sampling_ratio, int aligned, int channel_block, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink((void*)nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
     const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);

@@ -42,19 +42,33 @@ __device__ __forceinline__ Strides4 make_strides(index_t s0, index_t s1, index_t
   Strides4 s; s.s0 = s0; s.s1 = s1; s.s2 = s2; s.s3 = s3; return s;
 }
 
+// Which output element (k, c, i, j) thread idx of a flat-grid kernel works
+// on, by the launch's channel_block B:
+//   B = 0: channels fastest, (k, i, j, c): consecutive threads read
+//          consecutive channels, which is what makes channels_last coalesce;
+//   B > 0: channel blocks, (c / B, k, c % B, i, j): the threads that run
+//          together work on B channels for every RoI, so the B planes per
+//          image they read (or, backward, add to) stay in L2 instead of being
+//          fetched again from DRAM by RoIs of one image far apart in time.
+//          B = C is the RoI-major (NCHW output) order. The host picks B so
+//          that B planes of every image fit in a share of L2; a larger B
+//          spreads a backward's atomics over more addresses. B divides C.
+
 // Where a forward kernel writes output element idx. Outputs the library
-// allocates are dense in the order the threads walk them (NCHW, or
-// channels_last when channels are fastest), so the flat index is the offset;
-// any other view (the array API's out=) pays for the four strided products.
+// allocates are dense NCHW or channels_last; where the work order is that
+// layout's order the flat index is the offset, otherwise (channel blocks
+// smaller than C, or any view the array API's out= gives) the four strided
+// products.
 struct OutputIndex {
   Strides4 st;
   bool dense;
   __device__ __forceinline__ OutputIndex(index_t s0, index_t s1, index_t s2, index_t s3, int channels, int ph,
-                                         int pw, bool channels_fastest) {
+                                         int pw, int channel_block) {
     st = make_strides(s0, s1, s2, s3);
     const index_t plane = (index_t)ph * pw, roi = plane * channels;
-    dense = channels_fastest ? (s1 == 1 && s3 == channels && s2 == (index_t)pw * channels && s0 == roi)
-                             : (s3 == 1 && s2 == pw && s1 == plane && s0 == roi);
+    dense = channel_block == 0        ? (s1 == 1 && s3 == channels && s2 == (index_t)pw * channels && s0 == roi)
+          : channel_block == channels ? (s3 == 1 && s2 == pw && s1 == plane && s0 == roi)
+                                      : false;
   }
   template <typename P>
   __device__ __forceinline__ index_t at(index_t idx, const P& p) const {
@@ -62,33 +76,36 @@ struct OutputIndex {
   }
 };
 
-// Output position (k, c, i, j) of a flat element index. With channels-fastest
-// order consecutive threads touch consecutive channels, which is what makes
-// channels_last inputs coalesce.
 struct BinPos { index_t k; int c, i, j; };
 
 template <typename I>
-__device__ __forceinline__ BinPos decompose_as(I idx, int channels, int ph, int pw, bool channels_fastest) {
+__device__ __forceinline__ BinPos decompose_as(I idx, I num_rois, int channels, int ph, int pw, int channel_block) {
   BinPos p;
-  const I C = (I)channels, H = (I)ph, W = (I)pw;
-  if (channels_fastest) {
+  const I H = (I)ph, W = (I)pw;
+  if (channel_block == 0) {
+    const I C = (I)channels;
     p.c = (int)(idx % C); idx /= C;
     p.j = (int)(idx % W); idx /= W;
     p.i = (int)(idx % H); p.k = (index_t)(idx / H);
   } else {
+    const I B = (I)channel_block;
     p.j = (int)(idx % W); idx /= W;
     p.i = (int)(idx % H); idx /= H;
-    p.c = (int)(idx % C); p.k = (index_t)(idx / C);
+    const int c_low = (int)(idx % B); idx /= B;
+    p.k = (index_t)(idx % num_rois);
+    p.c = (int)(idx / num_rois) * channel_block + c_low;
   }
   return p;
 }
 
 // 64-bit division is a long software routine, 32-bit a few instructions, and
 // nearly every launch has fewer than 2^32 output elements.
-__device__ __forceinline__ BinPos decompose(index_t idx, int channels, int ph, int pw, bool channels_fastest) {
-  if (idx <= (index_t)0xffffffffu)
-    return decompose_as<unsigned>((unsigned)idx, channels, ph, pw, channels_fastest);
-  return decompose_as<unsigned long long>((unsigned long long)idx, channels, ph, pw, channels_fastest);
+__device__ __forceinline__ BinPos decompose(index_t idx, index_t num_rois, int channels, int ph, int pw,
+                                            int channel_block) {
+  if (idx <= (index_t)0xffffffffu && num_rois <= (index_t)0xffffffffu)
+    return decompose_as<unsigned>((unsigned)idx, (unsigned)num_rois, channels, ph, pw, channel_block);
+  return decompose_as<unsigned long long>((unsigned long long)idx, (unsigned long long)num_rois, channels, ph, pw,
+                                          channel_block);
 }
 
 // Position-sensitive pooling reads a different input channel for every bin.
@@ -221,7 +238,8 @@ __global__ void fixed_point_gradient(
     void* __restrict__ out, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3,
     int out_is_acc, int accumulate) {
   typedef typename acc_type<T>::type A;
-  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels, height, width, channels_fastest != 0);
+  const int channel_block = channels_fastest ? 0 : channels;
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels, height, width, channel_block);
   const double contributions = gradient_contributions(num_rois, ph, pw, position_sensitive != 0);
   const double bound = (double)to_acc(max_grad[0]) * contributions;
   const double unit = ldexp(1.0, -fixed_point_shift((double)to_acc(max_grad[0]), contributions));
@@ -230,8 +248,7 @@ __global__ void fixed_point_gradient(
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
     // a dense output (what the torch ops allocate) needs no position
-    const index_t at = out_at.dense ? idx : out_at.at(idx, decompose(idx, channels, height, width,
-                                                                     channels_fastest != 0));
+    const index_t at = out_at.dense ? idx : out_at.at(idx, decompose(idx, batch, channels, height, width, channel_block));
     A v = finite ? A((double)fixed[idx] * unit) : quiet_nan<A>();
     if (out_is_acc) {
       A* o = static_cast<A*>(out) + at;

@@ -63,19 +63,19 @@ __global__ void roi_pool_forward(
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
-    int channels_fastest,
+    int channel_block,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3,
     int* __restrict__ argmax) {
   typedef typename acc_type<T>::type A;
-  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channels_fastest != 0);
+  const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     T* out = output + out_at.at(idx, p);
     // argmax is always contiguous NCHW, whatever the output layout: in NCHW
-    // order that is the flat index itself.
-    const index_t arg_at = channels_fastest ? ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j : idx;
+    // (RoI-major) order that is the flat index itself.
+    const index_t arg_at = channel_block == channels_out ? idx : ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j;
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) {
       store(out, quiet_nan<A>());
@@ -109,7 +109,7 @@ __global__ void roi_pool_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
-    int channels_fastest, const int* __restrict__ argmax,
+    int channel_block, const int* __restrict__ argmax,
     void* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
@@ -118,7 +118,7 @@ __global__ void roi_pool_backward(
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, channels_out, ph, pw, channels_fastest != 0);
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]);
@@ -132,7 +132,7 @@ __global__ void roi_pool_backward(
       for (int h = bin.h0; h < bin.h1; ++h)
         for (int w = bin.w0; w < bin.w1; ++w) sink.add(plane + h * gi_s2 + w * gi_s3, g);
     } else {
-      const int at = argmax[channels_fastest ? ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j : idx];
+      const int at = argmax[channel_block == channels_out ? idx : ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j];
       if (at < 0 || at >= height * width) continue;
       sink.add(plane + (at / width) * gi_s2 + (at % width) * gi_s3, grad);
     }

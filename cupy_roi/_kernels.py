@@ -215,6 +215,20 @@ def get_function(family, kernel, scalar_type, position_sensitive, device_id):
     return kernels[(kernel, bool(position_sensitive))]
 
 
+_l2_bytes = {}
+
+
+def l2_cache_bytes(device_id):
+    """The device's L2 cache size in bytes (queried once per device)."""
+    size = _l2_bytes.get(device_id)
+    if size is None:
+        from . import _gpu
+
+        runtime = _gpu.import_cupy().cuda.runtime
+        size = _l2_bytes[device_id] = int(runtime.getDeviceProperties(device_id)["l2CacheSize"])
+    return size
+
+
 _launch_kernel = []
 
 

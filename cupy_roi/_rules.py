@@ -6,6 +6,8 @@ front ends cannot drift apart and neither pays for the other's objects.
 A *view* is ``(device pointer, strides in elements)`` of an ``(N, C, H, W)``
 array (or ``(K, C, ph, pw)`` for outputs).
 """
+import functools
+
 from . import _kernels
 
 
@@ -49,6 +51,43 @@ def channels_fastest(strides, shape):
     return shape[1] > 1 and s1 <= s2 and s1 <= s3
 
 
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+@functools.lru_cache(maxsize=256)
+def _channel_block(channels, image_planes_bytes, l2_bytes, bin_bytes):
+    if bin_bytes < 32:
+        return channels
+    most = max(1, (l2_bytes // 3) // max(image_planes_bytes, 1))
+    return max(b for b in range(1, min(most, channels) + 1) if channels % b == 0)
+
+
+def channel_block(device, strides, shape, size, c_out, itemsize):
+    """The flat-grid kernels' work order (``channel_block`` in
+    cuda_src/roi_common.cuh). 0, channels fastest, for a channels-last map
+    (coalesced reads). Otherwise blocks of B of the ``c_out`` output channels,
+    B the largest divisor of ``c_out`` whose input planes of every image (B *
+    C / c_out * N * H * W * itemsize bytes) fit in a third of L2: the threads
+    running together then read (or add to) planes L2 holds; B = c_out,
+    RoI-major order, where the whole map fits. B = c_out too where one RoI's
+    bins of one channel fill less than a 32-byte sector: the scattered output
+    writes of a smaller block would cost more than the reuse gains.
+    ``itemsize``: of the map read (forward) or the buffer added to (backward)."""
+    if channels_fastest(strides, shape):
+        return 0
+    if c_out <= 1:  # one channel, or none (nothing is launched)
+        return 1
+    n, c, h, w = shape
+    return _channel_block(c_out, n * h * w * (c // c_out) * itemsize, _kernels.l2_cache_bytes(device),
+                          size[0] * size[1] * itemsize)
+
+
+def _grad_itemsize(scalar, max_grad):
+    """Bytes of a backward's accumulation buffer element: int64 fixed point
+    for the deterministic backward, else the accumulation type."""
+    return 8 if max_grad or scalar == "float64" else 4
+
+
 # ---------------------------------------------------------------------------
 # launches: (device, stream handle, scalar type name, position-sensitive) first,
 # then the op's sizes and views, in the order of the kernel's parameters.
@@ -73,7 +112,7 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
     c_out = c // (ph * pw) if ps else c
     _run("roi_align", "roi_align_forward", device, stream, scalar, ps, k * c_out * ph * pw, (
         x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned,
-        channels_fastest(x[1], shape), out[0], *out[1]))
+        channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar]), out[0], *out[1]))
 
 
 def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, sampling_ratio, aligned,
@@ -83,7 +122,8 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     c_out = c // (ph * pw) if ps else c
     _run("roi_align", "roi_align_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned,
-        channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1], max_grad))
+        channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad)),
+        grad_input[0], n, h, w, *grad_input[1], max_grad))
 
 
 def roi_align_rotated_forward(device, stream, scalar, x, shape, rows, k, size, scale, sampling_ratio, aligned,
@@ -93,7 +133,7 @@ def roi_align_rotated_forward(device, stream, scalar, x, shape, rows, k, size, s
     ph, pw = size
     _run("roi_align", "roi_align_rotated_forward", device, stream, scalar, False, k * c * ph * pw, (
         x[0], n, h, w, *x[1], rows, k, c, ph, pw, scale, sampling_ratio, aligned, clockwise,
-        channels_fastest(x[1], shape), out[0], *out[1]))
+        channel_block(device, x[1], shape, size, c, _ITEMSIZE[scalar]), out[0], *out[1]))
 
 
 def roi_align_rotated_backward(device, stream, scalar, grad, size_in, rows, k, size, scale, sampling_ratio,
@@ -102,7 +142,8 @@ def roi_align_rotated_backward(device, stream, scalar, grad, size_in, rows, k, s
     ph, pw = size
     _run("roi_align", "roi_align_rotated_backward", device, stream, scalar, False, k * c * ph * pw, (
         grad[0], *grad[1], rows, k, c, ph, pw, scale, sampling_ratio, aligned, clockwise,
-        channels_fastest(grad_input[1], size_in), grad_input[0], n, h, w, *grad_input[1], max_grad))
+        channel_block(device, grad_input[1], size_in, size, c, _grad_itemsize(scalar, max_grad)),
+        grad_input[0], n, h, w, *grad_input[1], max_grad))
 
 
 # Level mappings of multi-level RoIAlign (the kernel's pyramid_level modes).
@@ -166,7 +207,7 @@ def multi_scale_roi_align_forward(device, stream, scalar, views, shapes, scales,
     ph, pw = size
     _run("roi_align", "multi_scale_roi_align_forward", device, stream, scalar, False, k * c * ph * pw, (
         *_level_table(views, shapes, scales), n, rows, k, c, ph, pw, *mapping, sampling_ratio, aligned,
-        channels_fastest(views[0][1], shapes[0]), out[0], *out[1]))
+        channel_block(device, views[0][1], shapes[0], size, c, _ITEMSIZE[scalar]), out[0], *out[1]))
 
 
 def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, shapes, scales, rows, k, size, mapping,
@@ -175,7 +216,8 @@ def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, sha
     ph, pw = size
     _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False, k * c * ph * pw, (
         grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
-        sampling_ratio, aligned, channels_fastest(grad_views[0][1], shapes[0]), max_grad))
+        sampling_ratio, aligned, channel_block(device, grad_views[0][1], shapes[0], size, c,
+                                               _grad_itemsize(scalar, max_grad)), max_grad))
 
 
 def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out, argmax):
@@ -184,8 +226,8 @@ def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale,
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     _run("roi_pool", "roi_pool_forward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, channels_fastest(x[1], shape),
-        out[0], *out[1], argmax))
+        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale,
+        channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar]), out[0], *out[1], argmax))
 
 
 def roi_pool_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, argmax, grad_input,
@@ -194,8 +236,9 @@ def roi_pool_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, 
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     _run("roi_pool", "roi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        grad[0], *grad[1], rows, k, c_out, ph, pw, scale, channels_fastest(grad_input[1], size_in),
-        argmax, grad_input[0], n, h, w, *grad_input[1], max_grad))
+        grad[0], *grad[1], rows, k, c_out, ph, pw, scale,
+        channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad)), argmax,
+        grad_input[0], n, h, w, *grad_input[1], max_grad))
 
 
 def prroi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out):
@@ -203,7 +246,8 @@ def prroi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scal
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     _run("prroi_pool", "prroi_pool_forward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, channels_fastest(x[1], shape), out[0], *out[1]))
+        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale,
+        channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar]), out[0], *out[1]))
 
 
 def prroi_backward_grid(k, per_roi, target_blocks=4096):
