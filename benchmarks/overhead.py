@@ -68,7 +68,8 @@ def breakdown(x, r, reps):
     out = torch.empty(2, 4, 7, 7, device="cuda")
     fn = _kernels.get_function("prroi_pool", "prroi_pool_forward", "float32", True, 0)
     stream = torch.cuda.current_stream().cuda_stream
-    args = (x.data_ptr(), 2, 16, 16, *x.stride(), rows.data_ptr(), 2, 4, 7, 7, 0.5, 0, out.data_ptr(), *out.stride())
+    # channel_block 4 = C_out: the RoI-major order the rule picks for this small map
+    args = (x.data_ptr(), 2, 16, 16, *x.stride(), rows.data_ptr(), 2, 4, 7, 7, 0.5, 4, out.data_ptr(), *out.stride())
     layers = {
         "public ps_prroi_pool": lambda: cupy_roi.ps_prroi_pool(x, r, 7, 0.5),
         "prepare (argument checks)": lambda: _torch_ops.prepare(x, r, 7, True),

@@ -14,7 +14,7 @@ import torch
 import torchvision.ops as tv
 
 import cupy_roi
-from cupy_roi import _kernels
+from cupy_roi import _kernels, _rules
 
 from bench import rois_for, timed
 
@@ -36,7 +36,8 @@ def launcher(kernel, x, r, size, scale):
     rows = r.float().contiguous()
     out = torch.empty((rows.shape[0], x.shape[1]) + size, dtype=x.dtype, device=x.device)
     n, c, h, w = x.shape
-    args = (x.data_ptr(), n, h, w, *x.stride(), rows.data_ptr(), rows.shape[0], c, *size, scale, 0,
+    block = _rules.channel_block(x.device.index or 0, x.stride(), x.shape, size, c, x.element_size())
+    args = (x.data_ptr(), n, h, w, *x.stride(), rows.data_ptr(), rows.shape[0], c, *size, scale, block,
             out.data_ptr(), *out.stride())
     blocks = _kernels.blocks_for(out.numel())
     return lambda: _kernels.launch(kernel, blocks, torch.cuda.current_stream().cuda_stream, args), out
