@@ -46,7 +46,11 @@ __global__ void roi_align_forward_cpt(
   typedef typename acc_type<T>::type A;
   // Groups of CPT channels take the channels' place in the work order.
   const int groups = (channels_out + CPT - 1) / CPT;
-  const int group_block = channel_block == 0 ? 0 : max(channel_block / CPT, 1);
+  // A block must divide the groups (channel blocks divide the channels, but
+  // 21 channels in blocks of 7 are 11 groups of 2: blocks of 3 groups would
+  // leave the last groups out).
+  int group_block = channel_block == 0 ? 0 : max(channel_block / CPT, 1);
+  while (group_block > 1 && groups % group_block) --group_block;
   const Strides4 out_st = make_strides(out_s0, out_s1, out_s2, out_s3);
   const index_t total = num_rois * groups * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
