@@ -1,32 +1,49 @@
 #!/usr/bin/env bash
 # One lent-GPU session's work, in stages, logs under $OUT (or ./device_logs):
 #   A: self-check, GPU suite (run 1), host overhead, cold start, float32 precision
-#   B: GPU suite (run 2), compute-sanitizer memcheck and racecheck, benchmark table
+#   B: GPU suite (run 2), compute-sanitizer memcheck and racecheck
+#   C: benchmark tables (torchvision side by side, deterministic)
+#   D: work order A/B table, kernel candidates (channels per thread, PrRoIPool tables)
+# The suite runs with the larger hypothesis profile. The device has no nbclient/ipykernel: carry
+# wheels in .whl/ (made here with `pip download nbclient nbformat ipykernel --python-version 3.12
+# --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+# --only-binary=:all: -d .whl`, about 17 MB) so that the notebook test runs instead of skipping.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device_logs}; mkdir -p "$out"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUPY_ROI_HYPOTHESIS_PROFILE=gpu
+[ -d .whl ] && python3 -m pip install -q --no-index --find-links .whl nbclient nbformat ipykernel > "$out/pip.txt" 2>&1
+# ties the logs to a tree (the device's copy has a stale .git)
+find cupy_roi cuda_src tests examples benchmarks -type f \( -name '*.py' -o -name '*.cu' -o -name '*.cuh' \
+  -o -name '*.ipynb' \) -not -path '*__pycache__*' | LC_ALL=C sort | xargs cat | sha1sum | tee "$out/tree.txt"
 log() { echo "### $*"; }
 case "${1:-A}" in
 A)
   log versions; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/env.txt"
   python3 -m cupy_roi 2>&1 | tee "$out/selfcheck.txt"
   log suite run 1
-  timeout 420 python3 -m pytest -q -rs -n 4 -p xdist --maxfail=30 2>&1 | tee "$out/pytest1.txt" | tail -40
+  timeout 260 python3 -m pytest -q -rs -n 4 -p xdist -p no:cacheprovider --maxfail=30 2>&1 | tee "$out/pytest1.txt" | tail -40
   log overhead; timeout 120 python3 benchmarks/overhead.py --breakdown --compiled --reps 500 2>&1 | tee "$out/overhead.txt"
   log cold start; timeout 120 python3 benchmarks/cold_start.py 2>&1 | tee "$out/cold_start.txt"
   log precision; timeout 60 python3 benchmarks/prroi_precision.py 2>&1 | tee "$out/precision.txt"
   ;;
 B)
   log suite run 2
-  timeout 400 python3 -m pytest -q -rs -n 4 -p xdist 2>&1 | tee "$out/pytest2.txt" | tail -25
+  timeout 260 python3 -m pytest -q -rs -n 4 -p xdist -p no:cacheprovider 2>&1 | tee "$out/pytest2.txt" | tail -25
   log memcheck
   timeout 200 compute-sanitizer --tool memcheck --print-limit 20 python3 tests/sanitize_cases.py 2>&1 | tail -8 | tee "$out/memcheck.txt"
   log racecheck
   timeout 300 compute-sanitizer --tool racecheck --print-limit 20 python3 tests/sanitize_cases.py 2>&1 | tail -8 | tee "$out/racecheck.txt"
   ;;
 C)
-  log bench; timeout 420 python3 benchmarks/bench.py --graph --reps 20 --out "$out/bench.md" 2>&1 | tail -70
-  [ -d .bench_src ] && timeout 120 python3 benchmarks/prroi_forward.py --source "v3 (cdf differences)=.bench_src/prroi_pool_v3.cu" 2>&1 | tee "$out/prroi_forward.txt"
+  log bench; timeout 260 python3 benchmarks/bench.py --graph --reps 10 --out "$out/bench.md" 2>&1 | tail -60
+  log deterministic; timeout 230 python3 benchmarks/bench.py --skip-anchor --deterministic --graph --reps 10 \
+    --out "$out/det.md" 2>&1 | tail -40
+  ;;
+D)
+  log work order; timeout 200 python3 benchmarks/work_order.py --reps 10 > "$out/work_order.md" 2>&1; tail -25 "$out/work_order.md"
+  log candidates; timeout 120 python3 benchmarks/align_forward.py --reps 10 --out "$out/align_forward.md" 2>&1 | tail -16
+  timeout 140 python3 benchmarks/prroi_tables.py --reps 10 --out "$out/prroi_tables.md" 2>&1 | tail -6
   ;;
 esac
