@@ -28,8 +28,9 @@ CASES = [("8x256x64x64, K=4096, stride 8", 8, 256, 64, 64, 8, 512),
 SIGNATURES = {
     "prroi_tables_rows<float>": "piiiiqqqqp",
     "prroi_tables_columns": "pqii",
-    "prroi_forward_tables<float>": "ppiiiiqqqqpqiiaipqqqq",
-    "prroi_backward_tables<float>": "pqqqqpqiiiiiiaip",
+    "prroi_table_geometry<float>": "pqiiiiiap",
+    "prroi_forward_tables<float>": "ppiiiiqqqqpqiiaippqqqq",
+    "prroi_backward_tables<float>": "pqqqqpqiiiiiiaipp",
     "prroi_corner_rows": "pqii",
     "prroi_corner_columns<float>": "pqiiipqqqq",
 }
@@ -80,23 +81,31 @@ def main():
         corners = torch.empty_like(tables)
         out = torch.empty(k, c, size, size, device="cuda")
         grad = torch.empty_like(x)
+        # AxisRuns<float> per RoI and axis (1136 bytes; rounded up)
+        geo = torch.empty(k * 2 * 2048, dtype=torch.uint8, device="cuda")
         block = _rules.channel_block(0, x.stride(), x.shape, (size, size), c, 8)
         warp_blocks = min(-(-k * c // 8), 1 << 22)
 
+        def geometry():
+            launch(fn["prroi_table_geometry<float>"], _kernels.blocks_for(2 * k), stream,
+                   (rows.data_ptr(), k, n, h, w, size, size, scale, geo.data_ptr()))
+
         def forward():
-            launch(fn["prroi_tables_rows<float>"], _kernels.blocks_for(planes * (h + 1)), stream,
+            launch(fn["prroi_tables_rows<float>"], min(-(-planes * (h + 1) // 8), 1 << 22), stream,
                    (x.data_ptr(), n, c, h, w, *x.stride(), tables.data_ptr()))
             launch(fn["prroi_tables_columns"], _kernels.blocks_for(planes * (w + 1)), stream,
                    (tables.data_ptr(), planes, h, w))
+            geometry()
             launch(fn["prroi_forward_tables<float>"], warp_blocks, stream,
                    (tables.data_ptr(), x.data_ptr(), n, c, h, w, *x.stride(), rows.data_ptr(), k, size, size, scale,
-                    block, out.data_ptr(), *out.stride()))
+                    block, geo.data_ptr(), out.data_ptr(), *out.stride()))
 
         def backward():
             corners.zero_()
+            geometry()
             launch(fn["prroi_backward_tables<float>"], warp_blocks, stream,
                    (go.data_ptr(), *go.stride(), rows.data_ptr(), k, n, c, h, w, size, size, scale, block,
-                    corners.data_ptr()))
+                    geo.data_ptr(), corners.data_ptr()))
             launch(fn["prroi_corner_rows"], _kernels.blocks_for(planes * (h + 1)), stream,
                    (corners.data_ptr(), planes, h, w))
             launch(fn["prroi_corner_columns<float>"], _kernels.blocks_for(planes * w), stream,
@@ -129,7 +138,7 @@ def main():
              timed(package_both, reps=args.reps), timed(both, reps=args.reps), timed(backward, reps=args.reps)]
         lines.append(f"| {title} | " + " | ".join(f"{v:.3f}" for v in t) + f" | {d_out:.1e} | {d_grad:.1e} |")
         print(lines[-1], flush=True)
-        del x, tables, corners, out, grad, xg
+        del x, tables, corners, out, grad, xg, geo
         torch.cuda.empty_cache()
     table = "\n".join(lines)
     print(table)

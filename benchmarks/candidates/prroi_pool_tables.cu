@@ -18,6 +18,11 @@
 // (every bin reads another channel, so nothing is shared), box gradients, the
 // deterministic mode. RoIs whose bins are under one cell, or that need more
 // cuts than kCuts, take the direct path inside these kernels.
+//
+// Version 2 (not yet run): the cuts and every bin's runs are computed once per
+// RoI and axis by prroi_table_geometry (version 1 rebuilt them in lane 0 of
+// every warp, for every channel: its forward was 3-6x slower than the direct
+// kernel), and the table's row pass is a warp scan (coalesced).
 
 namespace cupy_roi {
 
@@ -85,48 +90,97 @@ __device__ __forceinline__ int bin_runs(A origin, A bin, int i, int extent, cons
   int t = 0;
   while (t < n - 1 && cuts[t] < s.lo) ++t;
   int count = 0;
-  for (; t < n - 1 && cuts[t] <= s.hi && count < kRunsPerBin; ++t) {
+  for (; t < n - 1 && cuts[t] <= s.hi; ++t) {
     const int r0 = cuts[t], r1 = cuts[t + 1];
     A w = A(0);
     if (r0 >= s.i0 && r1 <= s.i1 && s.i1 > s.i0) w = A(1);
     else if (r1 == r0 + 1) w = s.weight(origin, i, r0);
-    if (w != A(0)) { run[count] = t; wgt[count] = w; ++count; }
+    if (w == A(0)) continue;
+    if (count == kRunsPerBin) return -1;
+    run[count] = t; wgt[count] = w; ++count;
   }
   return count;
 }
 
-struct WarpCuts {
-  int y[kCuts], x[kCuts];
-  int ny, nx, use_tables;
+constexpr int kMaxBins = 16;  // bins per side the tables path takes
+
+// One RoI's geometry along one axis, shared by all its channels: the cuts and,
+// for every bin, its runs (cut index, weight).
+template <typename A>
+struct AxisRuns {
+  int n, use;
+  int cut[kCuts];
+  int count[kMaxBins];
+  unsigned char run[kMaxBins][kRunsPerBin];
+  A weight[kMaxBins][kRunsPerBin];
 };
 
 }  // namespace cupy_roi
 
 // S[h][w] = sum of the plane over [0, h) x [0, w), (H + 1) x (W + 1) doubles per
 // (image, channel) plane: this kernel writes row h of every plane as the
-// prefix sums of row h - 1 of the map (row 0: zeros); prroi_tables_columns
-// then sums the rows.
+// prefix sums of row h - 1 of the map (row 0: zeros), one warp per row, 32
+// columns at a time with a warp scan; prroi_tables_columns then sums the rows.
 template <typename T>
 __global__ void prroi_tables_rows(const T* __restrict__ input, int batch, int channels, int height, int width,
                                   index_t s0, index_t s1, index_t s2, index_t s3, double* __restrict__ tables) {
+  const int lane = threadIdx.x & 31;
+  const index_t warps = (index_t)gridDim.x * (blockDim.x >> 5);
   const index_t total = (index_t)batch * channels * (height + 1);
   const index_t row_len = width + 1;
-  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-       idx += (index_t)blockDim.x * gridDim.x) {
+  for (index_t idx = (index_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); idx < total; idx += warps) {
     const int h = (int)(idx % (height + 1));
     const index_t plane = idx / (height + 1);
     double* out = tables + idx * row_len;
-    out[0] = 0.0;
-    if (h == 0) {
-      for (int w = 1; w <= width; ++w) out[w] = 0.0;
-      continue;
+    if (lane == 0) out[0] = 0.0;
+    const T* row = input + (plane / channels) * s0 + (plane % channels) * s1 + (index_t)max(h - 1, 0) * s2;
+    double carry = 0.0;
+    for (int w0 = 0; w0 < width; w0 += 32) {
+      const int w = w0 + lane;
+      double v = (h > 0 && w < width) ? (double)to_acc(row[w * s3]) : 0.0;
+      for (int off = 1; off < 32; off <<= 1) {
+        const double u = __shfl_up_sync(0xffffffffu, v, off);
+        if (lane >= off) v += u;
+      }
+      if (w < width) out[w + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
     }
-    const T* row = input + (plane / channels) * s0 + (plane % channels) * s1 + (index_t)(h - 1) * s2;
-    double acc = 0.0;
-    for (int w = 0; w < width; ++w) {
-      acc += (double)to_acc(row[w * s3]);
-      out[w + 1] = acc;
+  }
+}
+
+// Every RoI's AxisRuns for y (geo[2k]) and x (geo[2k + 1]), one thread each.
+template <typename T>
+__global__ void prroi_table_geometry(const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+                                     int batch, int height, int width, int ph, int pw,
+                                     typename acc_type<T>::type spatial_scale,
+                                     AxisRuns<typename acc_type<T>::type>* __restrict__ geo) {
+  typedef typename acc_type<T>::type A;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < num_rois * 2;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const index_t k = idx / 2;
+    const bool y_axis = idx % 2 == 0;
+    AxisRuns<A>& g = geo[idx];
+    g.use = 0;
+    g.n = 0;
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, k, batch, b, x1, y1, x2, y2)) continue;
+    const int bins = y_axis ? ph : pw, extent = y_axis ? height : width;
+    const A origin = y_axis ? scaled(y1, spatial_scale) : scaled(x1, spatial_scale);
+    const A bin = max((y_axis ? scaled(y2, spatial_scale) : scaled(x2, spatial_scale)) - origin, A(0)) / bins;
+    if (!(bin >= A(1)) || bins > kMaxBins) continue;
+    int n = 0;
+    if (!axis_cuts(origin, bin, bins, extent, g.cut, n) || n < 2) continue;
+    g.n = n;
+    bool ok = true;
+    for (int i = 0; i < bins && ok; ++i) {
+      int run[kRunsPerBin];
+      A wgt[kRunsPerBin];
+      const int count = bin_runs(origin, bin, i, extent, g.cut, n, run, wgt);
+      ok = count >= 0;
+      g.count[i] = max(count, 0);
+      for (int r = 0; r < max(count, 0); ++r) { g.run[i][r] = (unsigned char)run[r]; g.weight[i][r] = wgt[r]; }
     }
+    g.use = ok;
   }
 }
 
@@ -151,12 +205,11 @@ __global__ void prroi_forward_tables(
     index_t s0, index_t s1, index_t s2, index_t s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int channel_block,
+    const AxisRuns<typename acc_type<T>::type>* __restrict__ geo,
     T* __restrict__ output, index_t o0, index_t o1, index_t o2, index_t o3) {
   typedef typename acc_type<T>::type A;
-  __shared__ WarpCuts cuts[kWarps];
   __shared__ double grid[kWarps][kCuts * kCuts];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  WarpCuts& cw = cuts[warp];
   double* g = grid[warp];
   const Strides4 out_st = make_strides(o0, o1, o2, o3);
   const index_t items = num_rois * channels;
@@ -175,36 +228,27 @@ __global__ void prroi_forward_tables(
         store(output + out_st.at(k, c, q / pw, q % pw), valid ? A(0) : quiet_nan<A>());
       continue;
     }
-    if (lane == 0) {
-      int ny = 0, nx = 0;
-      const bool ok = bin_h >= A(1) && bin_w >= A(1) && axis_cuts(ry1, bin_h, ph, height, cw.y, ny) &&
-                      axis_cuts(rx1, bin_w, pw, width, cw.x, nx);
-      cw.ny = ny; cw.nx = nx;
-      cw.use_tables = ok && ny >= 2 && nx >= 2;
-    }
-    __syncwarp();
+    const AxisRuns<A>& gy = geo[2 * k];
+    const AxisRuns<A>& gx = geo[2 * k + 1];
     const T* plane = input + (index_t)b * s0 + (index_t)c * s1;
-    if (cw.use_tables) {
-      const int ny = cw.ny, nx = cw.nx;
+    if (gy.use && gx.use) {
+      const int ny = gy.n, nx = gx.n;
       const double* table = tables + ((index_t)b * channels + c) * (index_t)(height + 1) * (width + 1);
-      for (int q = lane; q < ny * nx; q += 32) g[q] = table[(index_t)cw.y[q / nx] * (width + 1) + cw.x[q % nx]];
+      for (int q = lane; q < ny * nx; q += 32) g[q] = table[(index_t)gy.cut[q / nx] * (width + 1) + gx.cut[q % nx]];
       __syncwarp();
       for (int q = lane; q < ph * pw; q += 32) {
         const int i = q / pw, j = q % pw;
-        int rt[kRunsPerBin], ru[kRunsPerBin];
-        A wy[kRunsPerBin], wx[kRunsPerBin];
-        const int nr = bin_runs(ry1, bin_h, i, height, cw.y, ny, rt, wy);
-        const int nc = bin_runs(rx1, bin_w, j, width, cw.x, nx, ru, wx);
+        const int nr = gy.count[i], nc = gx.count[j];
         double sum = 0.0;
         for (int r = 0; r < nr; ++r) {
-          const double* g0 = g + rt[r] * nx;
+          const double* g0 = g + gy.run[i][r] * nx;
           const double* g1 = g0 + nx;
           double row = 0.0;
           for (int u = 0; u < nc; ++u) {
-            const int cu = ru[u];
-            row += (double)wx[u] * ((g1[cu + 1] - g0[cu + 1]) - (g1[cu] - g0[cu]));
+            const int cu = gx.run[j][u];
+            row += (double)gx.weight[j][u] * ((g1[cu + 1] - g0[cu + 1]) - (g1[cu] - g0[cu]));
           }
-          sum += (double)wy[r] * row;
+          sum += (double)gy.weight[i][r] * row;
         }
         store(output + out_st.at(k, c, i, j), A(sum) / area);
       }
@@ -217,7 +261,7 @@ __global__ void prroi_forward_tables(
         store(output + out_st.at(k, c, q / pw, q % pw), sum / bin.area);
       }
     }
-    __syncwarp();  // the next item rewrites this warp's cuts and grid
+    __syncwarp();  // the next item rewrites this warp's grid
   }
 }
 
@@ -228,12 +272,11 @@ __global__ void prroi_backward_tables(
     const T* __restrict__ grad_output, index_t go0, index_t go1, index_t go2, index_t go3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int batch, int channels, int height, int width, int ph, int pw,
-    typename acc_type<T>::type spatial_scale, int channel_block, double* __restrict__ corners) {
+    typename acc_type<T>::type spatial_scale, int channel_block,
+    const AxisRuns<typename acc_type<T>::type>* __restrict__ geo, double* __restrict__ corners) {
   typedef typename acc_type<T>::type A;
-  __shared__ WarpCuts cuts[kWarps];
   __shared__ double grid[kWarps][kCuts * kCuts];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  WarpCuts& cw = cuts[warp];
   double* g = grid[warp];
   const Strides4 go_st = make_strides(go0, go1, go2, go3);
   const index_t items = num_rois * channels;
@@ -249,33 +292,24 @@ __global__ void prroi_backward_tables(
     const A bin_w = max(scaled(x2, spatial_scale) - rx1, A(0)) / pw;
     const A area = bin_h * bin_w;
     if (!(area > A(0))) continue;
-    if (lane == 0) {
-      int ny = 0, nx = 0;
-      const bool ok = bin_h >= A(1) && bin_w >= A(1) && axis_cuts(ry1, bin_h, ph, height, cw.y, ny) &&
-                      axis_cuts(rx1, bin_w, pw, width, cw.x, nx);
-      cw.ny = ny; cw.nx = nx;
-      cw.use_tables = ok && ny >= 2 && nx >= 2;
-    }
-    __syncwarp();
+    const AxisRuns<A>& gy = geo[2 * k];
+    const AxisRuns<A>& gx = geo[2 * k + 1];
     double* plane = corners + ((index_t)b * channels + c) * (index_t)(height + 1) * row_len;
-    if (cw.use_tables) {
-      const int ny = cw.ny, nx = cw.nx;
+    if (gy.use && gx.use) {
+      const int ny = gy.n, nx = gx.n;
       for (int q = lane; q < ny * nx; q += 32) g[q] = 0.0;
       __syncwarp();
       for (int q = lane; q < ph * pw; q += 32) {
         const int i = q / pw, j = q % pw;
-        int rt[kRunsPerBin], ru[kRunsPerBin];
-        A wy[kRunsPerBin], wx[kRunsPerBin];
-        const int nr = bin_runs(ry1, bin_h, i, height, cw.y, ny, rt, wy);
-        const int nc = bin_runs(rx1, bin_w, j, width, cw.x, nx, ru, wx);
+        const int nr = gy.count[i], nc = gx.count[j];
         const double coeff = (double)(to_acc(grad_output[go_st.at(k, c, i, j)]) / area);
         for (int r = 0; r < nr; ++r) {
-          double* g0 = g + rt[r] * nx;
+          double* g0 = g + gy.run[i][r] * nx;
           double* g1 = g0 + nx;
-          const double cr = coeff * (double)wy[r];
+          const double cr = coeff * (double)gy.weight[i][r];
           for (int u = 0; u < nc; ++u) {
-            const double v = cr * (double)wx[u];
-            const int cu = ru[u];
+            const double v = cr * (double)gx.weight[j][u];
+            const int cu = gx.run[j][u];
             atomicAdd(g1 + cu + 1, v);
             atomicAdd(g0 + cu + 1, -v);
             atomicAdd(g1 + cu, -v);
@@ -285,7 +319,7 @@ __global__ void prroi_backward_tables(
       }
       __syncwarp();
       for (int q = lane; q < ny * nx; q += 32)
-        if (g[q] != 0.0) atomicAdd(plane + (index_t)cw.y[q / nx] * row_len + cw.x[q % nx], g[q]);
+        if (g[q] != 0.0) atomicAdd(plane + (index_t)gy.cut[q / nx] * row_len + gx.cut[q % nx], g[q]);
     } else {
       // every touched cell (h, w) as a 1 x 1 rectangle: four corners
       for (int q = lane; q < ph * pw; q += 32) {
