@@ -203,6 +203,27 @@ def test_position_sensitive_channel_count(name):
         cases.call(name, torch.randn(1, 10, 5, 5), torch.tensor([[0, 0, 0, 3, 3.]]), 2, 2, 1.0)
 
 
+def test_channel_block_rule():
+    """The GPU work order's block of channels (_rules.channel_block): a divisor
+    of the channel count whose planes of every image fit in a third of L2;
+    all channels (RoI-major order) where the map fits or where one RoI's bins
+    of a channel fill under a 32-byte sector. Results never depend on it
+    (test_cuda forces every block); this pins the choice."""
+    from cupy_roi._rules import _channel_block
+
+    l2 = 50 * 2 ** 20
+    mask_rcnn = 16 * 200 * 272 * 4  # one float32 channel of 16 images: 3.5 MB
+    assert _channel_block(256, mask_rcnn, l2, 7 * 7 * 4) == 4
+    assert _channel_block(256, 2 * 50 * 68 * 4, l2, 7 * 7 * 4) == 256  # the whole map fits
+    assert _channel_block(256, mask_rcnn, l2, 2 * 2 * 4) == 256  # 16-byte bins: no blocks
+    assert _channel_block(21, 49 * 8 * 38 * 63 * 4, l2, 7 * 7 * 4) == 3  # R-FCN: 49 input planes a channel
+    assert _channel_block(7, 10 * mask_rcnn, l2, 7 * 7 * 4) == 1  # not even one channel fits
+    for c in range(1, 70):
+        for per_channel in (1, 10 ** 5, 10 ** 6, 10 ** 7):
+            b = _channel_block(c, per_channel, l2, 64)
+            assert 1 <= b <= c and c % b == 0
+
+
 def test_seed_module_shapes_and_check():
     m = cupy_roi.PSROIAlign(spatial_scale=1 / 16, roi_size=7, sampling_ratio=2, pooled_dim=10)
     x = torch.randn(4, 490, 30, 40)
