@@ -16,7 +16,7 @@ import torch
 import torchvision.ops as tv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import timed  # noqa: E402
+from bench import report, timed  # noqa: E402
 from boxes import rois_for  # noqa: E402
 
 from cupy_roi import _kernels, _rules  # noqa: E402
@@ -106,10 +106,7 @@ def main():
                     print(row, flush=True)
                     del x, r
                     torch.cuda.empty_cache()
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

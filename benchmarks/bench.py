@@ -26,6 +26,15 @@ import cupy_roi
 from boxes import rois_for  # noqa: F401 (the other benchmarks import it from here too)
 
 
+def report(lines, out=None):
+    """Print a benchmark's Markdown lines, and write them to ``out`` when given."""
+    table = "\n".join(lines)
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            f.write(table + "\n")
+
+
 def timed(fn, warmup=5, reps=30):
     for _ in range(warmup):
         fn()
@@ -254,11 +263,7 @@ def main():
                       f"rows above 1.0: {sum(v > 1.0 for v in ratios)}"]
     if args.deterministic:
         lines += deterministic_table(args, gen)
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import graphed, timed  # noqa: E402
+from bench import graphed, report, timed  # noqa: E402
 
 import cupy_roi  # noqa: E402
 
@@ -135,10 +135,7 @@ def main():
             t_rot = timed(run(lambda: cupy_roi.roi_align_rotated(feat, rot, 7, 1 / 8, 2)), reps=args.reps)
             lines.append(f"| | {str(dtype).replace('torch.', '')} | {label} | {t_ax:.3f} | {t_rot:.3f} | "
                          f"{t_rot / t_ax:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

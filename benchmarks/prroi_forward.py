@@ -16,7 +16,7 @@ import torchvision.ops as tv
 import cupy_roi
 from cupy_roi import _kernels, _rules
 
-from bench import rois_for, timed
+from bench import report, rois_for, timed
 
 
 def compile_source(path):
@@ -84,10 +84,7 @@ def main():
                     f"{float((torch.as_tensor(out, device='cuda').double() - base).norm() / base.norm()):.1e}"
                 lines.append(f"| {scalar} | {label} | {t:.3f} | {t / t_anchor:.2f} | {diff} |")
     if not args.profile:
-        table = "\n".join(lines)
-        print(table)
-        if args.out:
-            Path(args.out).write_text(table + "\n")
+        report(lines, args.out)
 
 
 if __name__ == "__main__":

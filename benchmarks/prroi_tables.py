@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import timed  # noqa: E402
+from bench import report, timed  # noqa: E402
 from boxes import rois_for  # noqa: E402
 
 import cupy_roi  # noqa: E402
@@ -140,10 +140,7 @@ def main():
         print(lines[-1], flush=True)
         del x, tables, corners, out, grad, xg, geo
         torch.cuda.empty_cache()
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":
