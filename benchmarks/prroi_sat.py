@@ -128,9 +128,30 @@ class Bin:
 
 
 def suffix_gradient(grad_s, grad_cells):
-    """grad[h, w] = cells[h, w] + sum_{h' > h, w' > w} G[h', w']."""
-    tail = grad_s[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]
-    return grad_cells + tail[1:, 1:]
+    """grad[..., h, w] = cells[..., h, w] + sum_{h' > h, w' > w} G[..., h', w']."""
+    tail = grad_s[..., ::-1, ::-1].cumsum(-2).cumsum(-1)[..., ::-1, ::-1]
+    return grad_cells + tail[..., 1:, 1:]
+
+
+def roi_in_map(row, scale, ph, pw):
+    """Image index, corners in map coordinates, bin sizes and bin area of one RoI row."""
+    b, x1, y1, x2, y2 = row
+    box = x1 * scale, y1 * scale, x2 * scale, y2 * scale
+    bw, bh = max(box[2] - box[0], 0.0) / pw, max(box[3] - box[1], 0.0) / ph
+    return int(b), box, bw, bh, bw * bh
+
+
+def box_derivatives(d_ylo, d_yhi, d_xlo, d_xhi, integral, i, j, ph, pw, box):
+    """area * d(integral / area) / d(sx1, sy1, sx2, sy2) of bin (i, j) (scalars, or
+    arrays that broadcast) from the integral's derivatives along its four edges:
+    the edges move with the box (ylo = sy1 + i * bh, yhi = sy1 + (i + 1) * bh,
+    bh = (sy2 - sy1) / ph), and so does the area, (sx2 - sx1)(sy2 - sy1) / (ph pw)."""
+    sx1, sy1, sx2, sy2 = box
+    d_sy1 = d_ylo * (1 - i / ph) + d_yhi * (1 - (i + 1) / ph) + integral / (sy2 - sy1)
+    d_sy2 = d_ylo * (i / ph) + d_yhi * ((i + 1) / ph) - integral / (sy2 - sy1)
+    d_sx1 = d_xlo * (1 - j / pw) + d_xhi * (1 - (j + 1) / pw) + integral / (sx2 - sx1)
+    d_sx2 = d_xlo * (j / pw) + d_xhi * ((j + 1) / pw) - integral / (sx2 - sx1)
+    return d_sx1, d_sy1, d_sx2, d_sy2
 
 
 def prroi_sat(x, rows, ph, pw, scale, go):
@@ -142,13 +163,11 @@ def prroi_sat(x, rows, ph, pw, scale, go):
     grows = np.zeros((len(rows), 5))
     tables = {}
     grad_s = np.zeros((n, c, h + 1, w + 1))
-    for k, (b, x1, y1, x2, y2) in enumerate(rows):
-        b = int(b)
-        sx1, sy1, sx2, sy2 = x1 * scale, y1 * scale, x2 * scale, y2 * scale
-        bw, bh = max(sx2 - sx1, 0.0) / pw, max(sy2 - sy1, 0.0) / ph
-        area = bw * bh
+    for k, row in enumerate(rows):
+        b, box, bw, bh, area = roi_in_map(row, scale, ph, pw)
         if not area > 0:
             continue
+        sx1, sy1 = box[0], box[1]
         for ch in range(c):
             plane = x[b, ch]
             s = tables.setdefault((b, ch), table(plane))
@@ -160,23 +179,9 @@ def prroi_sat(x, rows, ph, pw, scale, go):
                     out[k, ch, i, j] = integral / area
                     g = go[k, ch, i, j]
                     bn.scatter(g / area, grad_s[b, ch], gx[b, ch])
-                    # out = I / (bw * bh); edges move with the box: ylo = sy1 + i * bh,
-                    # yhi = sy1 + (i + 1) * bh, bh = (sy2 - sy1) / ph
-                    d_ylo, d_yhi, d_xlo, d_xhi = bn.edge_derivatives(s, plane)
-                    d_sy1 = d_ylo * (1 - i / ph) + d_yhi * (1 - (i + 1) / ph)
-                    d_sy2 = d_ylo * (i / ph) + d_yhi * ((i + 1) / ph)
-                    d_sx1 = d_xlo * (1 - j / pw) + d_xhi * (1 - (j + 1) / pw)
-                    d_sx2 = d_xlo * (j / pw) + d_xhi * ((j + 1) / pw)
-                    # and 1 / area: area = (sx2 - sx1)(sy2 - sy1) / (ph pw)
-                    d_sy1 += integral / (sy2 - sy1)
-                    d_sy2 -= integral / (sy2 - sy1)
-                    d_sx1 += integral / (sx2 - sx1)
-                    d_sx2 -= integral / (sx2 - sx1)
-                    grows[k, 1:] += g / area * scale * np.array([d_sx1, d_sy1, d_sx2, d_sy2])
-    for b in range(n):
-        for ch in range(c):
-            gx[b, ch] = suffix_gradient(grad_s[b, ch], gx[b, ch])
-    return out, gx, grows
+                    d = box_derivatives(*bn.edge_derivatives(s, plane), integral, i, j, ph, pw, box)
+                    grows[k, 1:] += g / area * scale * np.array(d)
+    return out, suffix_gradient(grad_s, gx), grows
 
 
 def roi_axis(lo, bin_size, bins, size):
@@ -217,14 +222,11 @@ def prroi_sat_tiles(x, rows, ph, pw, scale, go):
     grad_s = np.zeros((n, c, h + 1, w + 1))
     grows = np.zeros((len(rows), 5))
     tables = {}
-    reads = 0
-    for k, (b, x1, y1, x2, y2) in enumerate(rows):
-        b = int(b)
-        sx1, sy1, sx2, sy2 = x1 * scale, y1 * scale, x2 * scale, y2 * scale
-        bw, bh = max(sx2 - sx1, 0.0) / pw, max(sy2 - sy1, 0.0) / ph
-        area = bw * bh
+    for k, row in enumerate(rows):
+        b, box, bw, bh, area = roi_in_map(row, scale, ph, pw)
         if not area > 0:
             continue
+        sx1, sy1 = box[0], box[1]
         uy, ay = roi_axis(sy1, bh, ph, h)
         ux, bx = roi_axis(sx1, bw, pw, w)
         if len(uy) < 2 or len(ux) < 2:  # wholly outside the map
@@ -232,7 +234,6 @@ def prroi_sat_tiles(x, rows, ph, pw, scale, go):
         for ch in range(c):
             s = tables.setdefault((b, ch), table(x[b, ch]))
             grid = s[np.ix_(uy, ux)]
-            reads += grid.size
             blocks = grid[1:, 1:] - grid[:-1, 1:] - grid[1:, :-1] + grid[:-1, :-1]
             integral = ay @ blocks @ bx.T
             out[k, ch] = integral / area
@@ -255,20 +256,10 @@ def prroi_sat_tiles(x, rows, ph, pw, scale, go):
                 for q, t in edge_rows(sx1 + j * bw, w):
                     col = s[uy, q + 1] - s[uy, q]
                     line_x[j] += t * (ay @ (col[1:] - col[:-1]))
-            ii = np.arange(ph).reshape(-1, 1)
-            jj = np.arange(pw).reshape(1, -1)
-            d_ylo, d_yhi = -line_y[:-1], line_y[1:]
-            d_xlo, d_xhi = -line_x[:-1].T, line_x[1:].T
-            d_sy1 = d_ylo * (1 - ii / ph) + d_yhi * (1 - (ii + 1) / ph) + integral / (sy2 - sy1)
-            d_sy2 = d_ylo * (ii / ph) + d_yhi * ((ii + 1) / ph) - integral / (sy2 - sy1)
-            d_sx1 = d_xlo * (1 - jj / pw) + d_xhi * (1 - (jj + 1) / pw) + integral / (sx2 - sx1)
-            d_sx2 = d_xlo * (jj / pw) + d_xhi * ((jj + 1) / pw) - integral / (sx2 - sx1)
-            grows[k, 1:] += scale * np.array([(g * d).sum() for d in (d_sx1, d_sy1, d_sx2, d_sy2)])
-    gx = np.zeros_like(x)
-    for b in range(n):
-        for ch in range(c):
-            gx[b, ch] = suffix_gradient(grad_s[b, ch], gx[b, ch])
-    return out, gx, grows
+            d = box_derivatives(-line_y[:-1], line_y[1:], -line_x[:-1].T, line_x[1:].T, integral,
+                                np.arange(ph).reshape(-1, 1), np.arange(pw).reshape(1, -1), ph, pw, box)
+            grows[k, 1:] += scale * np.array([(g * v).sum() for v in d])
+    return out, suffix_gradient(grad_s, np.zeros_like(x)), grows
 
 
 def check(seed, cases):

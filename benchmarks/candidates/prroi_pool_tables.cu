@@ -219,10 +219,9 @@ __global__ void prroi_forward_tables(
     const int c = it.c;
     int b; A x1, y1, x2, y2;
     const bool valid = load_roi(rois, k, batch, b, x1, y1, x2, y2);
-    const A ry1 = scaled(y1, spatial_scale), rx1 = scaled(x1, spatial_scale);
-    const A bin_h = max(scaled(y2, spatial_scale) - ry1, A(0)) / ph;
-    const A bin_w = max(scaled(x2, spatial_scale) - rx1, A(0)) / pw;
-    const A area = bin_h * bin_w;
+    PreciseBin<A> first;  // every bin of the RoI has its area
+    first.set(x1, y1, x2, y2, spatial_scale, 0, 0, ph, pw, height, width);
+    const A area = first.area;
     if (!valid || !(area > A(0))) {
       for (int q = lane; q < ph * pw; q += 32)
         store(output + out_st.at(k, c, q / pw, q % pw), valid ? A(0) : quiet_nan<A>());
@@ -287,10 +286,9 @@ __global__ void prroi_backward_tables(
     const int c = it.c;
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, k, batch, b, x1, y1, x2, y2)) continue;
-    const A ry1 = scaled(y1, spatial_scale), rx1 = scaled(x1, spatial_scale);
-    const A bin_h = max(scaled(y2, spatial_scale) - ry1, A(0)) / ph;
-    const A bin_w = max(scaled(x2, spatial_scale) - rx1, A(0)) / pw;
-    const A area = bin_h * bin_w;
+    PreciseBin<A> first;  // every bin of the RoI has its area
+    first.set(x1, y1, x2, y2, spatial_scale, 0, 0, ph, pw, height, width);
+    const A area = first.area;
     if (!(area > A(0))) continue;
     const AxisRuns<A>& gy = geo[2 * k];
     const AxisRuns<A>& gx = geo[2 * k + 1];
