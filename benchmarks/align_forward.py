@@ -6,6 +6,10 @@ channels_last. Each candidate's output is compared with the package's (relative
 difference of the norms; NaN rows of invalid RoIs excluded).
 
     python3 benchmarks/align_forward.py [--reps 20] [--cpt 2,4,8] [--out FILE]
+        [--case SUBSTRING] [--layout nchw|nhwc] [--dtype float32|float16]
+
+The filters pick one configuration, e.g. to profile it under Nsight Compute
+with ``--reps 1`` (each kernel then runs 1 + 5 warm-up times).
 """
 import argparse
 import os
@@ -63,6 +67,9 @@ def main():
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--cpt", default="2,4,8", help="channels per thread of the candidates")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--case", default="", help="only cases whose title contains this")
+    parser.add_argument("--layout", choices=("nchw", "nhwc"), default=None)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default=None)
     args = parser.parse_args()
     cpts = [int(v) for v in args.cpt.split(",")]
     scalars = ("float32", "float16")
@@ -75,11 +82,15 @@ def main():
              "|---|---|---|---:|---:|" + "---:|---:|" * len(cpts)]
     with torch.no_grad():
         for title, n, c, h, w, stride, per_image, size, ps in CASES:
+            if args.case not in title:
+                continue
             for layout in ("nchw", "nhwc"):
-                if ps and layout == "nhwc":
+                if (ps and layout == "nhwc") or args.layout not in (None, layout):
                     continue
                 for dtype in (torch.float32, torch.float16):
                     scalar = str(dtype).replace("torch.", "")
+                    if args.dtype not in (None, scalar):
+                        continue
                     x = torch.randn(n, c, h, w, generator=gen).to("cuda", dtype)
                     if layout == "nhwc":
                         x = x.contiguous(memory_format=torch.channels_last)

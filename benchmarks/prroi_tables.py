@@ -68,6 +68,9 @@ def main():
              "| case | package forward | tables forward (build + pool) | package fwd+bwd (features) | "
              "tables fwd+bwd | tables backward alone | forward diff | gradient diff |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    stage_lines = ["", "Candidate stages alone (ms):", "",
+                   "| case | table build | geometry | pool | corner zero-fill | scatter | suffix sums |",
+                   "|---|---:|---:|---:|---:|---:|---:|"]
     for title, n, c, h, w, stride, per_image in CASES:
         x = torch.randn(n, c, h, w, generator=gen).to("cuda")
         r = rois_for(n, per_image, h, w, stride, gen).to("cuda")
@@ -90,26 +93,38 @@ def main():
             launch(fn["prroi_table_geometry<float>"], _kernels.blocks_for(2 * k), stream,
                    (rows.data_ptr(), k, n, h, w, size, size, scale, geo.data_ptr()))
 
-        def forward():
+        def build():
             launch(fn["prroi_tables_rows<float>"], min(-(-planes * (h + 1) // 8), 1 << 22), stream,
                    (x.data_ptr(), n, c, h, w, *x.stride(), tables.data_ptr()))
             launch(fn["prroi_tables_columns"], _kernels.blocks_for(planes * (w + 1)), stream,
                    (tables.data_ptr(), planes, h, w))
-            geometry()
+
+        def pool():
             launch(fn["prroi_forward_tables<float>"], warp_blocks, stream,
                    (tables.data_ptr(), x.data_ptr(), n, c, h, w, *x.stride(), rows.data_ptr(), k, size, size, scale,
                     block, geo.data_ptr(), out.data_ptr(), *out.stride()))
 
-        def backward():
-            corners.zero_()
-            geometry()
+        def scatter():
             launch(fn["prroi_backward_tables<float>"], warp_blocks, stream,
                    (go.data_ptr(), *go.stride(), rows.data_ptr(), k, n, c, h, w, size, size, scale, block,
                     geo.data_ptr(), corners.data_ptr()))
+
+        def suffix_sums():
             launch(fn["prroi_corner_rows"], _kernels.blocks_for(planes * (h + 1)), stream,
                    (corners.data_ptr(), planes, h, w))
             launch(fn["prroi_corner_columns<float>"], _kernels.blocks_for(planes * w), stream,
                    (corners.data_ptr(), planes, c, h, w, grad.data_ptr(), *grad.stride()))
+
+        def forward():
+            build()
+            geometry()
+            pool()
+
+        def backward():
+            corners.zero_()
+            geometry()
+            scatter()
+            suffix_sums()
 
         def both():
             forward()
@@ -138,9 +153,14 @@ def main():
              timed(package_both, reps=args.reps), timed(both, reps=args.reps), timed(backward, reps=args.reps)]
         lines.append(f"| {title} | " + " | ".join(f"{v:.3f}" for v in t) + f" | {d_out:.1e} | {d_grad:.1e} |")
         print(lines[-1], flush=True)
+        stages = {"table build": build, "geometry": geometry, "pool": pool, "corner zero-fill": corners.zero_,
+                  "scatter": scatter, "suffix sums": suffix_sums}
+        stage_lines.append(f"| {title} | " + " | ".join(f"{timed(f, reps=args.reps):.3f}" for f in stages.values())
+                           + " |")
+        print(stage_lines[-1], flush=True)
         del x, tables, corners, out, grad, xg, geo
         torch.cuda.empty_cache()
-    report(lines, args.out)
+    report(lines + stage_lines, args.out)
 
 
 if __name__ == "__main__":

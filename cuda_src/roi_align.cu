@@ -85,11 +85,16 @@ struct RotatedFrame {
   }
 };
 
-// Sum of the bilinear samples of bin (i, j) of one plane.
-template <typename T, typename A, typename Frame>
-__device__ __forceinline__ A bin_sample_sum(const T* plane, index_t s2, index_t s3, int height, int width,
-                                            const AlignGrid<A>& g, const Frame& frame, int i, int j) {
-  A sum = 0;
+// Sums of the bilinear samples of bin (i, j) over CPT planes plane_step
+// elements apart: the sample positions and weights are worked out once for all
+// of them. Each plane's sum is formed exactly as for one plane alone, so no
+// result depends on CPT.
+template <int CPT, typename T, typename A, typename Frame>
+__device__ __forceinline__ void bin_sample_sums(const T* plane, index_t plane_step, index_t s2, index_t s3,
+                                                int height, int width, const AlignGrid<A>& g, const Frame& frame,
+                                                int i, int j, A (&sum)[CPT]) {
+#pragma unroll
+  for (int t = 0; t < CPT; ++t) sum[t] = A(0);
   for (int iy = 0; iy < g.grid_h; ++iy) {
     const A yy = g.sample_y(i, iy);
     for (int ix = 0; ix < g.grid_w; ++ix) {
@@ -97,14 +102,33 @@ __device__ __forceinline__ A bin_sample_sum(const T* plane, index_t s2, index_t 
       frame.map(yy, g.sample_x(j, ix), y, x);
       Bilinear<A> w;
       if (!w.set(y, x, height, width)) continue;
-      sum += w.w00 * to_acc(plane[w.y0 * s2 + w.x0 * s3]) + w.w01 * to_acc(plane[w.y0 * s2 + w.x1 * s3]) +
-             w.w10 * to_acc(plane[w.y1 * s2 + w.x0 * s3]) + w.w11 * to_acc(plane[w.y1 * s2 + w.x1 * s3]);
+      const index_t a00 = w.y0 * s2 + w.x0 * s3, a01 = w.y0 * s2 + w.x1 * s3;
+      const index_t a10 = w.y1 * s2 + w.x0 * s3, a11 = w.y1 * s2 + w.x1 * s3;
+#pragma unroll
+      for (int t = 0; t < CPT; ++t) {
+        const T* p = plane + t * plane_step;
+        sum[t] += w.w00 * to_acc(p[a00]) + w.w01 * to_acc(p[a01]) + w.w10 * to_acc(p[a10]) + w.w11 * to_acc(p[a11]);
+      }
     }
   }
-  return sum;
 }
 
-// Adjoint of bin_sample_sum: adds grad times each sample's weights into the
+// Writes the CPT means of a group (the NaNs of an invalid row when g is null)
+// to out, out + step, ...
+template <int CPT, typename T, typename A>
+__device__ __forceinline__ void store_means(T* out, index_t step, const A (&sum)[CPT], const AlignGrid<A>* g) {
+#pragma unroll
+  for (int t = 0; t < CPT; ++t) store(out + t * step, g ? sum[t] * g->inv_count : quiet_nan<A>());
+}
+
+// Input planes between the channels of a group: position-sensitive channel
+// c + 1 reads the plane ph * pw after channel c's.
+template <bool PS>
+__device__ __forceinline__ index_t group_plane_step(index_t s1, int ph, int pw) {
+  return PS ? s1 * ph * pw : s1;
+}
+
+// Adjoint of bin_sample_sums (one plane): adds grad times each sample's weights into the
 // plane starting at element plane of the sink's buffer.
 template <typename A, typename Frame>
 __device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, index_t plane, index_t s2, index_t s3,
@@ -175,7 +199,9 @@ struct LevelTable {
 
 using namespace cupy_roi;
 
-template <typename T, bool PS>
+// CPT: output channels per thread (decompose_group); 1 but for plain
+// RoIAlign in float types, where the host picks it.
+template <typename T, bool PS, int CPT = 1>
 __global__ void roi_align_forward(
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
@@ -186,19 +212,21 @@ __global__ void roi_align_forward(
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
   const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
-  const index_t total = num_rois * channels_out * ph * pw;
+  const index_t total = num_rois * (channels_out / CPT) * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
-    T* out = output + out_at.at(idx, p);
+    const BinPos p = decompose_group<CPT>(idx, num_rois, channels_out, ph, pw, channel_block);
+    T* out = output + out_at.at<CPT>(idx, p);
+    A sum[CPT];
     int b; A x1, y1, x2, y2;
-    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store_means<CPT, T, A>(out, out_s1, sum, nullptr); continue; }
     AlignGrid<A> g;
     g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
-    const A sum = bin_sample_sum(plane, in_s2, in_s3, height, width, g, AxisFrame(), p.i, p.j);
-    store(out, sum * g.inv_count);
+    bin_sample_sums(plane, group_plane_step<PS>(in_s1, ph, pw), in_s2, in_s3, height, width, g, AxisFrame(), p.i,
+                    p.j, sum);
+    store_means(out, out_s1, sum, &g);
   }
 }
 
@@ -258,7 +286,9 @@ __global__ void roi_align_rotated_forward(
     }
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
-    store(out, bin_sample_sum(plane, in_s2, in_s3, height, width, g, f, p.i, p.j) * g.inv_count);
+    A sum[1];
+    bin_sample_sums(plane, 0, in_s2, in_s3, height, width, g, f, p.i, p.j, sum);
+    store_means(out, 0, sum, &g);
   }
 }
 
@@ -292,7 +322,7 @@ __global__ void roi_align_rotated_backward(
 // Multi-level (FPN) RoIAlign: every RoI pools from the level pyramid_level
 // picks for it, all levels in one launch. Rows whose level is NaN stay zero
 // (as torchvision's MultiScaleRoIAlign leaves them); invalid rows give NaN.
-template <typename T, bool PS>
+template <typename T, bool PS, int CPT = 1>
 __global__ void multi_scale_roi_align_forward(
     LevelTable levels, int batch,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
@@ -302,23 +332,28 @@ __global__ void multi_scale_roi_align_forward(
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
   const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
-  const index_t total = num_rois * channels_out * ph * pw;
+  const index_t total = num_rois * (channels_out / CPT) * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
-    T* out = output + out_at.at(idx, p);
+    const BinPos p = decompose_group<CPT>(idx, num_rois, channels_out, ph, pw, channel_block);
+    T* out = output + out_at.at<CPT>(idx, p);
+    A sum[CPT];
     int b; A x1, y1, x2, y2;
-    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store_means<CPT, T, A>(out, out_s1, sum, nullptr); continue; }
     const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
-    if (l < 0 || l >= levels.count) { store(out, A(0)); continue; }
+    if (l < 0 || l >= levels.count) {
+#pragma unroll
+      for (int t = 0; t < CPT; ++t) store(out + t * out_s1, A(0));
+      continue;
+    }
     AlignGrid<A> g;
     g.set(x1, y1, x2, y2, (A)levels.scale[l], ph, pw, sampling_ratio, aligned != 0);
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = reinterpret_cast<const T*>(levels.data[l]) + (index_t)b * levels.s0[l] +
                      (index_t)c_in * levels.s1[l];
-    const A sum = bin_sample_sum(plane, levels.s2[l], levels.s3[l], levels.height[l], levels.width[l], g,
-                                 AxisFrame(), p.i, p.j);
-    store(out, sum * g.inv_count);
+    bin_sample_sums(plane, group_plane_step<PS>(levels.s1[l], ph, pw), levels.s2[l], levels.s3[l], levels.height[l],
+                    levels.width[l], g, AxisFrame(), p.i, p.j, sum);
+    store_means(out, out_s1, sum, &g);
   }
 }
 

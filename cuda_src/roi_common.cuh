@@ -70,9 +70,11 @@ struct OutputIndex {
           : channel_block == channels ? (s3 == 1 && s2 == pw && s1 == plane && s0 == roi)
                                       : false;
   }
-  template <typename P>
+  // CPT > 1: thread idx computes CPT channels (decompose_group), so idx is
+  // no element's offset.
+  template <int CPT = 1, typename P>
   __device__ __forceinline__ index_t at(index_t idx, const P& p) const {
-    return dense ? idx : st.at(p.k, p.c, p.i, p.j);
+    return CPT == 1 && dense ? idx : st.at(p.k, p.c, p.i, p.j);
   }
 };
 
@@ -106,6 +108,19 @@ __device__ __forceinline__ BinPos decompose(index_t idx, index_t num_rois, int c
     return decompose_as<unsigned>((unsigned)idx, (unsigned)num_rois, channels, ph, pw, channel_block);
   return decompose_as<unsigned long long>((unsigned long long)idx, (unsigned long long)num_rois, channels, ph, pw,
                                           channel_block);
+}
+
+// Thread idx of a kernel that computes CPT output channels of one bin (a
+// group): the bin's geometry, which costs more instructions than its reads,
+// is then worked out once for CPT channels. Groups take the channels' place
+// in the work order (C / CPT groups, blocks of B / CPT groups; the host makes
+// C and B > 0 multiples of CPT); p.c is the group's first channel.
+template <int CPT>
+__device__ __forceinline__ BinPos decompose_group(index_t idx, index_t num_rois, int channels, int ph, int pw,
+                                                  int channel_block) {
+  BinPos p = decompose(idx, num_rois, channels / CPT, ph, pw, channel_block / CPT);
+  p.c *= CPT;
+  return p;
 }
 
 // Position-sensitive pooling reads a different input channel for every bin.

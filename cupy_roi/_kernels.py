@@ -41,6 +41,12 @@ PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
                         "fixed_point_gradient", "prroi_pool_coords_sum"))
 
+#: kernels also instantiated with 2, 4 and 8 output channels per thread (a
+#: third template argument; plain variant, float types: see
+#: _rules.channels_per_thread)
+GROUPED = frozenset(("roi_align_forward", "multi_scale_roi_align_forward"))
+CHANNELS_PER_THREAD = (2, 4, 8)
+
 #: C parameter list of every kernel, one letter a parameter: p pointer,
 #: i int, q 64-bit index, a accumulation scalar (float, or double for double),
 #: L the LevelTable struct of roi_align.cu (passed by value).
@@ -92,18 +98,23 @@ def source(family):
     return text.replace(include, header, 1)
 
 
-def kernel_expression(kernel, scalar_type, position_sensitive):
-    return f"{kernel}<{CUDA_TYPES[scalar_type]}, {'true' if position_sensitive else 'false'}>"
+def kernel_expression(kernel, scalar_type, position_sensitive, channels_per_thread=1):
+    cpt = f", {channels_per_thread}" if channels_per_thread > 1 else ""
+    return f"{kernel}<{CUDA_TYPES[scalar_type]}, {'true' if position_sensitive else 'false'}{cpt}>"
 
 
-def variants(kernel):
-    """The position_sensitive values a kernel template is instantiated for."""
-    return (False,) if kernel in PLAIN_ONLY else (False, True)
+def variants(kernel, scalar_type):
+    """The (position_sensitive, channels per thread) pairs a kernel template
+    is instantiated for."""
+    pairs = [(False, 1)] if kernel in PLAIN_ONLY else [(False, 1), (True, 1)]
+    if kernel in GROUPED and scalar_type != "float64":
+        pairs += [(False, cpt) for cpt in CHANNELS_PER_THREAD]
+    return pairs
 
 
 def name_expressions(family, scalar_type):
     _, kernels = FAMILIES[family]
-    return [kernel_expression(k, scalar_type, ps) for k in kernels for ps in variants(k)]
+    return [kernel_expression(k, scalar_type, *v) for k in kernels for v in variants(k, scalar_type)]
 
 
 def blocks_for(total_threads):
@@ -171,7 +182,7 @@ def _accumulation(scalar_type):
 
 
 _lock = threading.Lock()
-_functions = {}  # (device id, family, scalar type) -> {(kernel, ps): Kernel}
+_functions = {}  # (device id, family, scalar type) -> {(kernel, ps, channels per thread): Kernel}
 
 
 def compile_family(family, scalar_type, device_id):
@@ -199,20 +210,20 @@ def _compile(family, scalar_type, device_id):
                                     name_expressions=expressions)
             kernels = {}
             for name in FAMILIES[family][1]:
-                for ps in variants(name):
-                    function = module.get_function(kernel_expression(name, scalar_type, ps)).kernel
-                    kernels[(name, ps)] = Kernel(name, device_id, function, _accumulation(scalar_type))
+                for v in variants(name, scalar_type):
+                    function = module.get_function(kernel_expression(name, scalar_type, *v)).kernel
+                    kernels[(name, *v)] = Kernel(name, device_id, function, _accumulation(scalar_type))
     except Exception as e:
         raise _gpu.kernel_build_error(family, scalar_type, device_id, e) from e
     return kernels
 
 
-def get_function(family, kernel, scalar_type, position_sensitive, device_id):
+def get_function(family, kernel, scalar_type, position_sensitive, device_id, channels_per_thread=1):
     """The compiled :class:`Kernel`, compiling its family on first use."""
     kernels = _functions.get((device_id, family, scalar_type))
     if kernels is None:
         kernels = compile_family(family, scalar_type, device_id)
-    return kernels[(kernel, bool(position_sensitive))]
+    return kernels[(kernel, bool(position_sensitive), channels_per_thread)]
 
 
 _l2_bytes = {}

@@ -82,6 +82,30 @@ def channel_block(device, strides, shape, size, c_out, itemsize):
                           size[0] * size[1] * itemsize)
 
 
+def _group_target(channels_fastest_order):
+    """Output channels per thread the grouped forwards aim for, by work order.
+    Measured on an H200 (benchmarks/NOTES.md, sessions 12-13; RoIAlign
+    forward, float32 and float16): channels-last maps gain most from 8 (the 8
+    values of a corner share sectors); NCHW maps from 4 (8 thrashes L1 on
+    large boxes, and 72 registers a thread already halve the warps)."""
+    return 8 if channels_fastest_order else 4
+
+
+def channels_per_thread(scalar, ps, c_out, block):
+    """Output channels one thread of a grouped forward kernel
+    (``_kernels.GROUPED``) computes: the target of :func:`_group_target`,
+    halved until it divides ``c_out`` and the channel block ``block`` (0:
+    channels fastest), so that groups tile the work order exactly. 1 for
+    position-sensitive pooling (R-FCN's 21 channels per bin measured no gain)
+    and float64 (twice the registers; not measured)."""
+    if ps or scalar == "float64":
+        return 1
+    cpt = _group_target(block == 0)
+    while cpt > 1 and (c_out % cpt or block % cpt):
+        cpt //= 2
+    return cpt
+
+
 def _grad_itemsize(scalar, max_grad):
     """Bytes of a backward's accumulation buffer element: int64 fixed point
     for the deterministic backward, else the accumulation type."""
@@ -99,20 +123,22 @@ def _grad_itemsize(scalar, max_grad):
 # fixed point (GradSink in cuda_src/roi_common.cuh) that fixed_point_gradient
 # then converts.
 
-def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None):
+def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, cpt=1):
+    """``total``: output elements; a grouped kernel runs ``total / cpt`` threads."""
     if total == 0:
         return
-    fn = _kernels.get_function(family, kernel, scalar, ps, device)
-    _kernels.launch(fn, blocks or _kernels.blocks_for(total), stream, args)
+    fn = _kernels.get_function(family, kernel, scalar, ps, device, cpt)
+    _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args)
 
 
 def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out):
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
+    block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
     _run("roi_align", "roi_align_forward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned,
-        channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar]), out[0], *out[1]))
+        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, out[0], *out[1]),
+        cpt=channels_per_thread(scalar, ps, c_out, block))
 
 
 def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, sampling_ratio, aligned,
@@ -205,9 +231,10 @@ def multi_scale_roi_align_forward(device, stream, scalar, views, shapes, scales,
     """``views``/``shapes``/``scales``: per level; ``mapping``: level_mapping()'s tuple."""
     n, c = shapes[0][:2]
     ph, pw = size
+    block = channel_block(device, views[0][1], shapes[0], size, c, _ITEMSIZE[scalar])
     _run("roi_align", "multi_scale_roi_align_forward", device, stream, scalar, False, k * c * ph * pw, (
-        *_level_table(views, shapes, scales), n, rows, k, c, ph, pw, *mapping, sampling_ratio, aligned,
-        channel_block(device, views[0][1], shapes[0], size, c, _ITEMSIZE[scalar]), out[0], *out[1]))
+        *_level_table(views, shapes, scales), n, rows, k, c, ph, pw, *mapping, sampling_ratio, aligned, block,
+        out[0], *out[1]), cpt=channels_per_thread(scalar, False, c, block))
 
 
 def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, shapes, scales, rows, k, size, mapping,

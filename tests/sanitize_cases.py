@@ -63,24 +63,28 @@ def main():
             count += torch_calls(rng)
         finally:
             torch.use_deterministic_algorithms(False)
-    # channel-major work order (blocks of one channel), which only large maps get by themselves
+    # work orders only large maps get by themselves: blocks of one channel (channel-major), and
+    # blocks of two with two channels per thread (the default pass has 4 per thread in NCHW, 8 in
+    # channels_last: 24 channels)
     from cupy_roi import _rules
 
-    policy = _rules._channel_block
-    _rules._channel_block = lambda channels, *rest: 1
-    try:
-        count += torch_calls(rng)
-    finally:
-        _rules._channel_block = policy
+    policy = _rules._channel_block, _rules._group_target
+    for block, per_thread in ((1, 1), (2, 2)):
+        _rules._channel_block = lambda channels, *rest: block
+        _rules._group_target = lambda channels_fastest: per_thread
+        try:
+            count += torch_calls(rng)
+        finally:
+            _rules._channel_block, _rules._group_target = policy
     array_api_calls(rng)
     torch.cuda.synchronize()
-    print(f"sanitize_cases: {count} torch forward+backward calls (2 backward modes, and channel-major order, x 4 "
+    print(f"sanitize_cases: {count} torch forward+backward calls (2 backward modes, and 2 forced work orders, x 4 "
           f"dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign)), array API calls in both "
           "modes, unchecked invalid RoIs: done")
 
 
 def torch_calls(rng):
-    n, c, h, w = 2, 12, 7, 9
+    n, c, h, w = 2, 24, 7, 9
     r = rois(rng, n, h, w)
     count = 0
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

@@ -151,7 +151,7 @@ def test_kernels_compile(nvrtc, cuda_include, family, scalar_type, arch):
 
 def test_broken_source_fails(nvrtc, cuda_include):
     """The check can fail: a kernel with an error does not compile."""
-    code = _kernels.source("roi_align").replace("sum * g.inv_count", "sum * g.no_such_member")
+    code = _kernels.source("roi_align").replace("sum[t] * g->inv_count", "sum[t] * g->no_such_member")
     result, log, _ = _compile(nvrtc, code, _kernels.name_expressions("roi_align", "float32"),
                               ["--gpu-architecture=sm_80", f"-I{cuda_include}"])
     assert result != 0 and "no_such_member" in log
