@@ -3,7 +3,7 @@
 #   A: self-check, GPU suite (run 1), host overhead, cold start, float32 precision
 #   B: GPU suite (run 2), compute-sanitizer memcheck and racecheck
 #   C: benchmark tables (torchvision side by side, deterministic)
-#   D: work order A/B table, kernel candidates (channels per thread, PrRoIPool tables)
+#   D: work order table, this tree and (carried in .gl/old) the one before; FPN table
 #   E: Nsight Compute metrics of the channels-per-thread candidates (Mask R-CNN 7x7 float32,
 #      both layouts; CSV per layout), and the PrRoIPool tables candidate with its stages
 # The suite runs with the larger hypothesis profile. The device has no nbclient/ipykernel: carry
@@ -45,8 +45,11 @@ C)
   ;;
 D)
   log work order; timeout 200 python3 benchmarks/work_order.py --reps 10 > "$out/work_order.md" 2>&1; tail -25 "$out/work_order.md"
-  log candidates; timeout 120 python3 benchmarks/align_forward.py --reps 10 --out "$out/align_forward.md" 2>&1 | tail -16
-  timeout 140 python3 benchmarks/prroi_tables.py --reps 10 --out "$out/prroi_tables.md" 2>&1 | tail -6
+  if [ -d .gl/old ]; then  # the tree before this session's kernels (git archive <commit> cupy_roi cuda_src)
+    log work order, before; PYTHONPATH="$PWD/.gl/old" timeout 200 python3 benchmarks/work_order.py --reps 10 \
+      --label before > "$out/work_order_before.md" 2>&1; tail -25 "$out/work_order_before.md"
+  fi
+  log multi-scale; timeout 200 python3 benchmarks/multi_scale.py --graph --reps 10 --out "$out/multi_scale.md" 2>&1 | tail -30
   ;;
 E)
   metrics=launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,\

@@ -121,13 +121,6 @@ __device__ __forceinline__ void store_means(T* out, index_t step, const A (&sum)
   for (int t = 0; t < CPT; ++t) store(out + t * step, g ? sum[t] * g->inv_count : quiet_nan<A>());
 }
 
-// Input planes between the channels of a group: position-sensitive channel
-// c + 1 reads the plane ph * pw after channel c's.
-template <bool PS>
-__device__ __forceinline__ index_t group_plane_step(index_t s1, int ph, int pw) {
-  return PS ? s1 * ph * pw : s1;
-}
-
 // Adjoint of bin_sample_sums (one plane): adds grad times each sample's weights into the
 // plane starting at element plane of the sink's buffer.
 template <typename A, typename Frame>

@@ -129,6 +129,14 @@ __device__ __forceinline__ int input_channel(int c_out, int i, int j, int ph, in
   return PS ? (c_out * ph + i) * pw + j : c_out;
 }
 
+// Input elements between the planes a group's channels read (s1: the
+// channel stride): position-sensitive channel c + 1 reads the plane ph * pw
+// after channel c's.
+template <bool PS>
+__device__ __forceinline__ index_t group_plane_step(index_t s1, int ph, int pw) {
+  return PS ? s1 * ph * pw : s1;
+}
+
 // A RoI row is (batch_index, x1, y1, x2, y2), or (batch_index, cx, cy, w, h,
 // theta) for rotated boxes. Host code checks RoI values only on request (the
 // check synchronizes), so kernels must never read out of bounds: an invalid

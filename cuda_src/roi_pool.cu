@@ -35,19 +35,19 @@ struct PoolBin {
   }
   __device__ __forceinline__ bool empty() const { return h1 <= h0 || w1 <= w0; }
 
-  // Calls visit(value, h, w) for every cell, row by row. Rows are reached by
-  // stepping a pointer and a unit column stride (NCHW) is a compile-time
-  // constant: the 64-bit index products per cell otherwise cost about as
-  // much as the max itself.
-  template <typename T, typename Visit>
-  __device__ __forceinline__ void for_each_cell(const T* plane, index_t s2, index_t s3, Visit visit) const {
-    const T* row = plane + (index_t)h0 * s2;
+  // Calls visit(at, h, w) for every cell, row by row, at its offset in a
+  // plane. Rows are reached by stepping and a unit column stride (NCHW) is a
+  // compile-time constant: the 64-bit index products per cell otherwise cost
+  // about as much as the max itself.
+  template <typename Visit>
+  __device__ __forceinline__ void for_each_cell(index_t s2, index_t s3, Visit visit) const {
+    index_t row = (index_t)h0 * s2;
     if (s3 == 1) {
       for (int h = h0; h < h1; ++h, row += s2)
-        for (int w = w0; w < w1; ++w) visit(row[w], h, w);
+        for (int w = w0; w < w1; ++w) visit(row + w, h, w);
     } else {
       for (int h = h0; h < h1; ++h, row += s2)
-        for (int w = w0; w < w1; ++w) visit(row[(index_t)w * s3], h, w);
+        for (int w = w0; w < w1; ++w) visit(row + (index_t)w * s3, h, w);
     }
   }
 };
@@ -57,7 +57,9 @@ struct PoolBin {
 using namespace cupy_roi;
 
 // argmax (RoIPool only) receives h * W + w of the maximum, -1 for an empty bin.
-template <typename T, bool PS>
+// CPT: output channels per thread (decompose_group); 1 but for RoIPool in
+// float types, where the host picks it.
+template <typename T, bool PS, int CPT = 1>
 __global__ void roi_pool_forward(
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
@@ -68,38 +70,58 @@ __global__ void roi_pool_forward(
     int* __restrict__ argmax) {
   typedef typename acc_type<T>::type A;
   const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
-  const index_t total = num_rois * channels_out * ph * pw;
+  const index_t total = num_rois * (channels_out / CPT) * ph * pw;
+  const index_t arg_step = (index_t)ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
-    T* out = output + out_at.at(idx, p);
+    const BinPos p = decompose_group<CPT>(idx, num_rois, channels_out, ph, pw, channel_block);
+    T* out = output + out_at.at<CPT>(idx, p);
     // argmax is always contiguous NCHW, whatever the output layout: in NCHW
-    // (RoI-major) order that is the flat index itself.
-    const index_t arg_at = channel_block == channels_out ? idx : ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j;
+    // (RoI-major) order, one channel a thread, that is the flat index itself.
+    const index_t arg_at =
+        CPT == 1 && channel_block == channels_out ? idx : ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j;
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) {
-      store(out, quiet_nan<A>());
-      if (!PS) argmax[arg_at] = -1;
+#pragma unroll
+      for (int t = 0; t < CPT; ++t) {
+        store(out + t * out_s1, quiet_nan<A>());
+        if (!PS) argmax[arg_at + t * arg_step] = -1;
+      }
       continue;
     }
     PoolBin<A, PS> bin;
     bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
+    const index_t step = group_plane_step<PS>(in_s1, ph, pw);
     if (PS) {
-      A sum = 0;
-      bin.for_each_cell(plane, in_s2, in_s3, [&](T v, int, int) { sum += to_acc(v); });
-      const A area = A((bin.h1 - bin.h0) * (bin.w1 - bin.w0));
-      store(out, bin.empty() ? A(0) : sum / area);
-    } else {
-      A best = bin.empty() ? A(0) : negative_infinity<A>();
-      int best_at = -1;
-      bin.for_each_cell(plane, in_s2, in_s3, [&](T t, int h, int w) {
-        const A v = to_acc(t);
-        if (v > best) { best = v; best_at = h * width + w; }
+      A sum[CPT];
+#pragma unroll
+      for (int t = 0; t < CPT; ++t) sum[t] = A(0);
+      bin.for_each_cell(in_s2, in_s3, [&](index_t at, int, int) {
+#pragma unroll
+        for (int t = 0; t < CPT; ++t) sum[t] += to_acc(plane[t * step + at]);
       });
-      store(out, best);
-      argmax[arg_at] = best_at;
+      const A area = A((bin.h1 - bin.h0) * (bin.w1 - bin.w0));
+#pragma unroll
+      for (int t = 0; t < CPT; ++t) store(out + t * out_s1, bin.empty() ? A(0) : sum[t] / area);
+    } else {
+      A best[CPT];
+      int best_at[CPT];
+#pragma unroll
+      for (int t = 0; t < CPT; ++t) { best[t] = bin.empty() ? A(0) : negative_infinity<A>(); best_at[t] = -1; }
+      bin.for_each_cell(in_s2, in_s3, [&](index_t at, int h, int w) {
+#pragma unroll
+        for (int t = 0; t < CPT; ++t) {
+          const A v = to_acc(plane[t * step + at]);
+          if (v > best[t]) { best[t] = v; best_at[t] = h * width + w; }
+        }
+      });
+#pragma unroll
+      for (int t = 0; t < CPT; ++t) {
+        store(out + t * out_s1, best[t]);
+        argmax[arg_at + t * arg_step] = best_at[t];
+      }
     }
   }
 }

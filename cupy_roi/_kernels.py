@@ -44,7 +44,7 @@ PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward
 #: kernels also instantiated with 2, 4 and 8 output channels per thread (a
 #: third template argument; plain variant, float types: see
 #: _rules.channels_per_thread)
-GROUPED = frozenset(("roi_align_forward", "multi_scale_roi_align_forward"))
+GROUPED = frozenset(("roi_align_forward", "multi_scale_roi_align_forward", "roi_pool_forward"))
 CHANNELS_PER_THREAD = (2, 4, 8)
 
 #: C parameter list of every kernel, one letter a parameter: p pointer,

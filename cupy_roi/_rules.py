@@ -93,9 +93,10 @@ def _group_target(channels_fastest_order):
 
 def channels_per_thread(scalar, ps, c_out, block):
     """Output channels one thread of a grouped forward kernel
-    (``_kernels.GROUPED``) computes: the target of :func:`_group_target`,
-    halved until it divides ``c_out`` and the channel block ``block`` (0:
-    channels fastest), so that groups tile the work order exactly. 1 for
+    (``_kernels.GROUPED``: RoIAlign, multi-level RoIAlign, RoIPool) computes:
+    the target of :func:`_group_target`, halved until it divides ``c_out`` and
+    the channel block ``block`` (0: channels fastest), so that groups tile the
+    work order exactly. 1 for
     position-sensitive pooling (R-FCN's 21 channels per bin measured no gain)
     and float64 (twice the registers; not measured)."""
     if ps or scalar == "float64":
@@ -252,9 +253,10 @@ def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale,
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
+    block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
     _run("roi_pool", "roi_pool_forward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale,
-        channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar]), out[0], *out[1], argmax))
+        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, block, out[0], *out[1], argmax),
+        cpt=channels_per_thread(scalar, ps, c_out, block))
 
 
 def roi_pool_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, argmax, grad_input,
