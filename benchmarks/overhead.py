@@ -104,7 +104,7 @@ def breakdown(x, r, reps):
 
     go = torch.ones(2, 196, 7, 7, device="cuda")
     backward_body = per_call_us(lambda: _torch_ops.roi_align_backward_cuda(go, rows, 2, 196, 16, 16, 0.5, 2, True,
-                                                                          False, False), reps)
+                                                                          False, False, False), reps)
     print("| baseline | us/call |")
     print("|---|---:|")
     print(f"| (x * 1).sum().backward(), no custom code | {per_call_us(plain_fwd_bwd, reps):.1f} |")

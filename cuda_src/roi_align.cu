@@ -87,8 +87,8 @@ struct RotatedFrame {
 
 // Sums of the bilinear samples of bin (i, j) over CPT planes plane_step
 // elements apart: the sample positions and weights are worked out once for all
-// of them. Each plane's sum is formed exactly as for one plane alone, so no
-// result depends on CPT.
+// of them. Each plane's sum is a chain of fused multiply-adds in a fixed
+// order, so no result depends on CPT.
 template <int CPT, typename T, typename A, typename Frame>
 __device__ __forceinline__ void bin_sample_sums(const T* plane, index_t plane_step, index_t s2, index_t s3,
                                                 int height, int width, const AlignGrid<A>& g, const Frame& frame,
@@ -107,7 +107,10 @@ __device__ __forceinline__ void bin_sample_sums(const T* plane, index_t plane_st
 #pragma unroll
       for (int t = 0; t < CPT; ++t) {
         const T* p = plane + t * plane_step;
-        sum[t] += w.w00 * to_acc(p[a00]) + w.w01 * to_acc(p[a01]) + w.w10 * to_acc(p[a10]) + w.w11 * to_acc(p[a11]);
+        A s = fused(w.w00, to_acc(p[a00]), sum[t]);
+        s = fused(w.w01, to_acc(p[a01]), s);
+        s = fused(w.w10, to_acc(p[a10]), s);
+        sum[t] = fused(w.w11, to_acc(p[a11]), s);
       }
     }
   }

@@ -24,6 +24,13 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162flo
 __device__ __forceinline__ float scaled(float v, float s) { return __fmul_rn(v, s); }
 __device__ __forceinline__ double scaled(double v, double s) { return __dmul_rn(v, s); }
 
+// a * b + c rounded once. Written out, never left to the compiler's
+// contraction, where one value is formed in several code paths (one or
+// several channels per thread) that must agree to the bit: the compiler
+// contracts each instantiation its own way.
+__device__ __forceinline__ float fused(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fused(double a, double b, double c) { return __fma_rn(a, b, c); }
+
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }

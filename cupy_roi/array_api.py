@@ -367,17 +367,18 @@ def _levels(shapes, spatial_scales, mapping, canonical_scale, canonical_level, f
 
 def multi_scale_roi_align_forward(features, rois, output_size, spatial_scales, sampling_ratio=-1, aligned=False, *,
                                   mapping="torchvision", canonical_scale=224, canonical_level=4, finest_scale=56,
-                                  stream=None, scalar_type=None):
+                                  out=None, stream=None, scalar_type=None):
     """Multi-level RoIAlign forward (see :func:`cupy_roi.multi_scale_roi_align`):
     ``features`` is a list of ``(N, C, H_l, W_l)`` arrays, finest first, with one
-    scale each; returns ``(K, C, ph, pw)``, all levels in one launch."""
+    scale each; returns ``(K, C, ph, pw)``, all levels in one launch (into
+    ``out`` when given, as the other forwards)."""
     features = [as_array(f, f"features[{i}]") for i, f in enumerate(features)]
     scales, level_map = _levels([tuple(f.shape) for f in features], spatial_scales, mapping, canonical_scale,
                                 canonical_level, finest_scale)
     for i, f in enumerate(features[1:], 1):
         if f.dtype != features[0].dtype or _is_numpy(f) != _is_numpy(features[0]):
             raise TypeError(f"features[{i}] must be an array of the kind and dtype of features[0]")
-    rois = _arrays(rois)[0]
+    rois, out = _arrays(rois, (out, "out"))
     x = features[0]
     if _is_numpy(x):
         import torch
@@ -393,7 +394,7 @@ def multi_scale_roi_align_forward(features, rois, output_size, spatial_scales, s
     for i, f in enumerate(features):
         if f.device.id != call.device:
             raise ValueError(f"features[{i}] must be on device {call.device}, got device {f.device.id}")
-    out = call.output(None, x)
+    out = call.output(out, x)
     with call.cupy.cuda.Device(call.device):
         _rules.multi_scale_roi_align_forward(call.device, call.stream.ptr, call.scalar, [_view(f) for f in features],
                                              [tuple(f.shape) for f in features], scales, _ptr(call.rows), call.k,
