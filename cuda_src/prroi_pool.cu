@@ -122,35 +122,44 @@ struct PreciseBin {
   }
 };
 
-// sum_{h,w} F[h,w] Wy(h) Wx(w) over the bin's grid points. Columns go in
-// register-held chunks, so their weights are computed once per chunk rather
-// than once per grid point.
-template <typename T, typename A, bool kUnitColumns, bool kWide>
-__device__ __forceinline__ A bin_integral(const T* plane, index_t row_stride, index_t col_stride,
-                                          const PreciseBin<A>& bin) {
+// sum_{h,w} F[h,w] Wy(h) Wx(w) over the bin's grid points of CPT planes
+// plane_step elements apart. Columns go in register-held chunks, so their
+// weights are computed once per chunk (and once for all CPT planes) rather
+// than once per grid point. Each plane's sum is a chain of fused
+// multiply-adds in a fixed order, so no result depends on CPT.
+template <int CPT, typename T, typename A, bool kUnitColumns, bool kWide>
+__device__ __forceinline__ void bin_integrals(const T* plane, index_t plane_step, index_t row_stride,
+                                              index_t col_stride, const PreciseBin<A>& bin, A (&sum)[CPT]) {
   const index_t cs = kUnitColumns ? 1 : col_stride;
-  A sum = 0;
+#pragma unroll
+  for (int t = 0; t < CPT; ++t) sum[t] = A(0);
   for (int wc = bin.w_lo; wc <= bin.w_hi; wc += kColumns) {
     A wx[kColumns];
 #pragma unroll
-    for (int t = 0; t < kColumns; ++t) wx[t] = (wc + t <= bin.w_hi) ? bin.template weight_x<kWide>(wc + t) : A(0);
+    for (int u = 0; u < kColumns; ++u) wx[u] = (wc + u <= bin.w_hi) ? bin.template weight_x<kWide>(wc + u) : A(0);
     const T* row = plane + bin.h_lo * row_stride + wc * cs;
     for (int h = bin.h_lo; h <= bin.h_hi; ++h, row += row_stride) {
-      A acc = 0;
+      const A wy = bin.template weight_y<kWide>(h);
 #pragma unroll
-      for (int t = 0; t < kColumns; ++t)
-        if (wc + t <= bin.w_hi) acc += wx[t] * to_acc(row[t * cs]);
-      sum += bin.template weight_y<kWide>(h) * acc;
+      for (int t = 0; t < CPT; ++t) {
+        const T* r = row + t * plane_step;
+        A acc = 0;
+#pragma unroll
+        for (int u = 0; u < kColumns; ++u)
+          if (wc + u <= bin.w_hi) acc = fused(wx[u], to_acc(r[u * cs]), acc);
+        sum[t] = fused(wy, acc, sum[t]);
+      }
     }
   }
-  return sum;
 }
 
 }  // namespace cupy_roi
 
 using namespace cupy_roi;
 
-template <typename T, bool PS>
+// CPT: output channels per thread (decompose_group); 1 but for plain
+// PrRoIPool in float types, where the host picks it.
+template <typename T, bool PS, int CPT = 1>
 __global__ void prroi_pool_forward(
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
@@ -160,27 +169,34 @@ __global__ void prroi_pool_forward(
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
   const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
-  const index_t total = num_rois * channels_out * ph * pw;
+  const index_t total = num_rois * (channels_out / CPT) * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
-    T* out = output + out_at.at(idx, p);
+    const BinPos p = decompose_group<CPT>(idx, num_rois, channels_out, ph, pw, channel_block);
+    T* out = output + out_at.at<CPT>(idx, p);
+    A sum[CPT];
     int b; A x1, y1, x2, y2;
-    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store(out, quiet_nan<A>()); continue; }
     PreciseBin<A> bin;
-    bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
-    if (!(bin.area > A(0))) { store(out, A(0)); continue; }
+    const bool valid = load_roi(rois, p.k, batch, b, x1, y1, x2, y2);
+    if (valid) bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
+    if (!valid || !(bin.area > A(0))) {
+#pragma unroll
+      for (int t = 0; t < CPT; ++t) store(out + t * out_s1, valid ? A(0) : quiet_nan<A>());
+      continue;
+    }
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
+    const index_t step = group_plane_step<PS>(in_s1, ph, pw);
     // The common unit column stride as a constant spares an address multiply per read.
-    A sum;
-    if (bin.wide())
-      sum = in_s3 == 1 ? bin_integral<T, A, true, true>(plane, in_s2, 1, bin)
-                       : bin_integral<T, A, false, true>(plane, in_s2, in_s3, bin);
-    else
-      sum = in_s3 == 1 ? bin_integral<T, A, true, false>(plane, in_s2, 1, bin)
-                       : bin_integral<T, A, false, false>(plane, in_s2, in_s3, bin);
-    store(out, sum / bin.area);
+    if (bin.wide()) {
+      if (in_s3 == 1) bin_integrals<CPT, T, A, true, true>(plane, step, in_s2, 1, bin, sum);
+      else bin_integrals<CPT, T, A, false, true>(plane, step, in_s2, in_s3, bin, sum);
+    } else {
+      if (in_s3 == 1) bin_integrals<CPT, T, A, true, false>(plane, step, in_s2, 1, bin, sum);
+      else bin_integrals<CPT, T, A, false, false>(plane, step, in_s2, in_s3, bin, sum);
+    }
+#pragma unroll
+    for (int t = 0; t < CPT; ++t) store(out + t * out_s1, sum[t] / bin.area);
   }
 }
 

@@ -93,18 +93,23 @@ def _group_target(channels_fastest_order):
 
 def channels_per_thread(scalar, ps, c_out, block):
     """Output channels one thread of a grouped forward kernel
-    (``_kernels.GROUPED``: RoIAlign, multi-level RoIAlign, RoIPool) computes:
-    the target of :func:`_group_target`, halved until it divides ``c_out`` and
-    the channel block ``block`` (0: channels fastest), so that groups tile the
-    work order exactly. 1 for
-    position-sensitive pooling (R-FCN's 21 channels per bin measured no gain)
-    and float64 (twice the registers; not measured)."""
+    (``_kernels.GROUPED``: RoIAlign, multi-level RoIAlign, RoIPool, PrRoIPool)
+    computes: the largest compiled value (``_kernels.CHANNELS_PER_THREAD``)
+    up to the target of :func:`_group_target` that divides ``c_out`` and the
+    channel block ``block`` (0: channels fastest), so that groups tile the
+    work order exactly; else 1. 1 for position-sensitive pooling (R-FCN's 21
+    channels per bin measured no gain) and float64 (twice the registers; not
+    measured)."""
     if ps or scalar == "float64":
         return 1
-    cpt = _group_target(block == 0)
-    while cpt > 1 and (c_out % cpt or block % cpt):
-        cpt //= 2
-    return cpt
+    target = _group_target(block == 0)
+    for cpt in _CHANNELS_PER_THREAD_DOWN:
+        if cpt <= target and c_out % cpt == 0 and block % cpt == 0:
+            return cpt
+    return 1
+
+
+_CHANNELS_PER_THREAD_DOWN = sorted(_kernels.CHANNELS_PER_THREAD, reverse=True)
 
 
 def _grad_itemsize(scalar, max_grad):
@@ -274,9 +279,10 @@ def prroi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scal
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
+    block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
     _run("prroi_pool", "prroi_pool_forward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale,
-        channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar]), out[0], *out[1]))
+        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, block, out[0], *out[1]),
+        cpt=channels_per_thread(scalar, ps, c_out, block))
 
 
 def prroi_backward_grid(k, per_roi, target_blocks=4096):

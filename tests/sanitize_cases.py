@@ -64,12 +64,12 @@ def main():
         finally:
             torch.use_deterministic_algorithms(False)
     # work orders only large maps get by themselves: blocks of one channel (channel-major), and
-    # blocks of two with two channels per thread (the default pass has 4 per thread in NCHW, 8 in
-    # channels_last: 24 channels)
+    # blocks of four with four channels per thread in NCHW, eight in channels_last (the default
+    # pass: 4 per thread in RoI-major NCHW order, 8 in channels_last; 24 channels)
     from cupy_roi import _rules
 
     policy = _rules._channel_block, _rules._group_target
-    for block, per_thread in ((1, 1), (2, 2)):
+    for block, per_thread in ((1, 1), (4, 8)):
         _rules._channel_block = lambda channels, *rest: block
         _rules._group_target = lambda channels_fastest: per_thread
         try:

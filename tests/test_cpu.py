@@ -225,18 +225,19 @@ def test_channel_block_rule():
 
 
 def test_channels_per_thread_rule():
-    """Output channels per thread of the grouped RoIAlign forwards
+    """Output channels per thread of the grouped forwards
     (_rules.channels_per_thread): 8 where channels are walked fastest, 4 with
-    channel blocks, halved until it divides the channels and the block; 1 for
-    position-sensitive pooling and float64. Results never depend on it
-    (test_cuda forces every value); this pins the choice."""
+    channel blocks, or 4 where 8 does not divide the channels or the block;
+    else 1, and 1 for position-sensitive pooling and float64. Results never
+    depend on it (test_cuda forces every value); this pins the choice."""
     from cupy_roi._rules import channels_per_thread
 
     assert channels_per_thread("float32", False, 256, 0) == 8  # channels_last
     assert channels_per_thread("float16", False, 256, 0) == 8
     assert channels_per_thread("float32", False, 256, 4) == 4  # Mask R-CNN map: blocks of 4 channels
     assert channels_per_thread("bfloat16", False, 256, 256) == 4  # RoI-major
-    assert channels_per_thread("float32", False, 256, 2) == 2  # a group never spans two blocks
+    assert channels_per_thread("float32", False, 256, 2) == 1  # a group never spans two blocks
+    assert channels_per_thread("float32", False, 36, 0) == 4
     assert channels_per_thread("float32", False, 12, 0) == 4
     assert channels_per_thread("float32", False, 21, 3) == 1
     assert channels_per_thread("float64", False, 256, 0) == 1
@@ -244,7 +245,7 @@ def test_channels_per_thread_rule():
     for c in range(1, 70):
         for block in [0] + [b for b in range(1, c + 1) if c % b == 0]:
             cpt = channels_per_thread("float32", False, c, block)
-            assert cpt in (1, 2, 4, 8) and c % cpt == 0 and block % cpt == 0
+            assert cpt in (1, 4, 8) and c % cpt == 0 and block % cpt == 0
 
 
 def test_seed_module_shapes_and_check():
