@@ -105,6 +105,11 @@ def test_cupy_array_api_on_every_device():
     for d in _devices():
         with cupy.cuda.Device(d):
             xc, rc, goc = cupy.asarray(x), cupy.asarray(r), cupy.asarray(go)
+            # the copies ran on the legacy default stream, which a non-blocking
+            # stream does not wait for: without this the kernels may read the
+            # memory pool's previous contents (a NaN-poisoned output of an
+            # earlier test gave NaN rows here once)
+            cupy.cuda.get_current_stream().synchronize()
             stream = cupy.cuda.Stream(non_blocking=True)
         with cupy.cuda.Device(_other(d)):
             out = array_api.prroi_pool_forward(xc, rc, 2, SCALE, stream=stream)
