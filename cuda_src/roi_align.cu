@@ -3,22 +3,64 @@
 
 namespace cupy_roi {
 
+// One axis of torchvision's bilinear interpolation at v: the lower and upper
+// pixel and their weights (clamped to the map's edge); false when v lies
+// beyond one pixel outside the map and the sample contributes nothing.
+template <typename A>
+__device__ __forceinline__ bool axis_weights(A v, int size, int& lo, int& hi, A& w_lo, A& w_hi) {
+  if (v < A(-1) || v > A(size)) return false;
+  if (v <= A(0)) v = A(0);
+  lo = (int)v;
+  if (lo >= size - 1) { lo = hi = size - 1; v = (A)lo; } else { hi = lo + 1; }
+  w_hi = v - lo;
+  w_lo = A(1) - w_hi;
+  return true;
+}
+
 // Bilinear weights of torchvision's roi_align at (y, x); false when the
-// sample lies beyond one pixel outside the map and contributes nothing.
+// sample contributes nothing.
 template <typename A>
 struct Bilinear {
   int y0, x0, y1, x1;
   A w00, w01, w10, w11;
 
   __device__ __forceinline__ bool set(A y, A x, int height, int width) {
-    if (y < A(-1) || y > A(height) || x < A(-1) || x > A(width)) return false;
-    if (y <= A(0)) y = A(0);
-    if (x <= A(0)) x = A(0);
-    y0 = (int)y; x0 = (int)x;
-    if (y0 >= height - 1) { y0 = y1 = height - 1; y = (A)y0; } else { y1 = y0 + 1; }
-    if (x0 >= width - 1) { x0 = x1 = width - 1; x = (A)x0; } else { x1 = x0 + 1; }
-    const A ly = y - y0, lx = x - x0, hy = A(1) - ly, hx = A(1) - lx;
+    A hy, ly, hx, lx;
+    if (!axis_weights(y, height, y0, y1, hy, ly) || !axis_weights(x, width, x0, x1, hx, lx)) return false;
     w00 = hy * hx; w01 = hy * lx; w10 = ly * hx; w11 = ly * lx;
+    return true;
+  }
+};
+
+// Pixels a bin's gradient reaches along one axis, at most kWindow of them.
+// The weights of an axis-aligned sample grid are separable: sample (iy, ix)
+// gives pixel (r, c) wy_iy(r) * wx_ix(c), so the bin gives it Wy(r) * Wx(c)
+// with Wy(r) = sum_iy wy_iy(r). Where the samples of a small bin (spacing up
+// to a pixel or two) share pixels, the bin's gradient is then one atomic per
+// pixel reached, at most kWindow^2, instead of four per sample.
+constexpr int kWindow = 4;
+
+template <typename A>
+struct AxisWindow {
+  int start;  // first pixel reached; -1 when no sample lies on the map
+  A w[kWindow];
+
+  // Sums the weights of the count samples at(0), at(1), ... (in increasing
+  // order); false when they reach past kWindow pixels.
+  template <typename At>
+  __device__ __forceinline__ bool set(int count, int size, At at) {
+    start = -1;
+#pragma unroll
+    for (int k = 0; k < kWindow; ++k) w[k] = A(0);
+    for (int s = 0; s < count; ++s) {
+      int lo, hi; A w_lo, w_hi;
+      if (!axis_weights(at(s), size, lo, hi, w_lo, w_hi)) continue;
+      if (start < 0) start = lo;
+      if (lo < start || hi - start >= kWindow) return false;
+#pragma unroll
+      for (int k = 0; k < kWindow; ++k)
+        w[k] += (start + k == lo ? w_lo : A(0)) + (start + k == hi ? w_hi : A(0));
+    }
     return true;
   }
 };
@@ -145,6 +187,30 @@ __device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, inde
   }
 }
 
+// bin_sample_scatter for an axis-aligned grid: through AxisWindow where the
+// bin's samples reach at most kWindow pixels on each axis.
+template <typename A>
+__device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink, index_t plane, index_t s2,
+                                                         index_t s3, int height, int width, const AlignGrid<A>& g,
+                                                         int i, int j, A grad) {
+  AxisWindow<A> rows, cols;
+  if (!rows.set(g.grid_h, height, [&](int s) { return g.sample_y(i, s); }) ||
+      !cols.set(g.grid_w, width, [&](int s) { return g.sample_x(j, s); })) {
+    bin_sample_scatter(sink, plane, s2, s3, height, width, g, AxisFrame(), i, j, grad);
+    return;
+  }
+  if (rows.start < 0 || cols.start < 0) return;
+#pragma unroll
+  for (int r = 0; r < kWindow; ++r) {
+    if (rows.w[r] == A(0)) continue;
+    const A grad_row = grad * rows.w[r];
+    const index_t row = plane + (rows.start + r) * s2;
+#pragma unroll
+    for (int c = 0; c < kWindow; ++c)
+      if (cols.w[c] != A(0)) sink.add(row + (cols.start + c) * s3, grad_row * cols.w[c]);
+  }
+}
+
 // Rotated row (batch_index, cx, cy, w, h, theta): its grid and frame.
 template <typename A>
 __device__ __forceinline__ bool load_rotated(const A* rois, index_t k, int batch, A scale, int ph, int pw,
@@ -252,7 +318,7 @@ __global__ void roi_align_backward(
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
-    bin_sample_scatter(sink, plane, gi_s2, gi_s3, height, width, g, AxisFrame(), p.i, p.j, grad);
+    bin_scatter_axis_aligned(sink, plane, gi_s2, gi_s3, height, width, g, p.i, p.j, grad);
   }
 }
 
@@ -379,7 +445,7 @@ __global__ void multi_scale_roi_align_backward(
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * grads.s0[l] + (index_t)c_in * grads.s1[l];
-    bin_sample_scatter(sink.rebased(reinterpret_cast<void*>(grads.data[l])), plane, grads.s2[l], grads.s3[l],
-                       grads.height[l], grads.width[l], g, AxisFrame(), p.i, p.j, grad);
+    bin_scatter_axis_aligned(sink.rebased(reinterpret_cast<void*>(grads.data[l])), plane, grads.s2[l], grads.s3[l],
+                             grads.height[l], grads.width[l], g, p.i, p.j, grad);
   }
 }
