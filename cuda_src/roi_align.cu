@@ -211,63 +211,6 @@ __device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink
   }
 }
 
-// Backward of plain (and multi-level) RoIAlign, one warp per (RoI, channel).
-// Neighbouring bins of a small RoI add to the same pixels (a 7x7 RoI 7
-// pixels wide reaches about 9x9 of them, against 49 bins x 9 atomics), so
-// the warp sums the RoI's gradient for its channel in a shared-memory tile
-// and adds each pixel once. A RoI reaching more than kTile pixels on an axis
-// (large boxes, whose bins rarely share pixels) adds straight to the
-// gradient. Either way the warp's lanes take the bins.
-constexpr int kTile = 24;
-constexpr int kTileWarps = 8;  // warps of a 256-thread block (_kernels.BLOCK)
-
-// Pixels [lo, hi] of one axis that samples from first to last can reach,
-// clamped to the map, one pixel wider on each side than the samples' own
-// span: the scatter computes the samples again, and a different rounding
-// must not put one outside the tile.
-template <typename A>
-__device__ __forceinline__ void sample_reach(A first, A last, int size, int& lo, int& hi) {
-  lo = max((int)min(max(first, A(0)), A(size - 1)) - 1, 0);
-  hi = min((int)min(max(last, A(0)), A(size - 1)) + 2, size - 1);
-}
-
-// The gradient of one RoI's bins of one channel (grad: the bins' gradient,
-// strides go_s2, go_s3) into the plane at element plane of the sink, by the
-// 32 lanes of a warp; tile: the warp's kTile^2 shared elements. All lanes
-// call it with the same arguments but lane.
-template <typename A, typename T>
-__device__ __forceinline__ void roi_channel_scatter(const GradSink<A>& sink, index_t plane, index_t s2, index_t s3,
-                                                    int height, int width, const AlignGrid<A>& g, const T* grad,
-                                                    index_t go_s2, index_t go_s3, int ph, int pw, long long* tile,
-                                                    int lane) {
-  int r0 = 0, r1 = -1, c0 = 0, c1 = -1;
-  if (g.grid_h > 0 && g.grid_w > 0) {
-    sample_reach(g.sample_y(0, 0), g.sample_y(ph - 1, g.grid_h - 1), height, r0, r1);
-    sample_reach(g.sample_x(0, 0), g.sample_x(pw - 1, g.grid_w - 1), width, c0, c1);
-  }
-  const int rows = r1 - r0 + 1, cols = c1 - c0 + 1, bins = ph * pw;
-  const bool tiled = rows <= kTile && cols <= kTile;
-  const GradSink<A> tile_sink = sink.rebased(tile);
-  if (tiled) {
-    for (int e = lane; e < rows * cols; e += 32) tile[e] = 0;
-    __syncwarp();
-  }
-  for (int bin = lane; bin < bins; bin += 32) {
-    const int i = bin / pw, j = bin % pw;
-    const A gv = to_acc(grad[i * go_s2 + j * go_s3]) * g.inv_count;
-    if (tiled)  // tile element (r - r0) * cols + (c - c0)
-      bin_scatter_axis_aligned(tile_sink, -((index_t)r0 * cols + c0), cols, 1, height, width, g, i, j, gv);
-    else
-      bin_scatter_axis_aligned(sink, plane, s2, s3, height, width, g, i, j, gv);
-  }
-  if (tiled) {
-    __syncwarp();
-    for (int e = lane; e < rows * cols; e += 32)
-      sink.add_from_tile(plane + (index_t)(r0 + e / cols) * s2 + (index_t)(c0 + e % cols) * s3, tile, e);
-    __syncwarp();  // the tile is zeroed again for the warp's next RoI
-  }
-}
-
 // Rotated row (batch_index, cx, cy, w, h, theta): its grid and frame.
 template <typename A>
 __device__ __forceinline__ bool load_rotated(const A* rois, index_t k, int batch, A scale, int ph, int pw,
@@ -351,8 +294,7 @@ __global__ void roi_align_forward(
 
 // grad_input is a zero-filled accumulation buffer: of the accumulation type
 // (float for half types), or of long long when max_grad is given (the
-// deterministic backward, see GradSink). A thread per bin: the host runs it
-// for position-sensitive RoIAlign, and roi_align_backward_tiled for plain.
+// deterministic backward, see GradSink).
 template <typename T, bool PS>
 __global__ void roi_align_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
@@ -377,37 +319,6 @@ __global__ void roi_align_backward(
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
     bin_scatter_axis_aligned(sink, plane, gi_s2, gi_s3, height, width, g, p.i, p.j, grad);
-  }
-}
-
-// Plain RoIAlign's backward, one warp per (RoI, channel) (roi_channel_scatter);
-// same parameters as roi_align_backward, launched with 32 threads per (RoI,
-// channel) in blocks of kTileWarps warps.
-template <typename T, bool PS>
-__global__ void roi_align_backward_tiled(
-    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
-    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
-    int channels_out, int ph, int pw,
-    typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int channel_block,
-    void* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
-  static_assert(!PS, "position-sensitive bins read different planes: roi_align_backward");
-  typedef typename acc_type<T>::type A;
-  __shared__ long long tiles[kTileWarps][kTile * kTile];
-  const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
-  const int lane = threadIdx.x & 31;
-  long long* tile = tiles[threadIdx.x >> 5];
-  const index_t total = num_rois * channels_out;
-  for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < total;
-       w += ((index_t)gridDim.x * blockDim.x) >> 5) {
-    const BinPos p = decompose(w, num_rois, channels_out, 1, 1, channel_block);
-    int b; A x1, y1, x2, y2;
-    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
-    AlignGrid<A> g;
-    g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
-    roi_channel_scatter(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s2, gi_s3, height, width, g,
-                        grad_output + p.k * go_s0 + p.c * go_s1, go_s2, go_s3, ph, pw, tile, lane);
   }
 }
 
@@ -509,9 +420,7 @@ __global__ void multi_scale_roi_align_forward(
 }
 
 // grads: the levels' zero-filled accumulation buffers (float for half types;
-// long long when max_grad is given, see GradSink). One warp per (RoI,
-// channel) (roi_channel_scatter): 32 threads per (RoI, channel) in blocks of
-// kTileWarps warps.
+// long long when max_grad is given, see GradSink).
 template <typename T, bool PS>
 __global__ void multi_scale_roi_align_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
@@ -520,25 +429,23 @@ __global__ void multi_scale_roi_align_backward(
     int channels_out, int ph, int pw,
     int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
     int sampling_ratio, int aligned, int channel_block, const T* __restrict__ max_grad) {
-  static_assert(!PS, "multi-level RoIAlign is plain only");
   typedef typename acc_type<T>::type A;
-  __shared__ long long tiles[kTileWarps][kTile * kTile];
+  const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink((void*)nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
-  const int lane = threadIdx.x & 31;
-  long long* tile = tiles[threadIdx.x >> 5];
-  const index_t total = num_rois * channels_out;
-  for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < total;
-       w += ((index_t)gridDim.x * blockDim.x) >> 5) {
-    const BinPos p = decompose(w, num_rois, channels_out, 1, 1, channel_block);
+  const index_t total = num_rois * channels_out * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
     const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
     if (l < 0 || l >= grads.count) continue;
     AlignGrid<A> g;
     g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
-    roi_channel_scatter(sink.rebased(reinterpret_cast<void*>(grads.data[l])),
-                        (index_t)b * grads.s0[l] + (index_t)p.c * grads.s1[l], grads.s2[l], grads.s3[l],
-                        grads.height[l], grads.width[l], g, grad_output + p.k * go_s0 + p.c * go_s1, go_s2, go_s3,
-                        ph, pw, tile, lane);
+    const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    const index_t plane = (index_t)b * grads.s0[l] + (index_t)c_in * grads.s1[l];
+    bin_scatter_axis_aligned(sink.rebased(reinterpret_cast<void*>(grads.data[l])), plane, grads.s2[l], grads.s3[l],
+                             grads.height[l], grads.width[l], g, p.i, p.j, grad);
   }
 }

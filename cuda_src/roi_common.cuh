@@ -228,18 +228,6 @@ struct GradSink {
     else
       atomicAdd(static_cast<A*>(base) + at, v);
   }
-  // Adds element e of a tile, a sink rebased to (shared) memory that
-  // accumulated this sink's adds for a patch of elements, to element at;
-  // nothing for a zero. Fixed point stays integer: exact in any order.
-  __device__ __forceinline__ void add_from_tile(index_t at, const void* tile, int e) const {
-    if (fixed) {
-      const long long v = static_cast<const long long*>(tile)[e];
-      if (v != 0) atomicAdd(static_cast<unsigned long long*>(base) + at, (unsigned long long)v);
-    } else {
-      const A v = static_cast<const A*>(tile)[e];
-      if (v != A(0)) atomicAdd(static_cast<A*>(base) + at, v);
-    }
-  }
 };
 
 // Most output bins that can add to one input element (see GradSink).

@@ -27,10 +27,9 @@ CUDA_TYPES = {
 #: kernel family -> (source file, kernel templates); every template takes
 #: <scalar type, position_sensitive>
 FAMILIES = {
-    "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_backward_tiled",
-                                   "roi_align_rotated_forward", "roi_align_rotated_backward",
-                                   "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
-                                   "fixed_point_gradient")),
+    "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
+                                   "roi_align_rotated_backward", "multi_scale_roi_align_forward",
+                                   "multi_scale_roi_align_backward", "fixed_point_gradient")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_coords_sum",
                                      "fixed_point_gradient")),
@@ -38,7 +37,7 @@ FAMILIES = {
 
 #: kernels instantiated without their position-sensitive variant (no public
 #: operator uses it); every other kernel is compiled for both
-PLAIN_ONLY = frozenset(("roi_align_backward_tiled", "roi_align_rotated_forward", "roi_align_rotated_backward",
+PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
                         "fixed_point_gradient", "prroi_pool_coords_sum"))
 
@@ -57,7 +56,6 @@ CHANNELS_PER_THREAD = (4, 8)
 SIGNATURES = {
     "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
     "roi_align_backward": "pqqqq" "pqiii" "aiii" "piiiqqqq" "p",
-    "roi_align_backward_tiled": "pqqqq" "pqiii" "aiii" "piiiqqqq" "p",
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
     "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "multi_scale_roi_align_forward": "Li" "pqiii" "iaiii" "iii" "pqqqq",
@@ -119,11 +117,6 @@ def variants(kernel, scalar_type):
 def name_expressions(family, scalar_type):
     _, kernels = FAMILIES[family]
     return [kernel_expression(k, scalar_type, *v) for k in kernels for v in variants(k, scalar_type)]
-
-
-#: threads a warp-per-item kernel (roi_align_backward_tiled and
-#: multi_scale_roi_align_backward: a warp per RoI and channel) runs per item
-WARP = 32
 
 
 def blocks_for(total_threads):

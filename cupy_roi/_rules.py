@@ -152,14 +152,10 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     n, c, h, w = size_in
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
-    # plain: a warp per (RoI, channel) sums neighbouring bins' gradients in
-    # shared memory; position-sensitive bins read different planes: a thread per bin
-    kernel, blocks = (("roi_align_backward", None) if ps else
-                      ("roi_align_backward_tiled", _kernels.blocks_for(k * c_out * _kernels.WARP)))
-    _run("roi_align", kernel, device, stream, scalar, ps, k * c_out * ph * pw, (
+    _run("roi_align", "roi_align_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned,
         channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad)),
-        grad_input[0], n, h, w, *grad_input[1], max_grad), blocks=blocks)
+        grad_input[0], n, h, w, *grad_input[1], max_grad))
 
 
 def roi_align_rotated_forward(device, stream, scalar, x, shape, rows, k, size, scale, sampling_ratio, aligned,
@@ -254,8 +250,7 @@ def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, sha
     _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False, k * c * ph * pw, (
         grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
         sampling_ratio, aligned, channel_block(device, grad_views[0][1], shapes[0], size, c,
-                                               _grad_itemsize(scalar, max_grad)), max_grad),
-        blocks=_kernels.blocks_for(k * c * _kernels.WARP))
+                                               _grad_itemsize(scalar, max_grad)), max_grad))
 
 
 def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out, argmax):
