@@ -179,6 +179,11 @@ __device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, inde
       frame.map(yy, g.sample_x(j, ix), y, x);
       Bilinear<A> w;
       if (!w.set(y, x, height, width)) continue;
+      if (s3 == 1 && w.x1 == w.x0 + 1) {  // each row's two corners adjacent: one pair
+        sink.add_pair(plane + w.y0 * s2 + w.x0, grad * w.w00, grad * w.w01);
+        sink.add_pair(plane + w.y1 * s2 + w.x0, grad * w.w10, grad * w.w11);
+        continue;
+      }
       sink.add(plane + w.y0 * s2 + w.x0 * s3, grad * w.w00);
       sink.add(plane + w.y0 * s2 + w.x1 * s3, grad * w.w01);
       sink.add(plane + w.y1 * s2 + w.x0 * s3, grad * w.w10);
@@ -205,9 +210,25 @@ __device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink
     if (rows.w[r] == A(0)) continue;
     const A grad_row = grad * rows.w[r];
     const index_t row = plane + (rows.start + r) * s2;
+    if (s3 != 1) {
 #pragma unroll
-    for (int c = 0; c < kWindow; ++c)
-      if (cols.w[c] != A(0)) sink.add(row + (cols.start + c) * s3, grad_row * cols.w[c]);
+      for (int c = 0; c < kWindow; ++c)
+        if (cols.w[c] != A(0)) sink.add(row + (cols.start + c) * s3, grad_row * cols.w[c]);
+      continue;
+    }
+    // unit column stride: adjacent pixels in pairs from an aligned one (add_pair);
+    // a pair's second pixel must lie on the map even where its weight is 0
+    const index_t at = row + cols.start;
+    int c = sink.pair_start(at) ? 0 : 1;
+    if (c == 1 && cols.w[0] != A(0)) sink.add(at, grad_row * cols.w[0]);
+    for (; c < kWindow; c += 2) {
+      const A w0 = cols.w[c], w1 = c + 1 < kWindow ? cols.w[c + 1] : A(0);
+      if (w0 == A(0) && w1 == A(0)) continue;
+      if (c + 1 < kWindow && cols.start + c + 1 < width)
+        sink.add_pair(at + c, grad_row * w0, grad_row * w1);
+      else if (w0 != A(0))
+        sink.add(at + c, grad_row * w0);
+    }
   }
 }
 

@@ -204,6 +204,21 @@ __device__ __forceinline__ int fixed_point_shift(double max_grad, double contrib
 __device__ __forceinline__ long long to_fixed(float v) { return __float2ll_rn(v); }
 __device__ __forceinline__ long long to_fixed(double v) { return __double2ll_rn(v); }
 
+// One 8-byte atomic adding a to p[0] and b to p[1], where the hardware has
+// vector atomics (sm_90: float2) and p is 8-byte aligned; false otherwise.
+// An atomic add is one L2 operation on a 32-byte sector whatever its width,
+// and backwards are bound by those operations.
+__device__ __forceinline__ bool pair_atomic(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  if ((reinterpret_cast<unsigned long long>(p) & 7) == 0) {
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+    return true;
+  }
+#endif
+  return false;
+}
+__device__ __forceinline__ bool pair_atomic(double*, double, double) { return false; }
+
 template <typename A>
 struct GradSink {
   void* base;
@@ -227,6 +242,18 @@ struct GradSink {
       atomicAdd(static_cast<unsigned long long*>(base) + at, (unsigned long long)to_fixed(v * scale));
     else
       atomicAdd(static_cast<A*>(base) + at, v);
+  }
+  // Adds v0 to element at and v1 to element at + 1 (both in the buffer):
+  // one vector atomic where pair_atomic can, else two adds.
+  __device__ __forceinline__ void add_pair(index_t at, A v0, A v1) const {
+    if (!fixed && pair_atomic(static_cast<A*>(base) + at, v0, v1)) return;
+    add(at, v0);
+    add(at + 1, v1);
+  }
+  // Whether element at starts an 8-byte-aligned pair (where add_pair can be
+  // one atomic): pairs are best formed from there.
+  __device__ __forceinline__ bool pair_start(index_t at) const {
+    return !fixed && ((reinterpret_cast<unsigned long long>(static_cast<A*>(base) + at) & 7) == 0);
   }
 };
 
