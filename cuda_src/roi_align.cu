@@ -210,25 +210,9 @@ __device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink
     if (rows.w[r] == A(0)) continue;
     const A grad_row = grad * rows.w[r];
     const index_t row = plane + (rows.start + r) * s2;
-    if (s3 != 1) {
 #pragma unroll
-      for (int c = 0; c < kWindow; ++c)
-        if (cols.w[c] != A(0)) sink.add(row + (cols.start + c) * s3, grad_row * cols.w[c]);
-      continue;
-    }
-    // unit column stride: adjacent pixels in pairs from an aligned one (add_pair);
-    // a pair's second pixel must lie on the map even where its weight is 0
-    const index_t at = row + cols.start;
-    int c = sink.pair_start(at) ? 0 : 1;
-    if (c == 1 && cols.w[0] != A(0)) sink.add(at, grad_row * cols.w[0]);
-    for (; c < kWindow; c += 2) {
-      const A w0 = cols.w[c], w1 = c + 1 < kWindow ? cols.w[c + 1] : A(0);
-      if (w0 == A(0) && w1 == A(0)) continue;
-      if (c + 1 < kWindow && cols.start + c + 1 < width)
-        sink.add_pair(at + c, grad_row * w0, grad_row * w1);
-      else if (w0 != A(0))
-        sink.add(at + c, grad_row * w0);
-    }
+    for (int c = 0; c < kWindow; ++c)
+      if (cols.w[c] != A(0)) sink.add(row + (cols.start + c) * s3, grad_row * cols.w[c]);
   }
 }
 

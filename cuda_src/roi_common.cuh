@@ -250,11 +250,6 @@ struct GradSink {
     add(at, v0);
     add(at + 1, v1);
   }
-  // Whether element at starts an 8-byte-aligned pair (where add_pair can be
-  // one atomic): pairs are best formed from there.
-  __device__ __forceinline__ bool pair_start(index_t at) const {
-    return !fixed && ((reinterpret_cast<unsigned long long>(static_cast<A*>(base) + at) & 7) == 0);
-  }
 };
 
 // Most output bins that can add to one input element (see GradSink).
