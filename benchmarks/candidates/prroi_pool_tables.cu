@@ -198,6 +198,27 @@ __global__ void prroi_tables_columns(double* __restrict__ tables, index_t planes
   }
 }
 
+// One (RoI, channel) item of the warp-per-item kernels, items in
+// channel-block order: its RoI row and the area every bin of the RoI has.
+template <typename A>
+struct TableItem {
+  index_t k;
+  int c, b;
+  A x1, y1, x2, y2, area;
+  bool valid;
+
+  __device__ __forceinline__ void set(index_t item, const A* rois, index_t num_rois, int batch, int channels,
+                                      int channel_block, A spatial_scale, int ph, int pw, int height, int width) {
+    const BinPos it = decompose(item, num_rois, channels, 1, 1, channel_block);
+    k = it.k;
+    c = it.c;
+    valid = load_roi(rois, k, batch, b, x1, y1, x2, y2);
+    PreciseBin<A> first;
+    first.set(x1, y1, x2, y2, spatial_scale, 0, 0, ph, pw, height, width);
+    area = first.area;
+  }
+};
+
 // One warp per (RoI, channel) item, items in channel-block order.
 template <typename T>
 __global__ void prroi_forward_tables(
@@ -214,14 +235,12 @@ __global__ void prroi_forward_tables(
   const Strides4 out_st = make_strides(o0, o1, o2, o3);
   const index_t items = num_rois * channels;
   for (index_t item = (index_t)blockIdx.x * kWarps + warp; item < items; item += (index_t)gridDim.x * kWarps) {
-    const BinPos it = decompose(item, num_rois, channels, 1, 1, channel_block);
-    const index_t k = it.k;
-    const int c = it.c;
-    int b; A x1, y1, x2, y2;
-    const bool valid = load_roi(rois, k, batch, b, x1, y1, x2, y2);
-    PreciseBin<A> first;  // every bin of the RoI has its area
-    first.set(x1, y1, x2, y2, spatial_scale, 0, 0, ph, pw, height, width);
-    const A area = first.area;
+    TableItem<A> t;
+    t.set(item, rois, num_rois, batch, channels, channel_block, spatial_scale, ph, pw, height, width);
+    const index_t k = t.k;
+    const int c = t.c, b = t.b;
+    const bool valid = t.valid;
+    const A area = t.area, x1 = t.x1, y1 = t.y1, x2 = t.x2, y2 = t.y2;
     if (!valid || !(area > A(0))) {
       for (int q = lane; q < ph * pw; q += 32)
         store(output + out_st.at(k, c, q / pw, q % pw), valid ? A(0) : quiet_nan<A>());
@@ -255,9 +274,10 @@ __global__ void prroi_forward_tables(
       for (int q = lane; q < ph * pw; q += 32) {
         PreciseBin<A> bin;
         bin.set(x1, y1, x2, y2, spatial_scale, q / pw, q % pw, ph, pw, height, width);
-        const A sum = bin.wide() ? bin_integral<T, A, false, true>(plane, s2, s3, bin)
-                                 : bin_integral<T, A, false, false>(plane, s2, s3, bin);
-        store(output + out_st.at(k, c, q / pw, q % pw), sum / bin.area);
+        A sum[1];
+        if (bin.wide()) bin_integrals<1, T, A, false, true>(plane, 0, s2, s3, bin, sum);
+        else bin_integrals<1, T, A, false, false>(plane, 0, s2, s3, bin, sum);
+        store(output + out_st.at(k, c, q / pw, q % pw), sum[0] / bin.area);
       }
     }
     __syncwarp();  // the next item rewrites this warp's grid
@@ -281,15 +301,12 @@ __global__ void prroi_backward_tables(
   const index_t items = num_rois * channels;
   const index_t row_len = width + 1;
   for (index_t item = (index_t)blockIdx.x * kWarps + warp; item < items; item += (index_t)gridDim.x * kWarps) {
-    const BinPos it = decompose(item, num_rois, channels, 1, 1, channel_block);
-    const index_t k = it.k;
-    const int c = it.c;
-    int b; A x1, y1, x2, y2;
-    if (!load_roi(rois, k, batch, b, x1, y1, x2, y2)) continue;
-    PreciseBin<A> first;  // every bin of the RoI has its area
-    first.set(x1, y1, x2, y2, spatial_scale, 0, 0, ph, pw, height, width);
-    const A area = first.area;
-    if (!(area > A(0))) continue;
+    TableItem<A> t;
+    t.set(item, rois, num_rois, batch, channels, channel_block, spatial_scale, ph, pw, height, width);
+    if (!t.valid || !(t.area > A(0))) continue;
+    const index_t k = t.k;
+    const int c = t.c, b = t.b;
+    const A area = t.area, x1 = t.x1, y1 = t.y1, x2 = t.x2, y2 = t.y2;
     const AxisRuns<A>& gy = geo[2 * k];
     const AxisRuns<A>& gx = geo[2 * k + 1];
     double* plane = corners + ((index_t)b * channels + c) * (index_t)(height + 1) * row_len;
