@@ -4,8 +4,8 @@
 #   B: GPU suite (run 2), compute-sanitizer memcheck and racecheck
 #   C: benchmark tables (torchvision side by side, deterministic)
 #   D: work order table, this tree and (carried in .gl/old) the one before; FPN table
-#   E: Nsight Compute metrics of the channels-per-thread candidates (Mask R-CNN 7x7 float32,
-#      both layouts; CSV per layout), and the PrRoIPool tables candidate with its stages
+#   E: Nsight Compute metrics of the shipped RoIAlign kernels (Mask R-CNN 7x7 float32, both
+#      layouts: work_order.py --once; CSV), and the PrRoIPool tables candidate with its stages
 # The suite runs with the larger hypothesis profile. The device has no nbclient/ipykernel: carry
 # wheels in .whl/ (made here with `pip download nbclient nbformat ipykernel --python-version 3.12
 # --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
@@ -61,12 +61,9 @@ smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,\
 smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,\
 smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,\
 smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio
-  for layout in nchw nhwc; do
-    log ncu $layout
-    timeout 200 ncu --csv --metrics "$metrics" -k regex:roi_align_forward python3 benchmarks/align_forward.py \
-      --reps 1 --cpt 1,2,4,8 --case 7x7 --layout $layout --dtype float32 > "$out/ncu_cpt_$layout.csv" \
-      2> "$out/ncu_cpt_$layout.err"; tail -3 "$out/ncu_cpt_$layout.err"
-  done
+  log ncu
+  timeout 200 ncu --csv --metrics "$metrics" -k regex:roi_align python3 benchmarks/work_order.py --once \
+    > "$out/ncu_roi_align.csv" 2> "$out/ncu_roi_align.err"; tail -3 "$out/ncu_roi_align.err"
   log tables; timeout 200 python3 benchmarks/prroi_tables.py --reps 10 --out "$out/prroi_tables.md" 2>&1 | tail -14
   ;;
 esac
