@@ -216,6 +216,141 @@ __device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink
   }
 }
 
+// A warp per RoI and a few channels (the backwards' warp mode, for RoIs
+// whose samples reach at most 32 pixel columns): lane l owns pixel column
+// first + l. The weights being separable, the RoI's gradient there is
+// sum_i Wy_i(r) * T_i with T_i = sum_j grad_ij * Wx_j(col): each lane sums
+// its column over the bins, then the warp walks the y samples and adds each
+// pixel row once, 32 adjacent pixels in one atomic instruction. Bin by bin,
+// a bin's lanes hit scattered rows and the same pixels again from the
+// neighbouring bins; the FPN backward was bound by those L2 operations.
+constexpr int kWarpBins = 16;  // most bins per axis (register arrays)
+constexpr int kWarpColumns = 32;
+
+// A superset of the pixel columns the x samples of an axis-aligned grid
+// reach, [first, last]; false when no sample lies on the map.
+template <typename A>
+__device__ __forceinline__ bool sample_columns(const AlignGrid<A>& g, int width, int pw, int& first, int& last) {
+  if (g.grid_w <= 0) return false;
+  A a = g.sample_x(0, 0), b = g.sample_x(pw - 1, g.grid_w - 1);
+  if (a > b) { const A t = a; a = b; b = t; }  // inverted box (aligned=True)
+  if (b < A(-1) || a > A(width)) return false;
+  first = a <= A(0) ? 0 : min((int)a, width - 1);
+  last = b >= A(width - 1) ? width - 1 : (int)b + 1;
+  return true;
+}
+
+// Wx_j(col) for j < pw: the weights bin j's x samples give pixel column col.
+template <typename A>
+__device__ __forceinline__ void column_weights(const AlignGrid<A>& g, int width, int pw, int col,
+                                               A (&wx)[kWarpBins]) {
+#pragma unroll
+  for (int j = 0; j < kWarpBins; ++j) {
+    A sum = A(0);
+    if (j < pw) {
+      for (int s = 0; s < g.grid_w; ++s) {
+        int lo, hi; A w_lo, w_hi;
+        if (!axis_weights(g.sample_x(j, s), width, lo, hi, w_lo, w_hi)) continue;
+        if (lo == col) sum += w_lo;
+        if (hi == col) sum += w_hi;
+      }
+    }
+    wx[j] = sum;
+  }
+}
+
+// The gradient of RoI grid g over `channels` (at most kWarpChannels) planes
+// plane_step apart (grad: the RoI's first channel of grad_output, grad_step
+// between channels), by the warp: lanes over columns, or, past 32 columns,
+// lanes over bins. Lane col sums T_i per bin row for every channel, then
+// walks the y samples in order (their positions and weights worked out once
+// for all channels), each adding w * T_i to the two pixel rows it reaches; a
+// row is added (one atomic per lane and channel holding a non-zero sum) once
+// the samples have moved past it. Zero weights add nothing, so a NaN
+// gradient reaches only its bin's pixels.
+constexpr int kWarpChannels = 4;
+
+template <typename A, typename T>
+__device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_t plane, index_t plane_step,
+                                                 index_t s2, index_t s3, int height, int width,
+                                                 const AlignGrid<A>& g, int ph, int pw, const T* grad,
+                                                 index_t grad_step, index_t go_s2, index_t go_s3, int channels) {
+  const int lane = threadIdx.x & 31;
+  int first, last;
+  if (!sample_columns(g, width, pw, first, last)) return;
+  if (last - first >= kWarpColumns) {
+    for (int t = 0; t < channels; ++t)
+      for (int bin = lane; bin < ph * pw; bin += 32) {
+        const int i = bin / pw, j = bin % pw;
+        bin_scatter_axis_aligned(sink, plane + t * plane_step, s2, s3, height, width, g, i, j,
+                                 to_acc(grad[t * grad_step + i * go_s2 + j * go_s3]) * g.inv_count);
+      }
+    return;
+  }
+  const int col = first + lane;
+  A wx[kWarpBins];
+  column_weights(g, width, pw, col, wx);
+  const index_t column = plane + col * s3;
+  int row = -2;  // pending sums v0, v1 of pixel rows row, row + 1
+  A v0[kWarpChannels], v1[kWarpChannels];
+#pragma unroll
+  for (int t = 0; t < kWarpChannels; ++t) v0[t] = v1[t] = A(0);
+  const auto add_row = [&](int r, const A (&v)[kWarpChannels]) {
+#pragma unroll
+    for (int t = 0; t < kWarpChannels; ++t)
+      if (t < channels && v[t] != A(0)) sink.add(column + t * plane_step + r * s2, v[t]);
+  };
+  for (int i = 0; i < ph; ++i) {
+    A sum[kWarpChannels];
+#pragma unroll
+    for (int t = 0; t < kWarpChannels; ++t) sum[t] = A(0);
+    const T* grad_row = grad + i * go_s2;
+#pragma unroll
+    for (int j = 0; j < kWarpBins; ++j) {
+      if (j >= pw) break;
+      if (wx[j] == A(0)) continue;
+#pragma unroll
+      for (int t = 0; t < kWarpChannels; ++t)
+        if (t < channels) sum[t] = fused(to_acc(grad_row[t * grad_step + j * go_s3]), wx[j], sum[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < kWarpChannels; ++t) sum[t] *= g.inv_count;
+    for (int sy = 0; sy < g.grid_h; ++sy) {
+      int lo, hi; A w_lo, w_hi;
+      if (!axis_weights(g.sample_y(i, sy), height, lo, hi, w_lo, w_hi)) continue;
+      if (lo == row + 1) {
+        add_row(row, v0);
+#pragma unroll
+        for (int t = 0; t < kWarpChannels; ++t) { v0[t] = v1[t]; v1[t] = A(0); }
+        row = lo;
+      } else if (lo != row) {
+        add_row(row, v0);
+        add_row(row + 1, v1);
+#pragma unroll
+        for (int t = 0; t < kWarpChannels; ++t) v0[t] = v1[t] = A(0);
+        row = lo;
+      }
+      if (hi == lo) w_hi = A(0);
+#pragma unroll
+      for (int t = 0; t < kWarpChannels; ++t) {
+        if (w_lo != A(0)) v0[t] += w_lo * sum[t];
+        if (w_hi != A(0)) v1[t] += w_hi * sum[t];
+      }
+    }
+  }
+  add_row(row, v0);
+  add_row(row + 1, v1);
+}
+
+// Warp w of a warp-mode backward: its RoI and first channel, in the order of
+// channel_block (decompose) over groups of channels_per_warp channels.
+__device__ __forceinline__ BinPos warp_item(index_t w, index_t num_rois, int channels, int channel_block,
+                                            int channels_per_warp) {
+  BinPos p = decompose(w, num_rois, channels / channels_per_warp, 1, 1, channel_block / channels_per_warp);
+  p.c *= channels_per_warp;
+  return p;
+}
+
 // Rotated row (batch_index, cx, cy, w, h, theta): its grid and frame.
 template <typename A>
 __device__ __forceinline__ bool load_rotated(const A* rois, index_t k, int batch, A scale, int ph, int pw,
@@ -306,12 +441,26 @@ __global__ void roi_align_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int channel_block,
+    int channel_block, int channels_per_warp,
     void* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
+  if (!PS && channels_per_warp > 0) {
+    const index_t warps = num_rois * (channels_out / channels_per_warp);
+    for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < warps;
+         w += ((index_t)blockDim.x * gridDim.x) >> 5) {
+      const BinPos p = warp_item(w, num_rois, channels_out, channel_block, channels_per_warp);
+      int b; A x1, y1, x2, y2;
+      if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+      AlignGrid<A> g;
+      g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
+      warp_scatter_roi(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width, g, ph,
+                       pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3, channels_per_warp);
+    }
+    return;
+  }
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
@@ -433,10 +582,28 @@ __global__ void multi_scale_roi_align_backward(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
-    int sampling_ratio, int aligned, int channel_block, const T* __restrict__ max_grad) {
+    int sampling_ratio, int aligned, int channel_block, int channels_per_warp, const T* __restrict__ max_grad) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink((void*)nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
+  if (!PS && channels_per_warp > 0) {
+    const index_t warps = num_rois * (channels_out / channels_per_warp);
+    for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < warps;
+         w += ((index_t)blockDim.x * gridDim.x) >> 5) {
+      const BinPos p = warp_item(w, num_rois, channels_out, channel_block, channels_per_warp);
+      int b; A x1, y1, x2, y2;
+      if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+      const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
+      if (l < 0 || l >= grads.count) continue;
+      AlignGrid<A> g;
+      g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
+      warp_scatter_roi(sink.rebased(reinterpret_cast<void*>(grads.data[l])),
+                       (index_t)b * grads.s0[l] + (index_t)p.c * grads.s1[l], grads.s1[l], grads.s2[l], grads.s3[l],
+                       grads.height[l], grads.width[l], g, ph, pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1,
+                       go_s2, go_s3, channels_per_warp);
+    }
+    return;
+  }
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {

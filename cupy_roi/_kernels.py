@@ -55,11 +55,11 @@ CHANNELS_PER_THREAD = (4, 8)
 #: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
 SIGNATURES = {
     "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
-    "roi_align_backward": "pqqqq" "pqiii" "aiii" "piiiqqqq" "p",
+    "roi_align_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
     "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "multi_scale_roi_align_forward": "Li" "pqiii" "iaiii" "iii" "pqqqq",
-    "multi_scale_roi_align_backward": "pqqqq" "Li" "pqiii" "iaiii" "iii" "p",
+    "multi_scale_roi_align_backward": "pqqqq" "Li" "pqiii" "iaiii" "iiii" "p",
     "roi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq" "p",
     "roi_pool_backward": "pqqqq" "pqiii" "ai" "p" "piiiqqqq" "p",
     "prroi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq",

@@ -112,6 +112,33 @@ def channels_per_thread(scalar, ps, c_out, block):
 _CHANNELS_PER_THREAD_DOWN = sorted(_kernels.CHANNELS_PER_THREAD, reverse=True)
 
 
+#: kWarpBins of cuda_src/roi_align.cu: the most bins per axis of the warp-mode backward
+WARP_BINS = 16
+_WARP_CHANNELS = (4, 2, 1)
+
+
+def _warp_channels_target():
+    """Channels one warp of a warp-mode backward takes at most (its column
+    weights are worked out once for all of them)."""
+    return 4
+
+
+def channels_per_warp(ps, size, block, c_out):
+    """The RoIAlign backwards' work mode (``warp_scatter_roi`` in
+    cuda_src/roi_align.cu): 0 for a thread per bin, or the channels of one
+    RoI a warp scatters through the separable weights, its lanes over pixel
+    columns: the largest of ``_WARP_CHANNELS`` up to the target that divides
+    ``c_out`` and the channel block. Only for plain RoIAlign (a
+    position-sensitive bin reads its own plane) over channel blocks (a
+    channels-last buffer puts a row's pixels C elements apart, so the lanes'
+    atomics would not share sectors; bin by bin they do, lanes over channels)
+    and at most kWarpBins bins per axis."""
+    if ps or block == 0 or max(size) > WARP_BINS:
+        return 0
+    target = _warp_channels_target()
+    return next(w for w in _WARP_CHANNELS if w <= target and c_out % w == 0 and block % w == 0)
+
+
 def _grad_itemsize(scalar, max_grad):
     """Bytes of a backward's accumulation buffer element: int64 fixed point
     for the deterministic backward, else the accumulation type."""
@@ -152,10 +179,16 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     n, c, h, w = size_in
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
-    _run("roi_align", "roi_align_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned,
-        channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad)),
+    block = channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad))
+    per_warp = channels_per_warp(ps, size, block, c_out)
+    _run("roi_align", "roi_align_backward", device, stream, scalar, ps, _backward_threads(k, c_out, size, per_warp), (
+        grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, per_warp,
         grad_input[0], n, h, w, *grad_input[1], max_grad))
+
+
+def _backward_threads(k, c_out, size, per_warp):
+    """Threads of a RoIAlign backward: one a bin, or a warp per channels_per_warp channels of a RoI."""
+    return k * c_out * size[0] * size[1] if not per_warp else k * (c_out // per_warp) * 32
 
 
 def roi_align_rotated_forward(device, stream, scalar, x, shape, rows, k, size, scale, sampling_ratio, aligned,
@@ -247,10 +280,12 @@ def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, sha
                                    sampling_ratio, aligned, max_grad=0):
     n, c = shapes[0][:2]
     ph, pw = size
-    _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False, k * c * ph * pw, (
-        grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
-        sampling_ratio, aligned, channel_block(device, grad_views[0][1], shapes[0], size, c,
-                                               _grad_itemsize(scalar, max_grad)), max_grad))
+    block = channel_block(device, grad_views[0][1], shapes[0], size, c, _grad_itemsize(scalar, max_grad))
+    per_warp = channels_per_warp(False, size, block, c)
+    _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False,
+         _backward_threads(k, c, size, per_warp), (
+             grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
+             sampling_ratio, aligned, block, per_warp, max_grad))
 
 
 def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out, argmax):

@@ -248,6 +248,28 @@ def test_channels_per_thread_rule():
             assert cpt in (1, 4, 8) and c % cpt == 0 and block % cpt == 0
 
 
+def test_channels_per_warp_rule():
+    """The RoIAlign backwards' work mode (_rules.channels_per_warp): a warp
+    per RoI and 4, 2 or 1 channels (dividing the channels and the block)
+    for plain RoIAlign over channel blocks with at most WARP_BINS bins per
+    axis; else 0, a thread per bin (position-sensitive, channels fastest,
+    larger grids). Results do not depend on it (test_cuda's small-bin test
+    covers both modes against the reference); this pins the choice, and the
+    bound matches the kernel's register arrays."""
+    from cupy_roi import _kernels
+    from cupy_roi._rules import WARP_BINS, channels_per_warp
+
+    assert channels_per_warp(False, (7, 7), 256, 256) == 4
+    assert channels_per_warp(False, (14, 14), 4, 256) == 4
+    assert channels_per_warp(False, (7, 7), 2, 256) == 2
+    assert channels_per_warp(False, (7, 7), 3, 3) == 1
+    assert channels_per_warp(False, (7, 7), 0, 256) == 0  # channels last
+    assert channels_per_warp(True, (7, 7), 10, 10) == 0  # position-sensitive
+    assert channels_per_warp(False, (16, 16), 8, 8) == 4
+    assert channels_per_warp(False, (17, 3), 8, 8) == 0
+    assert f"constexpr int kWarpBins = {WARP_BINS};" in (_kernels.source_dir() / "roi_align.cu").read_text()
+
+
 def test_seed_module_shapes_and_check():
     m = cupy_roi.PSROIAlign(spatial_scale=1 / 16, roi_size=7, sampling_ratio=2, pooled_dim=10)
     x = torch.randn(4, 490, 30, 40)
