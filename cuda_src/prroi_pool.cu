@@ -87,13 +87,21 @@ struct PreciseBin {
 
   __device__ __forceinline__ void set(A x1, A y1, A x2, A y2, A scale, int i, int j, int ph, int pw,
                                       int height, int width) {
+    set_roi(x1, y1, x2, y2, scale, ph, pw);
+    place(i, j, height, width);
+  }
+  // The RoI's corner and bin size (the same for all its bins).
+  __device__ __forceinline__ void set_roi(A x1, A y1, A x2, A y2, A scale, int ph, int pw) {
     rx1 = scaled(x1, scale); ry1 = scaled(y1, scale);
     bin_w = max(scaled(x2, scale) - rx1, A(0)) / pw;
     bin_h = max(scaled(y2, scale) - ry1, A(0)) / ph;
+    area = bin_w * bin_h;
+  }
+  // Moves to bin (i, j) of the RoI.
+  __device__ __forceinline__ void place(int i, int j, int height, int width) {
     off_x = j * bin_w; off_y = i * bin_h;
     const A xs = rx1 + off_x, ys = ry1 + off_y;
     const A xe = xs + bin_w, ye = ys + bin_h;
-    area = bin_w * bin_h;
     // Clamp in floating point first so that far-away boxes cannot overflow int.
     h_lo = (int)min(max(floor(ys), A(0)), A(height));
     h_hi = (int)min(max(ceil(ye), A(-1)), A(height - 1));
@@ -150,6 +158,47 @@ __device__ __forceinline__ void bin_integrals(const T* plane, index_t plane_step
         sum[t] = fused(wy, acc, sum[t]);
       }
     }
+  }
+}
+
+// Warp-mode feature gradient (see kWarpBins in roi_common.cuh) of one RoI
+// over `channels` (at most kWarpChannels) planes plane_step apart (grad: the
+// RoI's first channel of grad_output, grad_step between channels): lanes over
+// the RoI's pixel columns, 32 at a time (an integral weighs every pixel its
+// bins cover, so no lane idles inside the box), bin weights Wy_i(h) *
+// Wx_j(w) / area as in bin_integrals.
+template <typename A, typename T>
+__device__ __forceinline__ void warp_scatter_precise(const GradSink<A>& sink, index_t plane, index_t plane_step,
+                                                     index_t s2, index_t s3, int height, int width,
+                                                     const PreciseBin<A>& roi, int ph, int pw, const T* grad,
+                                                     index_t grad_step, index_t go_s2, index_t go_s3,
+                                                     int channels) {
+  PreciseBin<A> first = roi, last = roi;
+  first.place(0, 0, height, width);
+  last.place(ph - 1, pw - 1, height, width);
+  const A inv_area = A(1) / roi.area;
+  for (int c0 = first.w_lo; c0 <= last.w_hi; c0 += kWarpColumns) {
+    const int col = c0 + (threadIdx.x & 31);
+    A wx[kWarpBins];
+#pragma unroll
+    for (int j = 0; j < kWarpBins; ++j) {
+      wx[j] = A(0);
+      if (j < pw) {
+        PreciseBin<A> bin = roi;
+        bin.place(0, j, height, width);
+        if (col >= bin.w_lo && col <= bin.w_hi) wx[j] = bin.template weight_x<false>(col);
+      }
+    }
+    const RowSink<A> flush{sink, plane + col * s3, s2, plane_step, channels};
+    RowRun<A, 3> rows;
+    for (int i = 0; i < ph; ++i) {
+      PreciseBin<A> bin = roi;
+      bin.place(i, 0, height, width);
+      A sum[kWarpChannels];
+      column_sums(grad + i * go_s2, grad_step, go_s3, pw, channels, wx, inv_area, sum);
+      for (int h = bin.h_lo; h <= bin.h_hi; ++h) rows.add(h, bin.template weight_y<false>(h), sum, flush);
+    }
+    rows.finish(flush);
   }
 }
 
@@ -215,7 +264,7 @@ __global__ void prroi_pool_backward(
     const T* __restrict__ input, index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
-    int channels_fastest, int chunks_per_roi, int want_coords,
+    int channels_fastest, int chunks_per_roi, int want_coords, int channel_block, int channels_per_warp,
     void* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3,
     typename acc_type<T>::type* __restrict__ grad_rois, const T* __restrict__ max_grad) {
@@ -223,6 +272,23 @@ __global__ void prroi_pool_backward(
   __shared__ A scratch[32];
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  if (!PS && channels_per_warp > 0) {  // the feature gradient alone, a warp per RoI and channel group
+    const index_t warps = num_rois * (channels_out / channels_per_warp);
+    for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < warps;
+         w += ((index_t)blockDim.x * gridDim.x) >> 5) {
+      const BinPos p = warp_item(w, num_rois, channels_out, channel_block, channels_per_warp);
+      int b; A x1, y1, x2, y2;
+      if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+      PreciseBin<A> roi;
+      roi.set_roi(x1, y1, x2, y2, spatial_scale, ph, pw);
+      if (!(roi.area > A(0))) continue;
+      warp_scatter_precise(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width,
+                           roi, ph, pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3,
+                           channels_per_warp);
+    }
+    return;
+  }
+  const bool scatter = grad_input != nullptr;  // null: the coordinate gradients alone
   const index_t per_roi = (index_t)channels_out * ph * pw;
   const index_t chunk_len = (per_roi + chunks_per_roi - 1) / chunks_per_roi;
   for (index_t blk = blockIdx.x; blk < num_rois * chunks_per_roi; blk += gridDim.x) {
@@ -260,7 +326,7 @@ __global__ void prroi_pool_backward(
 #pragma unroll
           for (int t = 0; t < kColumns; ++t) {
             if (wc + t > bin.w_hi) continue;
-            sink.add(g_row + (wc + t) * gi_s3, coeff * wy * wx[t]);
+            if (scatter) sink.add(g_row + (wc + t) * gi_s3, coeff * wy * wx[t]);
             if (want_coords) {
               const A f = to_acc(row[(wc + t) * in_s3]);
               const A fwy = f * wy, fwx = f * wx[t];

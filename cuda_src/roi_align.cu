@@ -216,16 +216,8 @@ __device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink
   }
 }
 
-// A warp per RoI and a few channels (the backwards' warp mode, for RoIs
-// whose samples reach at most 32 pixel columns): lane l owns pixel column
-// first + l. The weights being separable, the RoI's gradient there is
-// sum_i Wy_i(r) * T_i with T_i = sum_j grad_ij * Wx_j(col): each lane sums
-// its column over the bins, then the warp walks the y samples and adds each
-// pixel row once, 32 adjacent pixels in one atomic instruction. Bin by bin,
-// a bin's lanes hit scattered rows and the same pixels again from the
-// neighbouring bins; the FPN backward was bound by those L2 operations.
-constexpr int kWarpBins = 16;  // most bins per axis (register arrays)
-constexpr int kWarpColumns = 32;
+// Warp-mode backward of RoIAlign (see kWarpBins in roi_common.cuh) for RoIs
+// whose samples reach at most 32 pixel columns.
 
 // A superset of the pixel columns the x samples of an axis-aligned grid
 // reach, [first, last]; false when no sample lies on the map.
@@ -261,15 +253,9 @@ __device__ __forceinline__ void column_weights(const AlignGrid<A>& g, int width,
 
 // The gradient of RoI grid g over `channels` (at most kWarpChannels) planes
 // plane_step apart (grad: the RoI's first channel of grad_output, grad_step
-// between channels), by the warp: lanes over columns, or, past 32 columns,
-// lanes over bins. Lane col sums T_i per bin row for every channel, then
-// walks the y samples in order (their positions and weights worked out once
-// for all channels), each adding w * T_i to the two pixel rows it reaches; a
-// row is added (one atomic per lane and channel holding a non-zero sum) once
-// the samples have moved past it. Zero weights add nothing, so a NaN
-// gradient reaches only its bin's pixels.
-constexpr int kWarpChannels = 4;
-
+// between channels), by the warp: lanes over columns (the y samples' rows
+// and weights worked out once for all channels), or, past 32 columns, lanes
+// over bins.
 template <typename A, typename T>
 __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_t plane, index_t plane_step,
                                                  index_t s2, index_t s3, int height, int width,
@@ -290,65 +276,18 @@ __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_
   const int col = first + lane;
   A wx[kWarpBins];
   column_weights(g, width, pw, col, wx);
-  const index_t column = plane + col * s3;
-  int row = -2;  // pending sums v0, v1 of pixel rows row, row + 1
-  A v0[kWarpChannels], v1[kWarpChannels];
-#pragma unroll
-  for (int t = 0; t < kWarpChannels; ++t) v0[t] = v1[t] = A(0);
-  const auto add_row = [&](int r, const A (&v)[kWarpChannels]) {
-#pragma unroll
-    for (int t = 0; t < kWarpChannels; ++t)
-      if (t < channels && v[t] != A(0)) sink.add(column + t * plane_step + r * s2, v[t]);
-  };
+  const RowSink<A> flush{sink, plane + col * s3, s2, plane_step, channels};
+  RowRun<A, 2> rows;
   for (int i = 0; i < ph; ++i) {
     A sum[kWarpChannels];
-#pragma unroll
-    for (int t = 0; t < kWarpChannels; ++t) sum[t] = A(0);
-    const T* grad_row = grad + i * go_s2;
-#pragma unroll
-    for (int j = 0; j < kWarpBins; ++j) {
-      if (j >= pw) break;
-      if (wx[j] == A(0)) continue;
-#pragma unroll
-      for (int t = 0; t < kWarpChannels; ++t)
-        if (t < channels) sum[t] = fused(to_acc(grad_row[t * grad_step + j * go_s3]), wx[j], sum[t]);
-    }
-#pragma unroll
-    for (int t = 0; t < kWarpChannels; ++t) sum[t] *= g.inv_count;
+    column_sums(grad + i * go_s2, grad_step, go_s3, pw, channels, wx, g.inv_count, sum);
     for (int sy = 0; sy < g.grid_h; ++sy) {
       int lo, hi; A w_lo, w_hi;
       if (!axis_weights(g.sample_y(i, sy), height, lo, hi, w_lo, w_hi)) continue;
-      if (lo == row + 1) {
-        add_row(row, v0);
-#pragma unroll
-        for (int t = 0; t < kWarpChannels; ++t) { v0[t] = v1[t]; v1[t] = A(0); }
-        row = lo;
-      } else if (lo != row) {
-        add_row(row, v0);
-        add_row(row + 1, v1);
-#pragma unroll
-        for (int t = 0; t < kWarpChannels; ++t) v0[t] = v1[t] = A(0);
-        row = lo;
-      }
-      if (hi == lo) w_hi = A(0);
-#pragma unroll
-      for (int t = 0; t < kWarpChannels; ++t) {
-        if (w_lo != A(0)) v0[t] += w_lo * sum[t];
-        if (w_hi != A(0)) v1[t] += w_hi * sum[t];
-      }
+      rows.add_pair(lo, w_lo, hi != lo ? w_hi : A(0), sum, flush);
     }
   }
-  add_row(row, v0);
-  add_row(row + 1, v1);
-}
-
-// Warp w of a warp-mode backward: its RoI and first channel, in the order of
-// channel_block (decompose) over groups of channels_per_warp channels.
-__device__ __forceinline__ BinPos warp_item(index_t w, index_t num_rois, int channels, int channel_block,
-                                            int channels_per_warp) {
-  BinPos p = decompose(w, num_rois, channels / channels_per_warp, 1, 1, channel_block / channels_per_warp);
-  p.c *= channels_per_warp;
-  return p;
+  rows.finish(flush);
 }
 
 // Rotated row (batch_index, cx, cy, w, h, theta): its grid and frame.

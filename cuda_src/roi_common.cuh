@@ -257,6 +257,140 @@ __device__ __forceinline__ double gradient_contributions(index_t num_rois, int p
   return (double)num_rois * (ps ? 1.0 : (double)ph * pw);
 }
 
+// Warp-mode backwards (RoIAlign, PrRoIPool): a warp takes one RoI and up to
+// kWarpChannels channels, its lanes 32 adjacent pixel columns. Bin weights
+// of both are separable, Wy_i(r) * Wx_j(c), so a lane sums its column over
+// the bins, T_i = sum_j grad_ij * Wx_j(col), and the warp then adds
+// sum_i Wy_i(r) * T_i once per pixel row: one atomic instruction for 32
+// adjacent pixels, where bin by bin the lanes hit scattered rows and every
+// pixel again from each neighbouring bin (the backwards were bound by those
+// L2 operations). At most kWarpBins bins per axis (register arrays).
+constexpr int kWarpBins = 16;
+constexpr int kWarpChannels = 4;
+constexpr int kWarpColumns = 32;
+
+// Warp w's RoI and first channel, in the order of channel_block (decompose)
+// over groups of channels_per_warp channels.
+__device__ __forceinline__ BinPos warp_item(index_t w, index_t num_rois, int channels, int channel_block,
+                                            int channels_per_warp) {
+  BinPos p = decompose(w, num_rois, channels / channels_per_warp, 1, 1, channel_block / channels_per_warp);
+  p.c *= channels_per_warp;
+  return p;
+}
+
+// A lane's per-row sums for its channels over a window of kRows pixel rows
+// from base. Contributions arrive row by row; a row leaves (flush(row,
+// sums)) once the window must move past it, and the rest at finish(). A
+// window of 2 takes a sequence of bilinear samples (rows lo and lo + 1, lo
+// never decreasing: RoIAlign), 3 the rows of consecutive bins (a bin's first
+// rows are its predecessor's last two: PrRoIPool). Rows are the same for
+// every lane of the warp, so its branches never diverge; zero weights add
+// nothing (a NaN sum reaches only the rows its bin weighs). Any order stays
+// exact: a row reached again after it left is added again.
+template <typename A, int kRows>
+struct RowRun {
+  int base = -(1 << 30);
+  A v[kRows][kWarpChannels];
+
+  __device__ __forceinline__ RowRun() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int t = 0; t < kWarpChannels; ++t) v[r][t] = A(0);
+  }
+  // Adds w * sum[t] to row `row`.
+  template <typename Flush>
+  __device__ __forceinline__ void add(int row, A w, const A (&sum)[kWarpChannels], Flush flush) {
+    if (w == A(0)) return;
+    const int at = place(row, row, flush);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (at == r) accumulate(r, w, sum);
+  }
+  // Adds w0 * sum[t] to row `row` and w1 * sum[t] to row + 1.
+  template <typename Flush>
+  __device__ __forceinline__ void add_pair(int row, A w0, A w1, const A (&sum)[kWarpChannels], Flush flush) {
+    const int at = place(row, row + 1, flush);
+#pragma unroll
+    for (int r = 0; r + 1 < kRows; ++r)
+      if (at == r) {
+        if (w0 != A(0)) accumulate(r, w0, sum);
+        if (w1 != A(0)) accumulate(r + 1, w1, sum);
+      }
+  }
+  template <typename Flush>
+  __device__ __forceinline__ void finish(Flush flush) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      flush(base + r, v[r]);
+#pragma unroll
+      for (int t = 0; t < kWarpChannels; ++t) v[r][t] = A(0);
+    }
+  }
+
+ private:
+  // Moves the window to hold rows first..last; returns first - base.
+  template <typename Flush>
+  __device__ __forceinline__ int place(int first, int last, Flush flush) {
+    if (first < base || last - base >= 2 * kRows) {  // the first row, a jump back (inverted box), or a gap
+      finish(flush);
+      base = first;
+    }
+    while (last - base >= kRows) {
+      flush(base, v[0]);
+#pragma unroll
+      for (int r = 0; r + 1 < kRows; ++r)
+#pragma unroll
+        for (int t = 0; t < kWarpChannels; ++t) v[r][t] = v[r + 1][t];
+#pragma unroll
+      for (int t = 0; t < kWarpChannels; ++t) v[kRows - 1][t] = A(0);
+      ++base;
+    }
+    return first - base;
+  }
+  __device__ __forceinline__ void accumulate(int r, A w, const A (&sum)[kWarpChannels]) {
+#pragma unroll
+    for (int t = 0; t < kWarpChannels; ++t) v[r][t] = fused(w, sum[t], v[r][t]);
+  }
+};
+
+// The flush of a warp-mode backward: adds a row's non-zero sums of the
+// first `channels` channels at column (element offset of the lane's pixel in
+// the first channel's plane, row 0), rows row_stride and channels
+// plane_step apart.
+template <typename A>
+struct RowSink {
+  const GradSink<A>& sink;
+  index_t column, row_stride, plane_step;
+  int channels;
+  __device__ __forceinline__ void operator()(int row, const A (&v)[kWarpChannels]) const {
+#pragma unroll
+    for (int t = 0; t < kWarpChannels; ++t)
+      if (t < channels && v[t] != A(0)) sink.add(column + t * plane_step + row * row_stride, v[t]);
+  }
+};
+
+// T_i of a lane for `channels` channels: sum_j grad_ij * wx[j] * scale over
+// bin row i (grad_row; channels grad_step apart, bins go_s3), bins of zero
+// weight left out (a NaN gradient reaches only its bin's pixels).
+template <typename A, typename T>
+__device__ __forceinline__ void column_sums(const T* grad_row, index_t grad_step, index_t go_s3, int pw,
+                                            int channels, const A (&wx)[kWarpBins], A scale,
+                                            A (&sum)[kWarpChannels]) {
+#pragma unroll
+  for (int t = 0; t < kWarpChannels; ++t) sum[t] = A(0);
+#pragma unroll
+  for (int j = 0; j < kWarpBins; ++j) {
+    if (j >= pw) break;
+    if (wx[j] == A(0)) continue;
+#pragma unroll
+    for (int t = 0; t < kWarpChannels; ++t)
+      if (t < channels) sum[t] = fused(to_acc(grad_row[t * grad_step + j * go_s3]), wx[j], sum[t]);
+  }
+#pragma unroll
+  for (int t = 0; t < kWarpChannels; ++t) sum[t] *= scale;
+}
+
 // Sum over a thread block; the result is valid in thread 0 only.
 template <typename A>
 __device__ __forceinline__ A block_sum(A v, A* scratch) {

@@ -63,7 +63,7 @@ SIGNATURES = {
     "roi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq" "p",
     "roi_pool_backward": "pqqqq" "pqiii" "ai" "p" "piiiqqqq" "p",
     "prroi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq",
-    "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiii" "piiiqqqq" "pp",
+    "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiiiii" "piiiqqqq" "pp",
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
 }

@@ -132,19 +132,44 @@ def _xp(kind):
 
 def _concat_boxes(boxes, kind, dtype_name, like, columns):
     if kind == "torch":
-        import torch
-        dtype = getattr(torch, dtype_name)
-        parts = [torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype, device=b.device),
-                            b.to(dtype)], dim=1) for i, b in enumerate(boxes)]
-        if not parts:
-            return torch.empty((0, columns), dtype=dtype, device=like.device)
-        return torch.cat(parts, dim=0).contiguous()
+        return _concat_torch_boxes(boxes, dtype_name, like, columns)
     xp = _xp(kind)
     parts = [xp.concatenate([xp.full((b.shape[0], 1), float(i), dtype=dtype_name),
                              b.astype(dtype_name)], axis=1) for i, b in enumerate(boxes)]
     if not parts:
         return xp.empty((0, columns), dtype=dtype_name)
     return xp.ascontiguousarray(xp.concatenate(parts, axis=0))
+
+
+def _concat_torch_boxes(boxes, dtype_name, like, columns):
+    """The rows of a list of box tensors in a few tensor operations whatever
+    the number of images (host time, not GPU time, is what a list's per-image
+    operations cost): the boxes in one concatenation and one converting copy,
+    the batch indices from one broadcast copy when every image has as many
+    boxes (a detector's sampled proposals), else one fill per image.
+    Differentiable w.r.t. the boxes (PrRoIPool's box gradients)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    counts = [b.shape[0] for b in boxes]
+    total = sum(counts)
+    if not total:  # no rows; the concatenation keeps empty boxes' autograd link
+        flat = torch.cat(boxes, 0).to(dtype) if boxes else torch.empty((0, columns - 1), dtype=dtype,
+                                                                        device=like.device)
+        return torch.cat([flat[:, :1], flat], 1)
+    rows = torch.empty((total, columns), dtype=dtype, device=like.device)
+    rows[:, 1:] = torch.cat(boxes, 0)
+    n, per_image = len(counts), counts[0]
+    if counts.count(per_image) == n:
+        rows[:, 0].view(n, per_image).copy_(torch.arange(n, dtype=dtype, device=like.device)[:, None]
+                                            .expand(n, per_image))
+    else:
+        start = 0
+        for i, count in enumerate(counts):
+            if count:
+                rows[start:start + count, 0].fill_(i)
+            start += count
+    return rows
 
 
 def _bad_row_count(rows, n_images):

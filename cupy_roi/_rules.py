@@ -124,11 +124,12 @@ def _warp_channels_target():
 
 
 def channels_per_warp(ps, size, block, c_out):
-    """The RoIAlign backwards' work mode (``warp_scatter_roi`` in
-    cuda_src/roi_align.cu): 0 for a thread per bin, or the channels of one
+    """The RoIAlign and PrRoIPool backwards' work mode (``kWarpBins`` in
+    cuda_src/roi_common.cuh): 0 for a thread per bin (RoIAlign) or per
+    output element of a block's RoI chunk (PrRoIPool), or the channels of one
     RoI a warp scatters through the separable weights, its lanes over pixel
     columns: the largest of ``_WARP_CHANNELS`` up to the target that divides
-    ``c_out`` and the channel block. Only for plain RoIAlign (a
+    ``c_out`` and the channel block. Only for plain pooling (a
     position-sensitive bin reads its own plane) over channel blocks (a
     channels-last buffer puts a row's pixels C elements apart, so the lanes'
     atomics would not share sectors; bin by bin they do, lanes over channels)
@@ -181,7 +182,8 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad))
     per_warp = channels_per_warp(ps, size, block, c_out)
-    _run("roi_align", "roi_align_backward", device, stream, scalar, ps, _backward_threads(k, c_out, size, per_warp), (
+    threads = _backward_threads(k, c_out, size, per_warp)
+    _run("roi_align", "roi_align_backward", device, stream, scalar, ps, threads, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, per_warp,
         grad_input[0], n, h, w, *grad_input[1], max_grad))
 
@@ -340,15 +342,29 @@ def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, siz
     """``grad_rows``: pointer to a zero-filled ``[K, 5]`` accumulation buffer, or
     0 for no coordinate gradients. Deterministic (``max_grad``): ``partials``
     points to a zero-filled accumulation buffer of
-    :func:`prroi_coordinate_partials` elements when ``grad_rows`` is given."""
+    :func:`prroi_coordinate_partials` elements when ``grad_rows`` is given.
+    Where :func:`channels_per_warp` allows, warps add the feature gradient
+    and a second launch of the block-per-RoI-chunk mode, its feature pointer
+    null, the coordinate gradients alone."""
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     chunks, blocks = prroi_backward_grid(k, c_out * ph * pw)
     coords = partials if max_grad else grad_rows
+    block = channel_block(device, grad_input[1], shape, size, c_out, _grad_itemsize(scalar, max_grad))
+    per_warp = channels_per_warp(ps, size, block, c_out)
+    feature_sink = grad_input[0]
+    if per_warp:  # the feature gradient by warps; the coordinates (if asked) by the blocks below
+        threads = _backward_threads(k, c_out, size, per_warp)
+        _run("prroi_pool", "prroi_pool_backward", device, stream, scalar, ps, threads, (
+            grad[0], *grad[1], x[0], *x[1], rows, k, c_out, ph, pw, scale, 0, 1, 0, block, per_warp,
+            grad_input[0], n, h, w, *grad_input[1], 0, max_grad))
+        if not grad_rows:
+            return
+        feature_sink = 0
     _run("prroi_pool", "prroi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
         grad[0], *grad[1], x[0], *x[1], rows, k, c_out, ph, pw, scale, channels_fastest(x[1], shape), chunks,
-        int(grad_rows != 0), grad_input[0], n, h, w, *grad_input[1], coords, max_grad), blocks=blocks)
+        int(grad_rows != 0), block, 0, feature_sink, n, h, w, *grad_input[1], coords, max_grad), blocks=blocks)
     if max_grad and grad_rows:
         _run("prroi_pool", "prroi_pool_coords_sum", device, stream, scalar, False, k * 4,
              (partials, k, chunks, grad_rows))

@@ -249,9 +249,9 @@ def test_channels_per_thread_rule():
 
 
 def test_channels_per_warp_rule():
-    """The RoIAlign backwards' work mode (_rules.channels_per_warp): a warp
-    per RoI and 4, 2 or 1 channels (dividing the channels and the block)
-    for plain RoIAlign over channel blocks with at most WARP_BINS bins per
+    """The RoIAlign and PrRoIPool backwards' work mode (_rules.channels_per_warp):
+    a warp per RoI and 4, 2 or 1 channels (dividing the channels and the block)
+    for plain pooling over channel blocks with at most WARP_BINS bins per
     axis; else 0, a thread per bin (position-sensitive, channels fastest,
     larger grids). Results do not depend on it (test_cuda's small-bin test
     covers both modes against the reference); this pins the choice, and the
@@ -267,7 +267,7 @@ def test_channels_per_warp_rule():
     assert channels_per_warp(True, (7, 7), 10, 10) == 0  # position-sensitive
     assert channels_per_warp(False, (16, 16), 8, 8) == 4
     assert channels_per_warp(False, (17, 3), 8, 8) == 0
-    assert f"constexpr int kWarpBins = {WARP_BINS};" in (_kernels.source_dir() / "roi_align.cu").read_text()
+    assert f"constexpr int kWarpBins = {WARP_BINS};" in (_kernels.source_dir() / "roi_common.cuh").read_text()
 
 
 def test_seed_module_shapes_and_check():
