@@ -233,22 +233,23 @@ __device__ __forceinline__ bool sample_columns(const AlignGrid<A>& g, int width,
 }
 
 // Wx_j(col) for j < pw: the weights bin j's x samples give pixel column col.
+// One loop over the samples (the 16 slots taken by selects, not indexing,
+// which would move wx to local memory): unrolled per bin, the sample code
+// came 16 times and doubled the family's compile time.
 template <typename A>
 __device__ __forceinline__ void column_weights(const AlignGrid<A>& g, int width, int pw, int col,
                                                A (&wx)[kWarpBins]) {
 #pragma unroll
-  for (int j = 0; j < kWarpBins; ++j) {
-    A sum = A(0);
-    if (j < pw) {
-      for (int s = 0; s < g.grid_w; ++s) {
-        int lo, hi; A w_lo, w_hi;
-        if (!axis_weights(g.sample_x(j, s), width, lo, hi, w_lo, w_hi)) continue;
-        if (lo == col) sum += w_lo;
-        if (hi == col) sum += w_hi;
-      }
+  for (int j = 0; j < kWarpBins; ++j) wx[j] = A(0);
+  for (int j = 0; j < pw; ++j)
+    for (int s = 0; s < g.grid_w; ++s) {
+      int lo, hi; A w_lo, w_hi;
+      if (!axis_weights(g.sample_x(j, s), width, lo, hi, w_lo, w_hi)) continue;
+      const A w = (lo == col ? w_lo : A(0)) + (hi == col ? w_hi : A(0));
+#pragma unroll
+      for (int u = 0; u < kWarpBins; ++u)
+        if (u == j) wx[u] += w;
     }
-    wx[j] = sum;
-  }
 }
 
 // The gradient of RoI grid g over `channels` (at most kWarpChannels) planes

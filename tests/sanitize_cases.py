@@ -76,11 +76,12 @@ def main():
             count += torch_calls(rng)
         finally:
             _rules._channel_block, _rules._group_target = policy
+    count += wide_calls(rng)
     array_api_calls(rng)
     torch.cuda.synchronize()
     print(f"sanitize_cases: {count} torch forward+backward calls (2 backward modes, and 2 forced work orders, x 4 "
-          f"dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign)), array API calls in both "
-          "modes, unchecked invalid RoIs: done")
+          f"dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign); and a wide map), array API "
+          "calls in both modes, unchecked invalid RoIs: done")
 
 
 def torch_calls(rng):
@@ -115,6 +116,36 @@ def torch_calls(rng):
                                                      finest_scale=2)
                 out.backward(torch.ones_like(out))
             count += 4
+    return count
+
+
+def wide_calls(rng):
+    """A map 80 columns wide: the warp-mode backwards' RoIs past 32 columns
+    (RoIAlign's lanes over bins, PrRoIPool's column chunks), both backward
+    modes, float32 and float64, NCHW and a strided view."""
+    n, c, h, w = 2, 8, 5, 80
+    r = rois(rng, n, h, w)
+    count = 0
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            for dtype in (torch.float32, torch.float64):
+                base = torch.tensor(rng.standard_normal((n, c, h, w)), dtype=dtype, device="cuda")
+                for layout, x in list(layouts(base))[::2]:
+                    for name in ("roi_align", "roi_align adaptive", "prroi_pool2d"):
+                        xg = x.detach().requires_grad_(True)
+                        rt = torch.tensor(r, device="cuda", dtype=dtype, requires_grad=name == "prroi_pool2d")
+                        out = OPS[name](xg, rt)
+                        out.backward(torch.ones_like(out))
+                    xg = x.detach().requires_grad_(True)
+                    out = cupy_roi.multi_scale_roi_align([xg, xg[..., ::2, ::2]], torch.tensor(r, device="cuda",
+                                                                                               dtype=dtype),
+                                                         (2, 3), [0.5, 0.25], 2, True, mapping="mmdet",
+                                                         finest_scale=2)
+                    out.backward(torch.ones_like(out))
+                    count += 4
+        finally:
+            torch.use_deterministic_algorithms(False)
     return count
 
 
