@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One lent-GPU session's work, in stages, logs under $OUT (or ./device_logs):
 #   A: self-check, GPU suite (run 1), host overhead, cold start, float32 precision
-#   B: GPU suite (run 2), compute-sanitizer memcheck and racecheck
-#   C: benchmark tables (torchvision side by side, deterministic)
-#   D: work order table, this tree and (carried in .gl/old) the one before; FPN table
+#   B: GPU suite (run 2), compute-sanitizer memcheck;  R: racecheck
+#   C: benchmark table beside torchvision;  H: the deterministic backward's table
+#   D: work order table, this tree and (carried in .gl/old) the one before;  F: FPN table
 #   E: Nsight Compute metrics of the shipped RoIAlign kernels (Mask R-CNN 7x7 float32, both
 #      layouts: work_order.py --once; CSV), and the PrRoIPool tables candidate with its stages
+#   G: Nsight Compute of the FPN box head's backward kernel, this tree and .gl/old
+# Several stages in one call: `for s in A F; do bash benchmarks/device_run.sh $s; done`.
 # The suite runs with the larger hypothesis profile. The device has no nbclient/ipykernel: carry
 # wheels in .whl/ (made here with `pip download nbclient nbformat ipykernel --python-version 3.12
 # --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
@@ -34,12 +36,12 @@ B)
   log suite run 2
   timeout 260 python3 -m pytest -q -rs -n 4 -p xdist -p no:cacheprovider 2>&1 | tee "$out/pytest2.txt" | tail -25
   log memcheck
-  timeout 200 compute-sanitizer --tool memcheck --print-limit 20 python3 tests/sanitize_cases.py 2>&1 | tail -8 | tee "$out/memcheck.txt"
-  log racecheck
-  timeout 300 compute-sanitizer --tool racecheck --print-limit 20 python3 tests/sanitize_cases.py 2>&1 | tail -8 | tee "$out/racecheck.txt"
+  timeout 250 compute-sanitizer --tool memcheck --print-limit 20 python3 tests/sanitize_cases.py 2>&1 | tail -8 | tee "$out/memcheck.txt"
   ;;
 C)
   log bench; timeout 260 python3 benchmarks/bench.py --graph --reps 10 --out "$out/bench.md" 2>&1 | tail -60
+  ;;
+H)
   log deterministic; timeout 230 python3 benchmarks/bench.py --skip-anchor --deterministic --graph --reps 10 \
     --out "$out/det.md" 2>&1 | tail -40
   ;;
@@ -49,7 +51,24 @@ D)
     log work order, before; PYTHONPATH="$PWD/.gl/old" timeout 200 python3 benchmarks/work_order.py --reps 10 \
       --label before > "$out/work_order_before.md" 2>&1; tail -25 "$out/work_order_before.md"
   fi
+  ;;
+F)
   log multi-scale; timeout 200 python3 benchmarks/multi_scale.py --graph --reps 10 --out "$out/multi_scale.md" 2>&1 | tail -30
+  ;;
+R)
+  log racecheck
+  timeout 300 compute-sanitizer --tool racecheck --print-limit 20 python3 tests/sanitize_cases.py 2>&1 | tail -8 | tee "$out/racecheck.txt"
+  ;;
+G)
+  log ncu, FPN box head backward; m=gpu__time_duration.sum,lts__t_sectors_op_red.sum,lts__t_requests_op_red.sum,\
+lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,\
+launch__registers_per_thread,dram__bytes_read.sum,dram__bytes_write.sum
+  for tree in "$PWD" "$PWD/.gl/old"; do
+    [ -d "$tree/cupy_roi" ] || continue
+    PYTHONPATH="$tree" timeout 150 ncu --csv --metrics "$m" -k regex:multi_scale_roi_align_backward \
+      python3 benchmarks/fpn_backward_once.py 2 2>/dev/null | grep -v "^==" | tee -a "$out/ncu_fpn.csv" \
+      | awk -F'","' -v t="$tree" '{print t, $(NF-3), $(NF-2), $NF}'
+  done
   ;;
 E)
   metrics=launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,\
