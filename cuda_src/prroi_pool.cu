@@ -179,16 +179,15 @@ __device__ __forceinline__ void warp_scatter_precise(const GradSink<A>& sink, in
   const A inv_area = A(1) / roi.area;
   for (int c0 = first.w_lo; c0 <= last.w_hi; c0 += kWarpColumns) {
     const int col = c0 + (threadIdx.x & 31);
-    A wx[kWarpBins];  // Wx_j(col), set by selects (see column_weights in roi_align.cu)
+    A wx[kWarpBins];
 #pragma unroll
-    for (int j = 0; j < kWarpBins; ++j) wx[j] = A(0);
-    for (int j = 0; j < pw; ++j) {
-      PreciseBin<A> bin = roi;
-      bin.place(0, j, height, width);
-      const A w = col >= bin.w_lo && col <= bin.w_hi ? bin.template weight_x<false>(col) : A(0);
-#pragma unroll
-      for (int u = 0; u < kWarpBins; ++u)
-        if (u == j) wx[u] = w;
+    for (int j = 0; j < kWarpBins; ++j) {
+      wx[j] = A(0);
+      if (j < pw) {
+        PreciseBin<A> bin = roi;
+        bin.place(0, j, height, width);
+        if (col >= bin.w_lo && col <= bin.w_hi) wx[j] = bin.template weight_x<false>(col);
+      }
     }
     const RowSink<A> flush{sink, plane + col * s3, s2, plane_step, channels};
     RowRun<A, 3> rows;
