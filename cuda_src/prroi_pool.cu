@@ -273,19 +273,15 @@ __global__ void prroi_pool_backward(
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   if (!PS && channels_per_warp > 0) {  // the feature gradient alone, a warp per RoI and channel group
-    const index_t warps = num_rois * (channels_out / channels_per_warp);
-    for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < warps;
-         w += ((index_t)blockDim.x * gridDim.x) >> 5) {
-      const BinPos p = warp_item(w, num_rois, channels_out, channel_block, channels_per_warp);
-      int b; A x1, y1, x2, y2;
-      if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp,
+                      [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
       PreciseBin<A> roi;
       roi.set_roi(x1, y1, x2, y2, spatial_scale, ph, pw);
-      if (!(roi.area > A(0))) continue;
+      if (!(roi.area > A(0))) return;
       warp_scatter_precise(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width,
                            roi, ph, pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3,
                            channels_per_warp);
-    }
+    });
     return;
   }
   const bool scatter = grad_input != nullptr;  // null: the coordinate gradients alone

@@ -388,17 +388,13 @@ __global__ void roi_align_backward(
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   if (!PS && channels_per_warp > 0) {
-    const index_t warps = num_rois * (channels_out / channels_per_warp);
-    for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < warps;
-         w += ((index_t)blockDim.x * gridDim.x) >> 5) {
-      const BinPos p = warp_item(w, num_rois, channels_out, channel_block, channels_per_warp);
-      int b; A x1, y1, x2, y2;
-      if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp,
+                      [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
       AlignGrid<A> g;
       g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
       warp_scatter_roi(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width, g, ph,
                        pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3, channels_per_warp);
-    }
+    });
     return;
   }
   const index_t total = num_rois * channels_out * ph * pw;
@@ -527,21 +523,17 @@ __global__ void multi_scale_roi_align_backward(
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink((void*)nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   if (!PS && channels_per_warp > 0) {
-    const index_t warps = num_rois * (channels_out / channels_per_warp);
-    for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < warps;
-         w += ((index_t)blockDim.x * gridDim.x) >> 5) {
-      const BinPos p = warp_item(w, num_rois, channels_out, channel_block, channels_per_warp);
-      int b; A x1, y1, x2, y2;
-      if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp,
+                      [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
       const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
-      if (l < 0 || l >= grads.count) continue;
+      if (l < 0 || l >= grads.count) return;
       AlignGrid<A> g;
       g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
       warp_scatter_roi(sink.rebased(reinterpret_cast<void*>(grads.data[l])),
                        (index_t)b * grads.s0[l] + (index_t)p.c * grads.s1[l], grads.s1[l], grads.s2[l], grads.s3[l],
                        grads.height[l], grads.width[l], g, ph, pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1,
                        go_s2, go_s3, channels_per_warp);
-    }
+    });
     return;
   }
   const index_t total = num_rois * channels_out * ph * pw;

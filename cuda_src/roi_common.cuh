@@ -269,13 +269,21 @@ constexpr int kWarpBins = 16;
 constexpr int kWarpChannels = 4;
 constexpr int kWarpColumns = 32;
 
-// Warp w's RoI and first channel, in the order of channel_block (decompose)
-// over groups of channels_per_warp channels.
-__device__ __forceinline__ BinPos warp_item(index_t w, index_t num_rois, int channels, int channel_block,
-                                            int channels_per_warp) {
-  BinPos p = decompose(w, num_rois, channels / channels_per_warp, 1, 1, channel_block / channels_per_warp);
-  p.c *= channels_per_warp;
-  return p;
+// The warp-mode grid: each warp in turn takes one RoI and channels_per_warp
+// channels, in the order of channel_block (decompose) over groups of
+// channels, and runs body(p, b, x1, y1, x2, y2) on all its lanes for each
+// valid RoI row (p.c: the group's first channel; b: the row's image).
+template <typename A, typename Body>
+__device__ __forceinline__ void for_each_warp_roi(const A* rois, index_t num_rois, int batch, int channels,
+                                                  int channel_block, int channels_per_warp, Body body) {
+  const index_t warps = num_rois * (channels / channels_per_warp);
+  for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < warps;
+       w += ((index_t)blockDim.x * gridDim.x) >> 5) {
+    BinPos p = decompose(w, num_rois, channels / channels_per_warp, 1, 1, channel_block / channels_per_warp);
+    p.c *= channels_per_warp;
+    int b; A x1, y1, x2, y2;
+    if (load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) body(p, b, x1, y1, x2, y2);
+  }
 }
 
 // A lane's per-row sums for its channels over a window of kRows pixel rows
