@@ -7,6 +7,7 @@
 #   E: Nsight Compute metrics of the shipped RoIAlign kernels (Mask R-CNN 7x7 float32, both
 #      layouts: work_order.py --once; CSV), and the PrRoIPool tables candidate with its stages
 #   G: Nsight Compute of the FPN box head's backward kernel, this tree and .gl/old
+#   P: PrRoIPool on issue 14's three cases (prroi_cases.py), this tree and .gl/old
 # Several stages in one call: `for s in A F; do bash benchmarks/device_run.sh $s; done`.
 # The suite runs with the larger hypothesis profile. The device has no nbclient/ipykernel: carry
 # wheels in .whl/ (made here with `pip download nbclient nbformat ipykernel --python-version 3.12
@@ -54,6 +55,13 @@ D)
   ;;
 F)
   log multi-scale; timeout 200 python3 benchmarks/multi_scale.py --graph --reps 10 --out "$out/multi_scale.md" 2>&1 | tail -30
+  ;;
+P)
+  log prroi cases; timeout 200 python3 benchmarks/prroi_cases.py --reps 10 --out "$out/prroi_cases.md" 2>&1 | tail -12
+  if [ -d .gl/old ]; then
+    log prroi cases, before; PYTHONPATH="$PWD/.gl/old" timeout 200 python3 benchmarks/prroi_cases.py --reps 10 \
+      --label before --out "$out/prroi_cases_before.md" 2>&1 | tail -12
+  fi
   ;;
 R)
   log racecheck

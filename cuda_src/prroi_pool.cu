@@ -161,44 +161,160 @@ __device__ __forceinline__ void bin_integrals(const T* plane, index_t plane_step
   }
 }
 
-// Warp-mode feature gradient (see kWarpBins in roi_common.cuh) of one RoI
-// over `channels` (at most kWarpChannels) planes plane_step apart (grad: the
-// RoI's first channel of grad_output, grad_step between channels): lanes over
-// the RoI's pixel columns, 32 at a time (an integral weighs every pixel its
-// bins cover, so no lane idles inside the box), bin weights Wy_i(h) *
-// Wx_j(w) / area as in bin_integrals.
+// The rows lo..hi (the same on every lane) of a bin row in a warp mode:
+// body(h, v) with v = row_value(h), each worked out by one lane, 32 rows at
+// a time, and handed round by shuffles. A row's tent weights and moments
+// cost dozens of instructions; computed by every lane for every row they
+// outweighed the row's reads and adds.
+template <typename V> struct Shuffled;
+template <> struct Shuffled<float> {
+  __device__ __forceinline__ static float from(float v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
+};
+template <> struct Shuffled<double> {
+  __device__ __forceinline__ static double from(double v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
+};
+template <typename A> struct Shuffled<TentSpan<A>> {
+  __device__ __forceinline__ static TentSpan<A> from(const TentSpan<A>& v, int lane) {
+    return {Shuffled<A>::from(v.weight, lane), Shuffled<A>::from(v.start_moment, lane),
+            Shuffled<A>::from(v.end_moment, lane)};
+  }
+};
+
+template <typename RowValue, typename Body>
+__device__ __forceinline__ void for_warp_rows(int lo, int hi, RowValue row_value, Body body) {
+  for (int r0 = lo; r0 <= hi; r0 += 32) {
+    typedef decltype(row_value(lo)) V;
+    const V mine = row_value(min(r0 + (int)(threadIdx.x & 31), hi));
+    const int n = min(hi - r0 + 1, 32);
+    for (int r = 0; r < n; ++r) body(r0 + r, Shuffled<V>::from(mine, r));
+  }
+}
+
+// Bins whose tents a lane of warp_precise_backward holds at a time: a pixel
+// column meets at most 2 / bin_w + 2 bins, so 4 cover bins from 2/3 of a
+// pixel up in one pass; thinner bins take more passes (their rows read and
+// added again). All of a RoI's bins at once (kWarpBins) took 155 registers
+// and was 3x slower.
+constexpr int kColumnBins = 4;
+
+// Warp-mode backward of one RoI over `channels` (at most kWarpChannels)
+// planes (see kWarpBins in roi_common.cuh): lanes over the RoI's pixel
+// columns, 32 at a time (an integral weighs every pixel its bins cover, so no
+// lane idles inside the box). With G_ij the bin's gradient, Wx_j(w) the
+// column's weight in bin j and Sx_j, Ex_j its start and end moments
+// (TentSpan), f0_j = j / pw and f1_j = (j + 1) / pw the shares of x2 in the
+// bin's two edges, a lane forms per bin row i, over the bins j its column
+// meets (kColumnBins at a time), divided by the bins' area,
+//   Q_i(w)  = sum_j G_ij Wx_j(w),
+//   X1_i(w) = sum_j G_ij (Sx_j(w) (1 - f0_j) + Ex_j(w) (1 - f1_j)),
+//   X2_i(w) = sum_j G_ij (Sx_j(w) f0_j + Ex_j(w) f1_j).
+// Feature gradient: Wy_i(h) Q_i(w) added to pixel (h, w) once per pixel row
+// (RowRun). With want_coords, the box moments too: F[h, w] times Wy_i(h)
+// X1_i(w), Wy_i(h) X2_i(w) and, through the rows' own moments, Q_i(w) for y1
+// and y2 (the block mode's sums over bins, regrouped); d x1 = spatial_scale
+// / bin_w * the x1 moment summed over the lanes, and likewise.
 template <typename A, typename T>
-__device__ __forceinline__ void warp_scatter_precise(const GradSink<A>& sink, index_t plane, index_t plane_step,
-                                                     index_t s2, index_t s3, int height, int width,
-                                                     const PreciseBin<A>& roi, int ph, int pw, const T* grad,
-                                                     index_t grad_step, index_t go_s2, index_t go_s3,
-                                                     int channels) {
+__device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, index_t g_plane, index_t gi_s1,
+                                                      index_t gi_s2, index_t gi_s3, const T* plane,
+                                                      index_t plane_step, index_t s2, index_t s3, int height,
+                                                      int width, const PreciseBin<A>& roi, int ph, int pw,
+                                                      const T* grad, index_t grad_step, index_t go_s2,
+                                                      index_t go_s3, int channels, bool want_coords,
+                                                      A (&moment)[4]) {
   PreciseBin<A> first = roi, last = roi;
   first.place(0, 0, height, width);
   last.place(ph - 1, pw - 1, height, width);
   const A inv_area = A(1) / roi.area;
   for (int c0 = first.w_lo; c0 <= last.w_hi; c0 += kWarpColumns) {
     const int col = c0 + (threadIdx.x & 31);
-    A wx[kWarpBins];
+    const bool inside = col <= last.w_hi;
+    // the bins [j_first, j_last] whose tents over (col - 1, col + 1) may meet
+    // this column (a superset: tent_span gives the others zero)
+    int j_first = 0, j_last = -1;
+    if (inside) {
+      j_first = (int)min(max(floor(((A(col) - A(1)) - roi.rx1) / roi.bin_w), A(0)), A(pw));
+      j_last = (int)min(floor(((A(col) + A(1)) - roi.rx1) / roi.bin_w), A(pw - 1));
+    }
+    int passes = j_last >= j_first ? (j_last - j_first) / kColumnBins + 1 : 0;
+    for (int off = 16; off > 0; off >>= 1) passes = max(passes, __shfl_xor_sync(0xffffffffu, passes, off));
+    const RowSink<A> flush{sink, g_plane + col * gi_s3, gi_s2, gi_s1, channels};
+    for (int pass = 0; pass < passes; ++pass) {
+      const int j0 = j_first + pass * kColumnBins;
+      A wx[kColumnBins], ax1[kColumnBins], ax2[kColumnBins];
 #pragma unroll
-    for (int j = 0; j < kWarpBins; ++j) {
-      wx[j] = A(0);
-      if (j < pw) {
-        PreciseBin<A> bin = roi;
-        bin.place(0, j, height, width);
-        if (col >= bin.w_lo && col <= bin.w_hi) wx[j] = bin.template weight_x<false>(col);
+      for (int u = 0; u < kColumnBins; ++u) {
+        wx[u] = ax1[u] = ax2[u] = A(0);
+        const int j = j0 + u;
+        if (j <= j_last) {
+          PreciseBin<A> bin = roi;
+          bin.place(0, j, height, width);
+          if (!want_coords) {
+            wx[u] = bin.template weight_x<false>(col);
+            continue;
+          }
+          const TentSpan<A> sx = bin.template span_x<true>(col);
+          const A f0 = A(j) / pw, f1 = A(j + 1) / pw;
+          wx[u] = sx.weight;
+          ax1[u] = sx.start_moment * (A(1) - f0) + sx.end_moment * (A(1) - f1);
+          ax2[u] = sx.start_moment * f0 + sx.end_moment * f1;
+        }
       }
+      RowRun<A, 3> rows;
+      for (int i = 0; i < ph; ++i) {
+        A q[kWarpChannels], x1[kWarpChannels], x2[kWarpChannels];
+#pragma unroll
+        for (int t = 0; t < kWarpChannels; ++t) q[t] = x1[t] = x2[t] = A(0);
+#pragma unroll
+        for (int u = 0; u < kColumnBins; ++u) {
+          if (wx[u] == A(0) && ax1[u] == A(0) && ax2[u] == A(0)) continue;  // a bin the column misses
+#pragma unroll
+          for (int t = 0; t < kWarpChannels; ++t) {
+            if (t >= channels) continue;
+            const A g = to_acc(grad[t * grad_step + i * go_s2 + (j0 + u) * go_s3]);
+            q[t] = fused(g, wx[u], q[t]);
+            if (want_coords) {
+              x1[t] = fused(g, ax1[u], x1[t]);
+              x2[t] = fused(g, ax2[u], x2[t]);
+            }
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < kWarpChannels; ++t) {
+          q[t] *= inv_area;
+          x1[t] *= inv_area;
+          x2[t] *= inv_area;
+        }
+        PreciseBin<A> bin = roi;
+        bin.place(i, 0, height, width);
+        const A f0 = A(i) / ph, f1 = A(i + 1) / ph;
+        // per row: Wy_i(h) and its moments in the y1 and y2 shares
+        const auto row_weights = [&](int h) {
+          if (!want_coords) return TentSpan<A>{bin.template weight_y<false>(h), A(0), A(0)};
+          const TentSpan<A> sy = bin.template span_y<true>(h);
+          return TentSpan<A>{sy.weight, sy.start_moment * (A(1) - f0) + sy.end_moment * (A(1) - f1),
+                             sy.start_moment * f0 + sy.end_moment * f1};
+        };
+        for_warp_rows(bin.h_lo, bin.h_hi, row_weights, [&](int h, const TentSpan<A>& wy) {
+          rows.add(h, wy.weight, q, flush);
+          if (!want_coords || !inside) return;
+          A rq = 0, r1 = 0, r2 = 0;
+          const T* px = plane + h * s2 + col * s3;
+#pragma unroll
+          for (int t = 0; t < kWarpChannels; ++t) {
+            if (t >= channels) continue;
+            const A f = to_acc(px[t * plane_step]);
+            rq = fused(f, q[t], rq);
+            r1 = fused(f, x1[t], r1);
+            r2 = fused(f, x2[t], r2);
+          }
+          moment[0] = fused(wy.weight, r1, moment[0]);
+          moment[1] = fused(wy.start_moment, rq, moment[1]);
+          moment[2] = fused(wy.weight, r2, moment[2]);
+          moment[3] = fused(wy.end_moment, rq, moment[3]);
+        });
+      }
+      rows.finish(flush);
     }
-    const RowSink<A> flush{sink, plane + col * s3, s2, plane_step, channels};
-    RowRun<A, 3> rows;
-    for (int i = 0; i < ph; ++i) {
-      PreciseBin<A> bin = roi;
-      bin.place(i, 0, height, width);
-      A sum[kWarpChannels];
-      column_sums(grad + i * go_s2, grad_step, go_s3, pw, channels, wx, inv_area, sum);
-      for (int h = bin.h_lo; h <= bin.h_hi; ++h) rows.add(h, bin.template weight_y<false>(h), sum, flush);
-    }
-    rows.finish(flush);
   }
 }
 
@@ -249,7 +365,9 @@ __global__ void prroi_pool_forward(
   }
 }
 
-// One block works on a contiguous chunk of one RoI's output elements, so the
+// The block mode (position-sensitive pooling, channels-last buffers, more
+// than kWarpBins bins per axis; prroi_pool_backward_warp elsewhere): one
+// block works on a contiguous chunk of one RoI's output elements, so the
 // four coordinate gradients of that RoI are reduced inside the block and
 // written with four atomics per block instead of four per output element.
 // grad_input and grad_rois ([K, 5]) are zero-filled accumulation buffers of the
@@ -264,7 +382,7 @@ __global__ void prroi_pool_backward(
     const T* __restrict__ input, index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
-    int channels_fastest, int chunks_per_roi, int want_coords, int channel_block, int channels_per_warp,
+    int channels_fastest, int chunks_per_roi, int want_coords,
     void* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3,
     typename acc_type<T>::type* __restrict__ grad_rois, const T* __restrict__ max_grad) {
@@ -272,19 +390,6 @@ __global__ void prroi_pool_backward(
   __shared__ A scratch[32];
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
-  if (!PS && channels_per_warp > 0) {  // the feature gradient alone, a warp per RoI and channel group
-    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp,
-                      [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
-      PreciseBin<A> roi;
-      roi.set_roi(x1, y1, x2, y2, spatial_scale, ph, pw);
-      if (!(roi.area > A(0))) return;
-      warp_scatter_precise(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width,
-                           roi, ph, pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3,
-                           channels_per_warp);
-    });
-    return;
-  }
-  const bool scatter = grad_input != nullptr;  // null: the coordinate gradients alone
   const index_t per_roi = (index_t)channels_out * ph * pw;
   const index_t chunk_len = (per_roi + chunks_per_roi - 1) / chunks_per_roi;
   for (index_t blk = blockIdx.x; blk < num_rois * chunks_per_roi; blk += gridDim.x) {
@@ -322,7 +427,7 @@ __global__ void prroi_pool_backward(
 #pragma unroll
           for (int t = 0; t < kColumns; ++t) {
             if (wc + t > bin.w_hi) continue;
-            if (scatter) sink.add(g_row + (wc + t) * gi_s3, coeff * wy * wx[t]);
+            sink.add(g_row + (wc + t) * gi_s3, coeff * wy * wx[t]);
             if (want_coords) {
               const A f = to_acc(row[(wc + t) * in_s3]);
               const A fwy = f * wy, fwx = f * wx[t];
@@ -363,6 +468,54 @@ __global__ void prroi_pool_backward(
       }
     }
   }
+}
+
+// The warp mode of plain PrRoIPool's backward (warp_precise_backward): a
+// warp per RoI and channels_per_warp channels in the order of channel_block.
+// grad_input and grad_rois as in prroi_pool_backward, but the deterministic
+// coordinate sums go per warp: grad_rois is then a zero-filled
+// [K * groups, 4] buffer, groups = channels_out / channels_per_warp, for
+// prroi_pool_coords_sum. grad_rois null: the feature gradient alone.
+template <typename T, bool PS>
+__global__ void prroi_pool_backward_warp(
+    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
+    const T* __restrict__ input, int batch, int height, int width,
+    index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
+    int channel_block, int channels_per_warp,
+    void* __restrict__ grad_input, index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3,
+    const T* __restrict__ max_grad, typename acc_type<T>::type* __restrict__ grad_rois) {
+  typedef typename acc_type<T>::type A;
+  const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
+  const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const bool want_coords = grad_rois != nullptr;
+  for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp,
+                    [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
+    PreciseBin<A> roi;
+    roi.set_roi(x1, y1, x2, y2, spatial_scale, ph, pw);
+    if (!(roi.area > A(0))) return;
+    A m[4] = {A(0), A(0), A(0), A(0)};
+    warp_precise_backward(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3,
+                          input + (index_t)b * in_s0 + (index_t)p.c * in_s1, in_s1, in_s2, in_s3, height, width,
+                          roi, ph, pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3,
+                          channels_per_warp, want_coords, m);
+    if (!want_coords) return;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      for (int off = 16; off > 0; off >>= 1) m[e] += __shfl_down_sync(0xffffffffu, m[e], off);
+    if ((threadIdx.x & 31) != 0) return;
+    const A sx = spatial_scale / roi.bin_w, sy = spatial_scale / roi.bin_h;
+    const A g[4] = {m[0] * sx, m[1] * sy, m[2] * sx, m[3] * sy};
+    if (sink.fixed) {
+      A* r = grad_rois + (p.k * (channels_out / channels_per_warp) + p.c / channels_per_warp) * 4;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) r[e] = g[e];
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) atomicAdd(grad_rois + p.k * 5 + 1 + e, g[e]);
+    }
+  });
 }
 
 // The deterministic backward's coordinate gradients: grad_rois[k, 1 + e] +=

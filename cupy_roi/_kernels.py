@@ -31,15 +31,15 @@ FAMILIES = {
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
                                    "multi_scale_roi_align_backward", "fixed_point_gradient")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
-    "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_coords_sum",
-                                     "fixed_point_gradient")),
+    "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_backward_warp",
+                                     "prroi_pool_coords_sum", "fixed_point_gradient")),
 }
 
 #: kernels instantiated without their position-sensitive variant (no public
 #: operator uses it); every other kernel is compiled for both
 PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
-                        "fixed_point_gradient", "prroi_pool_coords_sum"))
+                        "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum"))
 
 #: kernels also instantiated with 4 and 8 output channels per thread (a
 #: third template argument; plain variant, float types: see
@@ -63,7 +63,8 @@ SIGNATURES = {
     "roi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq" "p",
     "roi_pool_backward": "pqqqq" "pqiii" "ai" "p" "piiiqqqq" "p",
     "prroi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq",
-    "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiiiii" "piiiqqqq" "pp",
+    "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiii" "piiiqqqq" "pp",
+    "prroi_pool_backward_warp": "pqqqq" "piiiqqqq" "pqiii" "a" "ii" "pqqqq" "pp",
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
 }

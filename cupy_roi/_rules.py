@@ -331,10 +331,13 @@ def prroi_backward_grid(k, per_roi, target_blocks=4096):
 
 
 def prroi_coordinate_partials(k, size, shape, ps):
-    """Length of the deterministic backward's per-block coordinate sums."""
+    """Length of the deterministic backward's per-block (or, warp mode, per
+    RoI and channel group) coordinate sums: enough for either mode, as the
+    mode depends on the device's channel block."""
     ph, pw = size
     c_out = shape[1] // (ph * pw) if ps else shape[1]
-    return k * prroi_backward_grid(k, c_out * ph * pw)[0] * 4
+    groups = 0 if ps else c_out  # at least c_out / channels_per_warp
+    return k * max(prroi_backward_grid(k, c_out * ph * pw)[0], groups) * 4
 
 
 def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, size, scale, grad_input, grad_rows,
@@ -343,28 +346,28 @@ def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, siz
     0 for no coordinate gradients. Deterministic (``max_grad``): ``partials``
     points to a zero-filled accumulation buffer of
     :func:`prroi_coordinate_partials` elements when ``grad_rows`` is given.
-    Where :func:`channels_per_warp` allows, warps add the feature gradient
-    and a second launch of the block-per-RoI-chunk mode, its feature pointer
-    null, the coordinate gradients alone."""
+    Where :func:`channels_per_warp` allows, a warp per RoI and channel group
+    does both gradients (``prroi_pool_backward_warp``); otherwise blocks over
+    chunks of a RoI's output elements do."""
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
-    chunks, blocks = prroi_backward_grid(k, c_out * ph * pw)
-    coords = partials if max_grad else grad_rows
     block = channel_block(device, grad_input[1], shape, size, c_out, _grad_itemsize(scalar, max_grad))
     per_warp = channels_per_warp(ps, size, block, c_out)
-    feature_sink = grad_input[0]
-    if per_warp:  # the feature gradient by warps; the coordinates (if asked) by the blocks below
-        threads = _backward_threads(k, c_out, size, per_warp)
-        _run("prroi_pool", "prroi_pool_backward", device, stream, scalar, ps, threads, (
-            grad[0], *grad[1], x[0], *x[1], rows, k, c_out, ph, pw, scale, 0, 1, 0, block, per_warp,
-            grad_input[0], n, h, w, *grad_input[1], 0, max_grad))
-        if not grad_rows:
-            return
-        feature_sink = 0
+    if per_warp:
+        _run("prroi_pool", "prroi_pool_backward_warp", device, stream, scalar, False,
+             _backward_threads(k, c_out, size, per_warp), (
+                 grad[0], *grad[1], x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, block, per_warp,
+                 grad_input[0], *grad_input[1], max_grad, partials if max_grad else grad_rows))
+        if max_grad and grad_rows:
+            _run("prroi_pool", "prroi_pool_coords_sum", device, stream, scalar, False, k * 4,
+                 (partials, k, c_out // per_warp, grad_rows))
+        return
+    chunks, blocks = prroi_backward_grid(k, c_out * ph * pw)
     _run("prroi_pool", "prroi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
         grad[0], *grad[1], x[0], *x[1], rows, k, c_out, ph, pw, scale, channels_fastest(x[1], shape), chunks,
-        int(grad_rows != 0), block, 0, feature_sink, n, h, w, *grad_input[1], coords, max_grad), blocks=blocks)
+        int(grad_rows != 0), grad_input[0], n, h, w, *grad_input[1], partials if max_grad else grad_rows,
+        max_grad), blocks=blocks)
     if max_grad and grad_rows:
         _run("prroi_pool", "prroi_pool_coords_sum", device, stream, scalar, False, k * 4,
              (partials, k, chunks, grad_rows))

@@ -24,6 +24,8 @@ OPS = {
     "roi_pool": lambda x, r: cupy_roi.roi_pool(x, r, (2, 3), 0.5),
     "ps_roi_pool": lambda x, r: cupy_roi.ps_roi_pool(x, r, (2, 3), 0.5),
     "prroi_pool2d": lambda x, r: cupy_roi.prroi_pool2d(x, r, 2, 3, 0.5),
+    # 9 bins a row: the sliver's columns meet more bins than a lane holds at once (several passes)
+    "prroi_pool2d 3x9": lambda x, r: cupy_roi.prroi_pool2d(x, r, 3, 9, 0.5),
     "ps_prroi_pool": lambda x, r: cupy_roi.ps_prroi_pool(x, r, (2, 3), 0.5),
 }
 
@@ -94,7 +96,7 @@ def torch_calls(rng):
             for layout, x in layouts(base):
                 x = x.detach().requires_grad_(True)
                 rt = torch.tensor(r, device="cuda", dtype=torch.float32 if dtype != torch.float64 else dtype,
-                                  requires_grad=name.endswith("prroi_pool") or name == "prroi_pool2d")
+                                  requires_grad=name.endswith("prroi_pool") or name.startswith("prroi_pool2d"))
                 out = op(x, rt)
                 out.backward(torch.ones_like(out))
                 count += 1
@@ -132,9 +134,9 @@ def wide_calls(rng):
             for dtype in (torch.float32, torch.float64):
                 base = torch.tensor(rng.standard_normal((n, c, h, w)), dtype=dtype, device="cuda")
                 for layout, x in list(layouts(base))[::2]:
-                    for name in ("roi_align", "roi_align adaptive", "prroi_pool2d"):
+                    for name in ("roi_align", "roi_align adaptive", "prroi_pool2d", "prroi_pool2d 3x9"):
                         xg = x.detach().requires_grad_(True)
-                        rt = torch.tensor(r, device="cuda", dtype=dtype, requires_grad=name == "prroi_pool2d")
+                        rt = torch.tensor(r, device="cuda", dtype=dtype, requires_grad=name.startswith("prroi"))
                         out = OPS[name](xg, rt)
                         out.backward(torch.ones_like(out))
                     xg = x.detach().requires_grad_(True)
@@ -143,7 +145,7 @@ def wide_calls(rng):
                                                          (2, 3), [0.5, 0.25], 2, True, mapping="mmdet",
                                                          finest_scale=2)
                     out.backward(torch.ones_like(out))
-                    count += 4
+                    count += 5
         finally:
             torch.use_deterministic_algorithms(False)
     return count
