@@ -476,8 +476,11 @@ __global__ void prroi_pool_backward(
 // coordinate sums go per warp: grad_rois is then a zero-filled
 // [K * groups, 4] buffer, groups = channels_out / channels_per_warp, for
 // prroi_pool_coords_sum. grad_rois null: the feature gradient alone.
+// At most 64 registers (4 blocks of 256 threads an SM): left free it took 128
+// and ran latency-bound at a quarter of the warps; capped it spills a little
+// to L1 and measured faster (H200, benchmarks/NOTES.md, session 15).
 template <typename T, bool PS>
-__global__ void prroi_pool_backward_warp(
+__global__ void __launch_bounds__(kBlockThreads, 4) prroi_pool_backward_warp(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,

@@ -375,8 +375,11 @@ __global__ void roi_align_forward(
 // grad_input is a zero-filled accumulation buffer: of the accumulation type
 // (float for half types), or of long long when max_grad is given (the
 // deterministic backward, see GradSink).
+// At most 64 registers (4 blocks an SM; 76 left free): the warp mode's
+// backwards measured 5-12% faster so (FPN, small maps; H200, session 15),
+// Mask R-CNN's thread per bin within 1.5%. Likewise the multi-level backward.
 template <typename T, bool PS>
-__global__ void roi_align_backward(
+__global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
@@ -512,7 +515,7 @@ __global__ void multi_scale_roi_align_forward(
 // grads: the levels' zero-filled accumulation buffers (float for half types;
 // long long when max_grad is given, see GradSink).
 template <typename T, bool PS>
-__global__ void multi_scale_roi_align_backward(
+__global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
     LevelTable grads, int batch,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,

@@ -252,6 +252,10 @@ struct GradSink {
   }
 };
 
+// Threads a block of every launch (the host's _kernels.BLOCK); kernels that
+// cap their registers with __launch_bounds__ name it.
+constexpr int kBlockThreads = 256;
+
 // Most output bins that can add to one input element (see GradSink).
 __device__ __forceinline__ double gradient_contributions(index_t num_rois, int ph, int pw, bool ps) {
   return (double)num_rois * (ps ? 1.0 : (double)ph * pw);

@@ -268,6 +268,7 @@ def test_channels_per_warp_rule():
     assert channels_per_warp(False, (16, 16), 8, 8) == 4
     assert channels_per_warp(False, (17, 3), 8, 8) == 0
     assert f"constexpr int kWarpBins = {WARP_BINS};" in (_kernels.source_dir() / "roi_common.cuh").read_text()
+    assert f"constexpr int kBlockThreads = {_kernels.BLOCK};" in (_kernels.source_dir() / "roi_common.cuh").read_text()
 
 
 def test_seed_module_shapes_and_check():
