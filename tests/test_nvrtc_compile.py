@@ -164,7 +164,7 @@ def _parameter_codes(text, kernel):
     """The launcher's letters for the C parameter list of ``kernel`` in ``text``."""
     import re
 
-    head = re.search(r"__global__ void " + kernel + r"\((.*?)\)\s*\{", text, re.S)
+    head = re.search(r"__global__ void (?:__launch_bounds__\([^)]*\)\s+)?" + kernel + r"\((.*?)\)\s*\{", text, re.S)
     assert head, f"kernel {kernel} not found"
     codes = ""
     for param in head.group(1).split(","):
