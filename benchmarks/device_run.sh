@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session's work, in stages, logs under $OUT (or ./device_logs):
-#   A: self-check, GPU suite (run 1), host overhead, cold start, float32 precision
+#   A: self-check, GPU suite (run 1), host overhead, cold start, float32 precision;  S: the suite alone
 #   B: GPU suite (run 2), compute-sanitizer memcheck;  R: racecheck
 #   C: benchmark table beside torchvision;  H: the deterministic backward's table
 #   D: work order table, this tree and (carried in .gl/old) the one before;  F: FPN table
@@ -32,6 +32,10 @@ A)
   log overhead; timeout 120 python3 benchmarks/overhead.py --breakdown --compiled --reps 500 2>&1 | tee "$out/overhead.txt"
   log cold start; timeout 120 python3 benchmarks/cold_start.py 2>&1 | tee "$out/cold_start.txt"
   log precision; timeout 60 python3 benchmarks/prroi_precision.py 2>&1 | tee "$out/precision.txt"
+  ;;
+S)
+  log suite
+  timeout 260 python3 -m pytest -q -rs -n 4 -p xdist -p no:cacheprovider 2>&1 | tee "$out/pytest1.txt" | tail -8
   ;;
 B)
   log suite run 2
