@@ -7,6 +7,7 @@ A *view* is ``(device pointer, strides in elements)`` of an ``(N, C, H, W)``
 array (or ``(K, C, ph, pw)`` for outputs).
 """
 import functools
+import math
 
 from . import _kernels
 
@@ -129,15 +130,25 @@ def channels_per_warp(ps, size, block, c_out):
     output element of a block's RoI chunk (PrRoIPool), or the channels of one
     RoI a warp scatters through the separable weights, its lanes over pixel
     columns: the largest of ``_WARP_CHANNELS`` up to the target that divides
-    ``c_out`` and the channel block. Only for plain pooling (a
-    position-sensitive bin reads its own plane) over channel blocks (a
-    channels-last buffer puts a row's pixels C elements apart, so the lanes'
-    atomics would not share sectors; bin by bin they do, lanes over channels)
-    and at most kWarpBins bins per axis."""
+    ``c_out``. Only for plain pooling (a position-sensitive bin reads its own
+    plane) over channel blocks (a channels-last buffer puts a row's pixels C
+    elements apart, so the lanes' atomics would not share sectors; bin by bin
+    they do, lanes over channels) and at most kWarpBins bins per axis.
+    It depends on the call's shape alone, never on the device's channel
+    block (:func:`warp_channel_block` fits the block to it instead): a warp
+    sums PrRoIPool's box gradient over its channels, so the deterministic
+    backward's bits would otherwise follow the GPU's L2 size."""
     if ps or block == 0 or max(size) > WARP_BINS:
         return 0
     target = _warp_channels_target()
-    return next(w for w in _WARP_CHANNELS if w <= target and c_out % w == 0 and block % w == 0)
+    return next(w for w in _WARP_CHANNELS if w <= target and c_out % w == 0)
+
+
+def warp_channel_block(block, per_warp):
+    """The channel block of a warp-mode launch: ``block`` rounded up to a
+    multiple of ``per_warp`` (their least common multiple, which still divides
+    the channel count: both do), so that channel groups tile the blocks."""
+    return math.lcm(block, per_warp) if per_warp else block
 
 
 def _grad_itemsize(scalar, max_grad):
@@ -182,6 +193,7 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad))
     per_warp = channels_per_warp(ps, size, block, c_out)
+    block = warp_channel_block(block, per_warp)
     threads = _backward_threads(k, c_out, size, per_warp)
     _run("roi_align", "roi_align_backward", device, stream, scalar, ps, threads, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, per_warp,
@@ -284,6 +296,7 @@ def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, sha
     ph, pw = size
     block = channel_block(device, grad_views[0][1], shapes[0], size, c, _grad_itemsize(scalar, max_grad))
     per_warp = channels_per_warp(False, size, block, c)
+    block = warp_channel_block(block, per_warp)
     _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False,
          _backward_threads(k, c, size, per_warp), (
              grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
@@ -355,6 +368,7 @@ def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, siz
     block = channel_block(device, grad_input[1], shape, size, c_out, _grad_itemsize(scalar, max_grad))
     per_warp = channels_per_warp(ps, size, block, c_out)
     if per_warp:
+        block = warp_channel_block(block, per_warp)
         _run("prroi_pool", "prroi_pool_backward_warp", device, stream, scalar, False,
              _backward_threads(k, c_out, size, per_warp), (
                  grad[0], *grad[1], x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, block, per_warp,
