@@ -294,18 +294,31 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
           return TentSpan<A>{sy.weight, sy.start_moment * (A(1) - f0) + sy.end_moment * (A(1) - f1),
                              sy.start_moment * f0 + sy.end_moment * f1};
         };
-        for_warp_rows(bin.h_lo, bin.h_hi, row_weights, [&](int h, const TentSpan<A>& wy) {
-          rows.add(h, wy.weight, q, flush);
+        // the next row's features are loaded while this row's are summed (the loads wait on L2)
+        A f_next[kWarpChannels];
+        const auto load_row = [&](int h) {
+#pragma unroll
+          for (int t = 0; t < kWarpChannels; ++t) f_next[t] = A(0);
           if (!want_coords || !inside) return;
-          A rq = 0, r1 = 0, r2 = 0;
           const T* px = plane + h * s2 + col * s3;
 #pragma unroll
+          for (int t = 0; t < kWarpChannels; ++t)
+            if (t < channels) f_next[t] = to_acc(px[t * plane_step]);
+        };
+        if (bin.h_lo <= bin.h_hi) load_row(bin.h_lo);
+        for_warp_rows(bin.h_lo, bin.h_hi, row_weights, [&](int h, const TentSpan<A>& wy) {
+          rows.add(h, wy.weight, q, flush);
+          if (!want_coords) return;
+          A f[kWarpChannels];
+#pragma unroll
+          for (int t = 0; t < kWarpChannels; ++t) f[t] = f_next[t];
+          if (h < bin.h_hi) load_row(h + 1);
+          A rq = 0, r1 = 0, r2 = 0;
+#pragma unroll
           for (int t = 0; t < kWarpChannels; ++t) {
-            if (t >= channels) continue;
-            const A f = to_acc(px[t * plane_step]);
-            rq = fused(f, q[t], rq);
-            r1 = fused(f, x1[t], r1);
-            r2 = fused(f, x2[t], r2);
+            rq = fused(f[t], q[t], rq);
+            r1 = fused(f[t], x1[t], r1);
+            r2 = fused(f[t], x2[t], r2);
           }
           moment[0] = fused(wy.weight, r1, moment[0]);
           moment[1] = fused(wy.start_moment, rq, moment[1]);
