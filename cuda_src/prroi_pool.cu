@@ -194,7 +194,7 @@ __device__ __forceinline__ void for_warp_rows(int lo, int hi, RowValue row_value
 // column meets at most 2 / bin_w + 2 bins, so 4 cover bins from 2/3 of a
 // pixel up in one pass; thinner bins take more passes (their rows read and
 // added again). All of a RoI's bins at once (kWarpBins) took 155 registers
-// and was 3x slower.
+// and made the coordinate pass 2x slower.
 constexpr int kColumnBins = 4;
 
 // Warp-mode backward of one RoI over `channels` (at most kWarpChannels)
