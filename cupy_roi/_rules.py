@@ -113,7 +113,7 @@ def channels_per_thread(scalar, ps, c_out, block):
 _CHANNELS_PER_THREAD_DOWN = sorted(_kernels.CHANNELS_PER_THREAD, reverse=True)
 
 
-#: kWarpBins of cuda_src/roi_align.cu: the most bins per axis of the warp-mode backward
+#: kWarpBins of cuda_src/roi_common.cuh: the most bins per axis of the warp-mode backwards
 WARP_BINS = 16
 _WARP_CHANNELS = (4, 2, 1)
 
@@ -346,7 +346,8 @@ def prroi_backward_grid(k, per_roi, target_blocks=4096):
 def prroi_coordinate_partials(k, size, shape, ps):
     """Length of the deterministic backward's per-block (or, warp mode, per
     RoI and channel group) coordinate sums: enough for either mode, as the
-    mode depends on the device's channel block."""
+    launch picks the mode from the gradient buffer's layout, which this
+    does not see."""
     ph, pw = size
     c_out = shape[1] // (ph * pw) if ps else shape[1]
     groups = 0 if ps else c_out  # at least c_out / channels_per_warp
