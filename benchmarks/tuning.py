@@ -9,8 +9,11 @@ noted, CUDA-graph replay, median of ``--reps``, ms):
    ``roi_align_forward`` compiled with ``__launch_bounds__(256, m)`` for
    minimum blocks per SM m (registers capped at 65536 / (256 m)), against the
    kernel as shipped, same launch arguments as the package's rule.
+3. PrRoIPool's backward mode by bins per axis: the warp mode (the rule,
+   ``_rules.channels_per_warp``) against the block mode (forced), float32,
+   forward+backward with and without box gradients, for 7 to 32 bins.
 
-    python3 benchmarks/tuning.py [--reps 10] [--out FILE] [--part all|order|occupancy]
+    python3 benchmarks/tuning.py [--reps 10] [--out FILE] [--part all|order|occupancy|prroi_bins]
 """
 import argparse
 import math
@@ -131,11 +134,42 @@ def occupancy(reps, lines):
                     torch.cuda.empty_cache()
 
 
+def prroi_bins(reps, lines):
+    gen = torch.Generator().manual_seed(0)
+    lines += ["", "## PrRoIPool backward: warp mode against block mode by bins per axis (float32)", "",
+              "| case | bins | pass | warp mode | block mode | warp / block |", "|---|---:|---|---:|---:|---:|"]
+    rule = _rules.channels_per_warp
+    for title, n, c, h, w, stride, per_image in (("8x256x64x64, K=4096, stride 8", 8, 256, 64, 64, 8, 512),
+                                                 ("2x256x50x68, K=1024, stride 16", 2, 256, 50, 68, 16, 512)):
+        x = torch.randn(n, c, h, w, generator=gen).cuda().requires_grad_(True)
+        r = rois_for(n, per_image, h, w, stride, gen).cuda().requires_grad_(True)
+        for size in (7, 16, 17, 24, 32):
+            go = torch.randn(r.shape[0], c, size, size, generator=gen).cuda()
+            for label, boxes in (("features", False), ("features and boxes", True)):
+                def both(boxes=boxes):
+                    x.grad = r.grad = None
+                    cupy_roi.prroi_pool2d(x, r if boxes else r.detach(), size, size, 1 / stride).backward(go)
+
+                cells = []
+                for mode in ("warp", "block"):
+                    if mode == "block":
+                        _rules.channels_per_warp = lambda family, *rest: 0
+                    try:
+                        cells.append(timed(graphed(both), reps=reps))
+                    finally:
+                        _rules.channels_per_warp = rule
+                lines.append(f"| {title} | {size} | {label} | {cells[0]:.3f} | {cells[1]:.3f} | "
+                             f"{cells[0] / cells[1]:.2f} |")
+                print(lines[-1], flush=True)
+        del x, r
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--part", choices=("all", "order", "occupancy"), default="all")
+    parser.add_argument("--part", choices=("all", "order", "occupancy", "prroi_bins"), default="all")
     args = parser.parse_args()
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; CUDA-graph replay, median of "
              f"{args.reps} (ms)", ""]
@@ -143,6 +177,8 @@ def main():
         backward_order(args.reps, lines)
     if args.part in ("all", "occupancy"):
         occupancy(args.reps, lines)
+    if args.part in ("all", "prroi_bins"):
+        prroi_bins(args.reps, lines)
     report(lines, args.out)
 
 

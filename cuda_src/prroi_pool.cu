@@ -198,7 +198,7 @@ __device__ __forceinline__ void for_warp_rows(int lo, int hi, RowValue row_value
 constexpr int kColumnBins = 4;
 
 // Warp-mode backward of one RoI over `channels` (at most kWarpChannels)
-// planes (see kWarpBins in roi_common.cuh): lanes over the RoI's pixel
+// planes (see the warp mode in roi_common.cuh), any number of bins: lanes over the RoI's pixel
 // columns, 32 at a time (an integral weighs every pixel its bins cover, so no
 // lane idles inside the box). With G_ij the bin's gradient, Wx_j(w) the
 // column's weight in bin j and Sx_j, Ex_j its start and end moments
@@ -236,7 +236,7 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
       j_last = (int)min(floor(((A(col) + A(1)) - roi.rx1) / roi.bin_w), A(pw - 1));
     }
     int passes = j_last >= j_first ? (j_last - j_first) / kColumnBins + 1 : 0;
-    for (int off = 16; off > 0; off >>= 1) passes = max(passes, __shfl_xor_sync(0xffffffffu, passes, off));
+    passes = warp_max(passes);
     const RowSink<A> flush{sink, g_plane + col * gi_s3, gi_s2, gi_s1, channels};
     for (int pass = 0; pass < passes; ++pass) {
       const int j0 = j_first + pass * kColumnBins;
@@ -281,8 +281,10 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
 #pragma unroll
         for (int t = 0; t < kWarpChannels; ++t) {
           q[t] *= inv_area;
-          x1[t] *= inv_area;
-          x2[t] *= inv_area;
+          if (want_coords) {
+            x1[t] *= inv_area;
+            x2[t] *= inv_area;
+          }
         }
         PreciseBin<A> bin = roi;
         bin.place(i, 0, height, width);
@@ -378,8 +380,8 @@ __global__ void prroi_pool_forward(
   }
 }
 
-// The block mode (position-sensitive pooling, channels-last buffers, more
-// than kWarpBins bins per axis; prroi_pool_backward_warp elsewhere): one
+// The block mode (position-sensitive pooling and channels-last buffers;
+// prroi_pool_backward_warp elsewhere): one
 // block works on a contiguous chunk of one RoI's output elements, so the
 // four coordinate gradients of that RoI are reduced inside the block and
 // written with four atomics per block instead of four per output element.
@@ -518,8 +520,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) prroi_pool_backward_warp(
                           channels_per_warp, want_coords, m);
     if (!want_coords) return;
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      for (int off = 16; off > 0; off >>= 1) m[e] += __shfl_down_sync(0xffffffffu, m[e], off);
+    for (int e = 0; e < 4; ++e) m[e] = warp_sum(m[e]);
     if ((threadIdx.x & 31) != 0) return;
     const A sx = spatial_scale / roi.bin_w, sy = spatial_scale / roi.bin_h;
     const A g[4] = {m[0] * sx, m[1] * sy, m[2] * sx, m[3] * sy};

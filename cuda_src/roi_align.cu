@@ -252,6 +252,27 @@ __device__ __forceinline__ void column_weights(const AlignGrid<A>& g, int width,
     }
 }
 
+// T_i of a lane for `channels` channels: sum_j grad_ij * wx[j] * scale over
+// bin row i (grad_row; channels grad_step apart, bins go_s3), bins of zero
+// weight left out (a NaN gradient reaches only its bin's pixels).
+template <typename A, typename T>
+__device__ __forceinline__ void column_sums(const T* grad_row, index_t grad_step, index_t go_s3, int pw,
+                                            int channels, const A (&wx)[kWarpBins], A scale,
+                                            A (&sum)[kWarpChannels]) {
+#pragma unroll
+  for (int t = 0; t < kWarpChannels; ++t) sum[t] = A(0);
+#pragma unroll
+  for (int j = 0; j < kWarpBins; ++j) {
+    if (j >= pw) break;
+    if (wx[j] == A(0)) continue;
+#pragma unroll
+    for (int t = 0; t < kWarpChannels; ++t)
+      if (t < channels) sum[t] = fused(to_acc(grad_row[t * grad_step + j * go_s3]), wx[j], sum[t]);
+  }
+#pragma unroll
+  for (int t = 0; t < kWarpChannels; ++t) sum[t] *= scale;
+}
+
 // The gradient of RoI grid g over `channels` (at most kWarpChannels) planes
 // plane_step apart (grad: the RoI's first channel of grad_output, grad_step
 // between channels), by the warp: lanes over columns (the y samples' rows

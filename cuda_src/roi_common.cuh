@@ -268,7 +268,8 @@ __device__ __forceinline__ double gradient_contributions(index_t num_rois, int p
 // sum_i Wy_i(r) * T_i once per pixel row: one atomic instruction for 32
 // adjacent pixels, where bin by bin the lanes hit scattered rows and every
 // pixel again from each neighbouring bin (the backwards were bound by those
-// L2 operations). At most kWarpBins bins per axis (register arrays).
+// L2 operations). RoIAlign's lanes hold every bin's column weight: at most
+// kWarpBins bins per axis there (PrRoIPool's hold the few their column meets).
 constexpr int kWarpBins = 16;
 constexpr int kWarpChannels = 4;
 constexpr int kWarpColumns = 32;
@@ -382,39 +383,32 @@ struct RowSink {
   }
 };
 
-// T_i of a lane for `channels` channels: sum_j grad_ij * wx[j] * scale over
-// bin row i (grad_row; channels grad_step apart, bins go_s3), bins of zero
-// weight left out (a NaN gradient reaches only its bin's pixels).
-template <typename A, typename T>
-__device__ __forceinline__ void column_sums(const T* grad_row, index_t grad_step, index_t go_s3, int pw,
-                                            int channels, const A (&wx)[kWarpBins], A scale,
-                                            A (&sum)[kWarpChannels]) {
-#pragma unroll
-  for (int t = 0; t < kWarpChannels; ++t) sum[t] = A(0);
-#pragma unroll
-  for (int j = 0; j < kWarpBins; ++j) {
-    if (j >= pw) break;
-    if (wx[j] == A(0)) continue;
-#pragma unroll
-    for (int t = 0; t < kWarpChannels; ++t)
-      if (t < channels) sum[t] = fused(to_acc(grad_row[t * grad_step + j * go_s3]), wx[j], sum[t]);
-  }
-#pragma unroll
-  for (int t = 0; t < kWarpChannels; ++t) sum[t] *= scale;
+// Sum over a warp, in a fixed order (the deterministic backward's partial
+// sums depend on it); the result is valid in lane 0 only.
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Maximum over a warp, valid in every lane.
+template <typename V>
+__device__ __forceinline__ V warp_max(V v) {
+  for (int off = 16; off > 0; off >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
 }
 
 // Sum over a thread block; the result is valid in thread 0 only.
 template <typename A>
 __device__ __forceinline__ A block_sum(A v, A* scratch) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   const int warps = (blockDim.x + 31) >> 5;
   v = (threadIdx.x < warps) ? scratch[threadIdx.x] : A(0);
-  if (warp == 0)
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  if (warp == 0) v = warp_sum(v);
   return v;
 }
 

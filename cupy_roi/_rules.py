@@ -113,7 +113,7 @@ def channels_per_thread(scalar, ps, c_out, block):
 _CHANNELS_PER_THREAD_DOWN = sorted(_kernels.CHANNELS_PER_THREAD, reverse=True)
 
 
-#: kWarpBins of cuda_src/roi_common.cuh: the most bins per axis of the warp-mode backwards
+#: kWarpBins of cuda_src/roi_common.cuh: the most bins per axis of RoIAlign's warp-mode backwards
 WARP_BINS = 16
 _WARP_CHANNELS = (4, 2, 1)
 
@@ -124,21 +124,23 @@ def _warp_channels_target():
     return 4
 
 
-def channels_per_warp(ps, size, block, c_out):
-    """The RoIAlign and PrRoIPool backwards' work mode (``kWarpBins`` in
-    cuda_src/roi_common.cuh): 0 for a thread per bin (RoIAlign) or per
-    output element of a block's RoI chunk (PrRoIPool), or the channels of one
-    RoI a warp scatters through the separable weights, its lanes over pixel
-    columns: the largest of ``_WARP_CHANNELS`` up to the target that divides
-    ``c_out``. Only for plain pooling (a position-sensitive bin reads its own
-    plane) over channel blocks (a channels-last buffer puts a row's pixels C
-    elements apart, so the lanes' atomics would not share sectors; bin by bin
-    they do, lanes over channels) and at most kWarpBins bins per axis.
+def channels_per_warp(family, ps, size, block, c_out):
+    """The RoIAlign and PrRoIPool backwards' work mode: 0 for a thread per
+    bin (RoIAlign) or per output element of a block's RoI chunk (PrRoIPool),
+    or the channels of one RoI a warp scatters through the separable weights,
+    its lanes over pixel columns: the largest of ``_WARP_CHANNELS`` up to the
+    target that divides ``c_out``. Only for plain pooling (a
+    position-sensitive bin reads its own plane) over channel blocks (a
+    channels-last buffer puts a row's pixels C elements apart, so the lanes'
+    atomics would not share sectors; bin by bin they do, lanes over
+    channels); for ``family`` "roi_align" (multi-level too) at most
+    ``WARP_BINS`` bins per axis (its lanes hold every bin's column weight),
+    for "prroi_pool" any number (a lane holds the few bins its column meets).
     It depends on the call's shape alone, never on the device's channel
     block (:func:`warp_channel_block` fits the block to it instead): a warp
     sums PrRoIPool's box gradient over its channels, so the deterministic
     backward's bits would otherwise follow the GPU's L2 size."""
-    if ps or block == 0 or max(size) > WARP_BINS:
+    if ps or block == 0 or (family == "roi_align" and max(size) > WARP_BINS):
         return 0
     target = _warp_channels_target()
     return next(w for w in _WARP_CHANNELS if w <= target and c_out % w == 0)
@@ -192,7 +194,7 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad))
-    per_warp = channels_per_warp(ps, size, block, c_out)
+    per_warp = channels_per_warp("roi_align", ps, size, block, c_out)
     block = warp_channel_block(block, per_warp)
     threads = _backward_threads(k, c_out, size, per_warp)
     _run("roi_align", "roi_align_backward", device, stream, scalar, ps, threads, (
@@ -295,7 +297,7 @@ def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, sha
     n, c = shapes[0][:2]
     ph, pw = size
     block = channel_block(device, grad_views[0][1], shapes[0], size, c, _grad_itemsize(scalar, max_grad))
-    per_warp = channels_per_warp(False, size, block, c)
+    per_warp = channels_per_warp("roi_align", False, size, block, c)
     block = warp_channel_block(block, per_warp)
     _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False,
          _backward_threads(k, c, size, per_warp), (
@@ -367,25 +369,23 @@ def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, siz
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, grad_input[1], shape, size, c_out, _grad_itemsize(scalar, max_grad))
-    per_warp = channels_per_warp(ps, size, block, c_out)
+    per_warp = channels_per_warp("prroi_pool", ps, size, block, c_out)
     if per_warp:
         block = warp_channel_block(block, per_warp)
         _run("prroi_pool", "prroi_pool_backward_warp", device, stream, scalar, False,
              _backward_threads(k, c_out, size, per_warp), (
                  grad[0], *grad[1], x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, block, per_warp,
                  grad_input[0], *grad_input[1], max_grad, partials if max_grad else grad_rows))
-        if max_grad and grad_rows:
-            _run("prroi_pool", "prroi_pool_coords_sum", device, stream, scalar, False, k * 4,
-                 (partials, k, c_out // per_warp, grad_rows))
-        return
-    chunks, blocks = prroi_backward_grid(k, c_out * ph * pw)
-    _run("prroi_pool", "prroi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        grad[0], *grad[1], x[0], *x[1], rows, k, c_out, ph, pw, scale, channels_fastest(x[1], shape), chunks,
-        int(grad_rows != 0), grad_input[0], n, h, w, *grad_input[1], partials if max_grad else grad_rows,
-        max_grad), blocks=blocks)
-    if max_grad and grad_rows:
+        parts = c_out // per_warp
+    else:
+        parts, blocks = prroi_backward_grid(k, c_out * ph * pw)
+        _run("prroi_pool", "prroi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
+            grad[0], *grad[1], x[0], *x[1], rows, k, c_out, ph, pw, scale, channels_fastest(x[1], shape), parts,
+            int(grad_rows != 0), grad_input[0], n, h, w, *grad_input[1], partials if max_grad else grad_rows,
+            max_grad), blocks=blocks)
+    if max_grad and grad_rows:  # the per-warp or per-block partial sums, added in a fixed order
         _run("prroi_pool", "prroi_pool_coords_sum", device, stream, scalar, False, k * 4,
-             (partials, k, chunks, grad_rows))
+             (partials, k, parts, grad_rows))
 
 
 def fixed_point_gradient(device, stream, scalar, family, fixed, max_grad, k, size, ps, shape, out, out_is_acc,

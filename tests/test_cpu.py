@@ -252,23 +252,25 @@ def test_channels_per_warp_rule():
     """The RoIAlign and PrRoIPool backwards' work mode (_rules.channels_per_warp):
     a warp per RoI and 4, 2 or 1 channels (dividing the channels; the block is
     rounded up to a multiple, warp_channel_block)
-    for plain pooling over channel blocks with at most WARP_BINS bins per
-    axis; else 0, a thread per bin (position-sensitive, channels fastest,
-    larger grids). Results do not depend on it (test_cuda's small-bin test
+    for plain pooling over channel blocks (RoIAlign: with at most WARP_BINS
+    bins per axis); else 0, a thread per bin (position-sensitive, channels
+    fastest, RoIAlign's larger grids). Results do not depend on it (test_cuda's small-bin test
     covers both modes against the reference); this pins the choice, and the
     bound matches the kernel's register arrays."""
     from cupy_roi import _kernels
     from cupy_roi._rules import WARP_BINS, channels_per_warp, warp_channel_block
 
-    assert channels_per_warp(False, (7, 7), 256, 256) == 4
-    assert channels_per_warp(False, (14, 14), 4, 256) == 4
-    assert channels_per_warp(False, (7, 7), 2, 256) == 4  # the block does not decide (the call's shape does)
-    assert channels_per_warp(False, (7, 7), 1, 6) == 2
-    assert channels_per_warp(False, (7, 7), 3, 3) == 1
-    assert channels_per_warp(False, (7, 7), 0, 256) == 0  # channels last
-    assert channels_per_warp(True, (7, 7), 10, 10) == 0  # position-sensitive
-    assert channels_per_warp(False, (16, 16), 8, 8) == 4
-    assert channels_per_warp(False, (17, 3), 8, 8) == 0
+    assert channels_per_warp("roi_align", False, (7, 7), 256, 256) == 4
+    assert channels_per_warp("roi_align", False, (14, 14), 4, 256) == 4
+    assert channels_per_warp("roi_align", False, (7, 7), 2, 256) == 4  # the block does not decide (the call's shape does)
+    assert channels_per_warp("roi_align", False, (7, 7), 1, 6) == 2
+    assert channels_per_warp("roi_align", False, (7, 7), 3, 3) == 1
+    assert channels_per_warp("roi_align", False, (7, 7), 0, 256) == 0  # channels last
+    assert channels_per_warp("roi_align", True, (7, 7), 10, 10) == 0  # position-sensitive
+    assert channels_per_warp("roi_align", False, (16, 16), 8, 8) == 4
+    assert channels_per_warp("roi_align", False, (17, 3), 8, 8) == 0
+    assert channels_per_warp("prroi_pool", False, (17, 3), 8, 8) == 4  # a lane holds only the bins it meets
+    assert channels_per_warp("prroi_pool", True, (7, 7), 10, 10) == 0
     # ... it fits the block instead, which still divides the channels
     assert [warp_channel_block(b, w) for b, w in ((2, 4), (3, 2), (1, 2), (256, 4), (5, 0))] == [4, 6, 2, 256, 5]
     assert f"constexpr int kWarpBins = {WARP_BINS};" in (_kernels.source_dir() / "roi_common.cuh").read_text()
