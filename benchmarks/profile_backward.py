@@ -44,3 +44,7 @@ def main():
         for key, us in sorted(rows, key=lambda kv: -kv[1]):
             print(f"{us:10.1f} us  {key[:110]}")
         print(f"{sum(us for _, us in rows):10.1f} us  total")
+
+
+if __name__ == "__main__":
+    main()
