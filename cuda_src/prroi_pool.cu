@@ -198,9 +198,9 @@ __device__ __forceinline__ void for_warp_rows(int lo, int hi, RowValue row_value
 constexpr int kColumnBins = 4;
 
 // Warp-mode backward of one RoI over `channels` (at most kWarpChannels)
-// planes (see the warp mode in roi_common.cuh), any number of bins: lanes over the RoI's pixel
-// columns, 32 at a time (an integral weighs every pixel its bins cover, so no
-// lane idles inside the box). With G_ij the bin's gradient, Wx_j(w) the
+// planes (see the warp mode in roi_common.cuh), any number of bins: lanes
+// over the RoI's pixel columns, 32 at a time (an integral weighs every pixel
+// its bins cover, so no lane idles inside the box). With G_ij the bin's gradient, Wx_j(w) the
 // column's weight in bin j and Sx_j, Ex_j its start and end moments
 // (TentSpan), f0_j = j / pw and f1_j = (j + 1) / pw the shares of x2 in the
 // bin's two edges, a lane forms per bin row i, over the bins j its column
@@ -225,8 +225,17 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
   first.place(0, 0, height, width);
   last.place(ph - 1, pw - 1, height, width);
   const A inv_area = A(1) / roi.area;
+  // The column tents (weight and x1, x2 moment shares) of the bins a lane
+  // meets are read once per bin row: they wait in shared memory, lane-major
+  // (each lane reads only its own, without bank conflicts), so that the
+  // registers (64 under the cap) keep the row loop's sums. Held in registers
+  // they pushed those sums to local memory (224 against 184 bytes spilled;
+  // detector case with box gradients 1% slower, benchmarks/NOTES.md).
+  __shared__ A tent_store[kBlockThreads / 32][3][kColumnBins][32];
+  const int lane = threadIdx.x & 31;
+  A (&tents)[3][kColumnBins][32] = tent_store[threadIdx.x >> 5];
   for (int c0 = first.w_lo; c0 <= last.w_hi; c0 += kWarpColumns) {
-    const int col = c0 + (threadIdx.x & 31);
+    const int col = c0 + lane;
     const bool inside = col <= last.w_hi;
     // the bins [j_first, j_last] whose tents over (col - 1, col + 1) may meet
     // this column (a superset: tent_span gives the others zero)
@@ -240,24 +249,26 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
     const RowSink<A> flush{sink, g_plane + col * gi_s3, gi_s2, gi_s1, channels};
     for (int pass = 0; pass < passes; ++pass) {
       const int j0 = j_first + pass * kColumnBins;
-      A wx[kColumnBins], ax1[kColumnBins], ax2[kColumnBins];
 #pragma unroll
       for (int u = 0; u < kColumnBins; ++u) {
-        wx[u] = ax1[u] = ax2[u] = A(0);
+        A wx = A(0), ax1 = A(0), ax2 = A(0);
         const int j = j0 + u;
         if (j <= j_last) {
           PreciseBin<A> bin = roi;
           bin.place(0, j, height, width);
           if (!want_coords) {
-            wx[u] = bin.template weight_x<false>(col);
-            continue;
+            wx = bin.template weight_x<false>(col);
+          } else {
+            const TentSpan<A> sx = bin.template span_x<true>(col);
+            const A f0 = A(j) / pw, f1 = A(j + 1) / pw;
+            wx = sx.weight;
+            ax1 = sx.start_moment * (A(1) - f0) + sx.end_moment * (A(1) - f1);
+            ax2 = sx.start_moment * f0 + sx.end_moment * f1;
           }
-          const TentSpan<A> sx = bin.template span_x<true>(col);
-          const A f0 = A(j) / pw, f1 = A(j + 1) / pw;
-          wx[u] = sx.weight;
-          ax1[u] = sx.start_moment * (A(1) - f0) + sx.end_moment * (A(1) - f1);
-          ax2[u] = sx.start_moment * f0 + sx.end_moment * f1;
         }
+        tents[0][u][lane] = wx;
+        tents[1][u][lane] = ax1;
+        tents[2][u][lane] = ax2;
       }
       RowRun<A, 3> rows;
       for (int i = 0; i < ph; ++i) {
@@ -266,15 +277,16 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
         for (int t = 0; t < kWarpChannels; ++t) q[t] = x1[t] = x2[t] = A(0);
 #pragma unroll
         for (int u = 0; u < kColumnBins; ++u) {
-          if (wx[u] == A(0) && ax1[u] == A(0) && ax2[u] == A(0)) continue;  // a bin the column misses
+          const A wx = tents[0][u][lane], ax1 = tents[1][u][lane], ax2 = tents[2][u][lane];
+          if (wx == A(0) && ax1 == A(0) && ax2 == A(0)) continue;  // a bin the column misses
 #pragma unroll
           for (int t = 0; t < kWarpChannels; ++t) {
             if (t >= channels) continue;
             const A g = to_acc(grad[t * grad_step + i * go_s2 + (j0 + u) * go_s3]);
-            q[t] = fused(g, wx[u], q[t]);
+            q[t] = fused(g, wx, q[t]);
             if (want_coords) {
-              x1[t] = fused(g, ax1[u], x1[t]);
-              x2[t] = fused(g, ax2[u], x2[t]);
+              x1[t] = fused(g, ax1, x1[t]);
+              x2[t] = fused(g, ax2, x2[t]);
             }
           }
         }
