@@ -303,10 +303,16 @@ def test_modules_match_functions():
 
 
 def test_half_types_on_cpu_follow_float64():
+    """float32, float16 and bfloat16 against float64. The half types' bound is
+    their rounding; float32's is the sample positions': they are worked out in
+    float32 (RoI rows and grid), about 2e-6 px off near coordinate 30, which
+    moves an output by that times the map's slope. Over 1000 draws the
+    relative error reached 1.04e-6 (the old bound was 1e-6: seed
+    4674283396884765055 failed), so float32 gets 4e-6."""
     g = rng()
     x, r = cases.make(g, k=6, kinds=("inside", "partial"))
     want = cupy_roi.roi_align(torch.tensor(x), torch.tensor(r), (3, 2), 0.5, 2)
-    for dtype, tol in [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]:
+    for dtype, tol in [(torch.float32, 4e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]:
         got = cupy_roi.roi_align(torch.tensor(x).to(dtype), torch.tensor(r), (3, 2), 0.5, 2)
         assert got.dtype == dtype and cases.rel_err(got, want) < tol
 
