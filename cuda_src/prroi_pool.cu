@@ -200,11 +200,11 @@ constexpr int kColumnBins = 4;
 // Warp-mode backward of one RoI over `channels` (at most kWarpChannels)
 // planes (see the warp mode in roi_common.cuh), any number of bins: lanes
 // over the RoI's pixel columns, 32 at a time (an integral weighs every pixel
-// its bins cover, so no lane idles inside the box). With G_ij the bin's gradient, Wx_j(w) the
-// column's weight in bin j and Sx_j, Ex_j its start and end moments
-// (TentSpan), f0_j = j / pw and f1_j = (j + 1) / pw the shares of x2 in the
-// bin's two edges, a lane forms per bin row i, over the bins j its column
-// meets (kColumnBins at a time), divided by the bins' area,
+// its bins cover, so no lane idles inside the box). With G_ij the bin's
+// gradient, Wx_j(w) the column's weight in bin j and Sx_j, Ex_j its start
+// and end moments (TentSpan), f0_j = j / pw and f1_j = (j + 1) / pw the
+// shares of x2 in the bin's two edges, a lane forms per bin row i, over the
+// bins j its column meets (kColumnBins at a time), divided by the bins' area,
 //   Q_i(w)  = sum_j G_ij Wx_j(w),
 //   X1_i(w) = sum_j G_ij (Sx_j(w) (1 - f0_j) + Ex_j(w) (1 - f1_j)),
 //   X2_i(w) = sum_j G_ij (Sx_j(w) f0_j + Ex_j(w) f1_j).

@@ -262,7 +262,8 @@ def test_channels_per_warp_rule():
 
     assert channels_per_warp("roi_align", False, (7, 7), 256, 256) == 4
     assert channels_per_warp("roi_align", False, (14, 14), 4, 256) == 4
-    assert channels_per_warp("roi_align", False, (7, 7), 2, 256) == 4  # the block does not decide (the call's shape does)
+    # the block does not decide (the call's shape does)
+    assert channels_per_warp("roi_align", False, (7, 7), 2, 256) == 4
     assert channels_per_warp("roi_align", False, (7, 7), 1, 6) == 2
     assert channels_per_warp("roi_align", False, (7, 7), 3, 3) == 1
     assert channels_per_warp("roi_align", False, (7, 7), 0, 256) == 0  # channels last
