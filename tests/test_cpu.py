@@ -251,12 +251,12 @@ def test_channels_per_thread_rule():
 def test_channels_per_warp_rule():
     """The RoIAlign and PrRoIPool backwards' work mode (_rules.channels_per_warp):
     a warp per RoI and 4, 2 or 1 channels (dividing the channels; the block is
-    rounded up to a multiple, warp_channel_block)
-    for plain pooling over channel blocks (RoIAlign: with at most WARP_BINS
-    bins per axis); else 0, a thread per bin (position-sensitive, channels
-    fastest, RoIAlign's larger grids). Results do not depend on it (test_cuda's small-bin test
-    covers both modes against the reference); this pins the choice, and the
-    bound matches the kernel's register arrays."""
+    rounded up to a multiple, warp_channel_block) for plain pooling over
+    channel blocks (RoIAlign: with at most WARP_BINS bins per axis); else 0,
+    a thread per bin (position-sensitive, channels fastest, RoIAlign's larger
+    grids). Results do not depend on it (test_cuda's small-bin and coordinate
+    tests cover both modes against the reference); this pins the choice, and
+    the bound matches the kernel's register arrays."""
     from cupy_roi import _kernels
     from cupy_roi._rules import WARP_BINS, channels_per_warp, warp_channel_block
 
