@@ -115,21 +115,17 @@ _CHANNELS_PER_THREAD_DOWN = sorted(_kernels.CHANNELS_PER_THREAD, reverse=True)
 
 #: kWarpBins of cuda_src/roi_common.cuh: the most bins per axis of RoIAlign's warp-mode backwards
 WARP_BINS = 16
-_WARP_CHANNELS = (4, 2, 1)
-
-
-def _warp_channels_target():
-    """Channels one warp of a warp-mode backward takes at most (its column
-    weights are worked out once for all of them)."""
-    return 4
+#: channels one warp of a warp-mode backward may take, most first: kWarpChannels of
+#: cuda_src/roi_common.cuh (the column weights are worked out once for all of them) and its divisors
+WARP_CHANNELS = (4, 2, 1)
 
 
 def channels_per_warp(family, ps, size, block, c_out):
     """The RoIAlign and PrRoIPool backwards' work mode: 0 for a thread per
     bin (RoIAlign) or per output element of a block's RoI chunk (PrRoIPool),
     or the channels of one RoI a warp scatters through the separable weights,
-    its lanes over pixel columns: the largest of ``_WARP_CHANNELS`` up to the
-    target that divides ``c_out``. Only for plain pooling (a
+    its lanes over pixel columns: the largest of :data:`WARP_CHANNELS` that
+    divides ``c_out``. Only for plain pooling (a
     position-sensitive bin reads its own plane) over channel blocks (a
     channels-last buffer puts a row's pixels C elements apart, so the lanes'
     atomics would not share sectors; bin by bin they do, lanes over
@@ -142,8 +138,7 @@ def channels_per_warp(family, ps, size, block, c_out):
     backward's bits would otherwise follow the GPU's L2 size."""
     if ps or block == 0 or (family == "roi_align" and max(size) > WARP_BINS):
         return 0
-    target = _warp_channels_target()
-    return next(w for w in _WARP_CHANNELS if w <= target and c_out % w == 0)
+    return next(w for w in WARP_CHANNELS if c_out % w == 0)
 
 
 def warp_channel_block(block, per_warp):
@@ -151,6 +146,16 @@ def warp_channel_block(block, per_warp):
     multiple of ``per_warp`` (their least common multiple, which still divides
     the channel count: both do), so that channel groups tile the blocks."""
     return math.lcm(block, per_warp) if per_warp else block
+
+
+def backward_work_order(family, device, ps, strides, shape, size, c_out, scalar, max_grad):
+    """(channel block, channels per warp) of a backward that has a warp mode:
+    :func:`channel_block` for the gradient buffer (``strides``, ``shape``),
+    rounded up by :func:`warp_channel_block` where :func:`channels_per_warp`
+    picks the warp mode (0 channels per warp: the thread or block mode)."""
+    block = channel_block(device, strides, shape, size, c_out, _grad_itemsize(scalar, max_grad))
+    per_warp = channels_per_warp(family, ps, size, block, c_out)
+    return warp_channel_block(block, per_warp), per_warp
 
 
 def _grad_itemsize(scalar, max_grad):
@@ -193,17 +198,15 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     n, c, h, w = size_in
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
-    block = channel_block(device, grad_input[1], size_in, size, c_out, _grad_itemsize(scalar, max_grad))
-    per_warp = channels_per_warp("roi_align", ps, size, block, c_out)
-    block = warp_channel_block(block, per_warp)
-    threads = _backward_threads(k, c_out, size, per_warp)
-    _run("roi_align", "roi_align_backward", device, stream, scalar, ps, threads, (
+    block, per_warp = backward_work_order("roi_align", device, ps, grad_input[1], size_in, size, c_out, scalar,
+                                          max_grad)
+    _run("roi_align", "roi_align_backward", device, stream, scalar, ps, _backward_threads(k, c_out, size, per_warp), (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, per_warp,
         grad_input[0], n, h, w, *grad_input[1], max_grad))
 
 
 def _backward_threads(k, c_out, size, per_warp):
-    """Threads of a RoIAlign backward: one a bin, or a warp per channels_per_warp channels of a RoI."""
+    """Threads of a backward with a warp mode: one a bin, or a warp per channels_per_warp channels of a RoI."""
     return k * c_out * size[0] * size[1] if not per_warp else k * (c_out // per_warp) * 32
 
 
@@ -296,9 +299,8 @@ def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, sha
                                    sampling_ratio, aligned, max_grad=0):
     n, c = shapes[0][:2]
     ph, pw = size
-    block = channel_block(device, grad_views[0][1], shapes[0], size, c, _grad_itemsize(scalar, max_grad))
-    per_warp = channels_per_warp("roi_align", False, size, block, c)
-    block = warp_channel_block(block, per_warp)
+    block, per_warp = backward_work_order("roi_align", device, False, grad_views[0][1], shapes[0], size, c, scalar,
+                                          max_grad)
     _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False,
          _backward_threads(k, c, size, per_warp), (
              grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
@@ -368,10 +370,9 @@ def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, siz
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
-    block = channel_block(device, grad_input[1], shape, size, c_out, _grad_itemsize(scalar, max_grad))
-    per_warp = channels_per_warp("prroi_pool", ps, size, block, c_out)
+    block, per_warp = backward_work_order("prroi_pool", device, ps, grad_input[1], shape, size, c_out, scalar,
+                                          max_grad)
     if per_warp:
-        block = warp_channel_block(block, per_warp)
         _run("prroi_pool", "prroi_pool_backward_warp", device, stream, scalar, False,
              _backward_threads(k, c_out, size, per_warp), (
                  grad[0], *grad[1], x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, block, per_warp,

@@ -258,7 +258,7 @@ def test_channels_per_warp_rule():
     tests cover both modes against the reference); this pins the choice, and
     the bound matches the kernel's register arrays."""
     from cupy_roi import _kernels
-    from cupy_roi._rules import WARP_BINS, channels_per_warp, warp_channel_block
+    from cupy_roi._rules import WARP_BINS, WARP_CHANNELS, channels_per_warp, warp_channel_block
 
     assert channels_per_warp("roi_align", False, (7, 7), 256, 256) == 4
     assert channels_per_warp("roi_align", False, (14, 14), 4, 256) == 4
@@ -274,8 +274,10 @@ def test_channels_per_warp_rule():
     assert channels_per_warp("prroi_pool", True, (7, 7), 10, 10) == 0
     # ... it fits the block instead, which still divides the channels
     assert [warp_channel_block(b, w) for b, w in ((2, 4), (3, 2), (1, 2), (256, 4), (5, 0))] == [4, 6, 2, 256, 5]
-    assert f"constexpr int kWarpBins = {WARP_BINS};" in (_kernels.source_dir() / "roi_common.cuh").read_text()
-    assert f"constexpr int kBlockThreads = {_kernels.BLOCK};" in (_kernels.source_dir() / "roi_common.cuh").read_text()
+    common = (_kernels.source_dir() / "roi_common.cuh").read_text()
+    assert f"constexpr int kWarpBins = {WARP_BINS};" in common
+    assert f"constexpr int kWarpChannels = {WARP_CHANNELS[0]};" in common
+    assert f"constexpr int kBlockThreads = {_kernels.BLOCK};" in common
 
 
 def test_seed_module_shapes_and_check():
