@@ -52,6 +52,10 @@ def pytest_sessionfinish(session):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The NVRTC compile checks last: they wait on compiles that run on another
+    # core from the start, and the tests after them would otherwise run while
+    # that core idles.
+    items.sort(key=lambda item: getattr(item, "originalname", "") == "test_kernels_compile")
     reason = _gpu_reason()
     if reason is None:
         return
