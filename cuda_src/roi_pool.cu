@@ -151,8 +151,11 @@ __global__ void roi_pool_backward(
       bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
       if (bin.empty()) continue;
       const A g = grad / A((bin.h1 - bin.h0) * (bin.w1 - bin.w0));
-      for (int h = bin.h0; h < bin.h1; ++h)
-        for (int w = bin.w0; w < bin.w1; ++w) sink.add(plane + h * gi_s2 + w * gi_s3, g);
+      for (int h = bin.h0; h < bin.h1; ++h) {
+        // the bin's cells of a row share one value: adjacent in NCHW (vector atomics), not in channels-last
+        if (gi_s3 == 1) sink.add_run(plane + h * gi_s2 + bin.w0, bin.w1 - bin.w0, g);
+        else for (int w = bin.w0; w < bin.w1; ++w) sink.add(plane + h * gi_s2 + w * gi_s3, g);
+      }
     } else {
       const int at = argmax[channel_block == channels_out ? idx : ((p.k * channels_out + p.c) * ph + p.i) * pw + p.j];
       if (at < 0 || at >= height * width) continue;
