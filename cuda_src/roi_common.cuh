@@ -204,20 +204,28 @@ __device__ __forceinline__ int fixed_point_shift(double max_grad, double contrib
 __device__ __forceinline__ long long to_fixed(float v) { return __float2ll_rn(v); }
 __device__ __forceinline__ long long to_fixed(double v) { return __double2ll_rn(v); }
 
-// One 8-byte atomic adding a to p[0] and b to p[1], where the hardware has
-// vector atomics (sm_90: float2) and p is 8-byte aligned; false otherwise.
-// An atomic add is one L2 operation on a 32-byte sector whatever its width,
-// and backwards are bound by those operations.
-__device__ __forceinline__ bool pair_atomic(float* p, float a, float b) {
+// One vector atomic adding a to p[0] and b to p[1], where the hardware has
+// vector atomics (sm_90): 8 bytes where p is 8-byte aligned, or, where p
+// is 4 bytes past a 16-byte boundary and `spare` says p[-1] and p[2] are
+// elements of the same buffer row, 16 bytes adding 0 to those two; false
+// otherwise. An atomic add is one L2 operation on a 32-byte sector whatever
+// its width, and backwards are bound by those operations.
+__device__ __forceinline__ bool pair_atomic(float* p, float a, float b, bool spare = false) {
 #if __CUDA_ARCH__ >= 900
-  if ((reinterpret_cast<unsigned long long>(p) & 7) == 0) {
+  const unsigned long long address = reinterpret_cast<unsigned long long>(p);
+  if ((address & 7) == 0) {
     atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+    return true;
+  }
+  if (spare && (address & 15) == 4) {
+    atomicAdd(reinterpret_cast<float4*>(p - 1), make_float4(0.0f, a, b, 0.0f));
     return true;
   }
 #endif
   return false;
 }
-__device__ __forceinline__ bool pair_atomic(double*, double, double) { return false; }
+__device__ __forceinline__ bool pair_atomic(double*, double, double, bool = false) { return false; }
+
 
 // v added to the n elements from p on: 16-byte vector atomics (sm_90) over
 // the aligned middle, pairs and singles at the ends; false (nothing added)
@@ -265,10 +273,11 @@ struct GradSink {
     else
       atomicAdd(static_cast<A*>(base) + at, v);
   }
-  // Adds v0 to element at and v1 to element at + 1 (both in the buffer):
-  // one vector atomic where pair_atomic can, else two adds.
-  __device__ __forceinline__ void add_pair(index_t at, A v0, A v1) const {
-    if (!fixed && pair_atomic(static_cast<A*>(base) + at, v0, v1)) return;
+  // Adds v0 to element at and v1 to element at + 1 (both in the buffer; with
+  // spare, at - 1 and at + 2 too, in the same row): one vector atomic where
+  // pair_atomic can, else two adds.
+  __device__ __forceinline__ void add_pair(index_t at, A v0, A v1, bool spare = false) const {
+    if (!fixed && pair_atomic(static_cast<A*>(base) + at, v0, v1, spare)) return;
     add(at, v0);
     add(at + 1, v1);
   }
