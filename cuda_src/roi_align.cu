@@ -167,12 +167,17 @@ __device__ __forceinline__ void store_means(T* out, index_t step, const A (&sum)
 }
 
 // Adjoint of bin_sample_sums (one plane): adds grad times each sample's weights into the
-// plane starting at element plane of the sink's buffer. kSparePairs: a row's two corners
-// may go as a 16-byte atomic adding 0 to their neighbours (GradSink::add_pair), one L2
-// operation instead of two where the pair starts 4 bytes past a 16-byte boundary:
-// RoIAlign's Mask R-CNN backward 12% faster, the multi-level backward 3% slower (H200,
-// benchmarks/NOTES.md, session 17), so RoIAlign's alone.
-template <bool kSparePairs, typename A, typename Frame>
+// plane starting at element plane of the sink's buffer.
+//
+// kVector picks the vector atomics of NCHW rows (sm_90), by what measured faster (H200,
+// benchmarks/NOTES.md, session 17): 0, a row's two corners as an 8-byte pair where
+// aligned (multi-level and rotated RoIAlign: spare pairs made the FPN backward 3%
+// slower); 1, also as a 16-byte atomic adding 0 to their neighbours where the pair
+// starts 4 bytes past a 16-byte boundary, one L2 operation instead of two (RoIAlign:
+// Mask R-CNN backward 9-13% faster); 2, also AxisWindow's four columns of a row in
+// 16-byte blocks (position-sensitive RoIAlign: R-FCN and Light-Head backward 17-19%
+// faster, where plain RoIAlign's small boxes and the FPN backward lost 4-31%).
+template <int kVector, typename A, typename Frame>
 __device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, index_t plane, index_t s2, index_t s3,
                                                    int height, int width, const AlignGrid<A>& g, const Frame& frame,
                                                    int i, int j, A grad) {
@@ -184,7 +189,7 @@ __device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, inde
       Bilinear<A> w;
       if (!w.set(y, x, height, width)) continue;
       if (s3 == 1 && w.x1 == w.x0 + 1) {  // each row's two corners adjacent: one pair
-        const bool spare = kSparePairs && w.x0 >= 1 && w.x0 + 2 < width;
+        const bool spare = kVector >= 1 && w.x0 >= 1 && w.x0 + 2 < width;
         sink.add_pair(plane + w.y0 * s2 + w.x0, grad * w.w00, grad * w.w01, spare);
         sink.add_pair(plane + w.y1 * s2 + w.x0, grad * w.w10, grad * w.w11, spare);
         continue;
@@ -199,14 +204,14 @@ __device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, inde
 
 // bin_sample_scatter for an axis-aligned grid: through AxisWindow where the
 // bin's samples reach at most kWindow pixels on each axis.
-template <bool kSparePairs, typename A>
+template <int kVector, typename A>
 __device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink, index_t plane, index_t s2,
                                                          index_t s3, int height, int width, const AlignGrid<A>& g,
                                                          int i, int j, A grad) {
   AxisWindow<A> rows, cols;
   if (!rows.set(g.grid_h, height, [&](int s) { return g.sample_y(i, s); }) ||
       !cols.set(g.grid_w, width, [&](int s) { return g.sample_x(j, s); })) {
-    bin_sample_scatter<kSparePairs>(sink, plane, s2, s3, height, width, g, AxisFrame(), i, j, grad);
+    bin_sample_scatter<kVector>(sink, plane, s2, s3, height, width, g, AxisFrame(), i, j, grad);
     return;
   }
   if (rows.start < 0 || cols.start < 0) return;
@@ -215,6 +220,14 @@ __device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink
     if (rows.w[r] == A(0)) continue;
     const A grad_row = grad * rows.w[r];
     const index_t row = plane + (rows.start + r) * s2;
+    if (kVector >= 2 && s3 == 1) {
+      static_assert(kWindow == 4, "add_quad takes four columns");
+      A v[kWindow];
+#pragma unroll
+      for (int c = 0; c < kWindow; ++c) v[c] = cols.w[c] != A(0) ? grad_row * cols.w[c] : A(0);
+      sink.add_quad(row + cols.start, v, -cols.start, width - 1 - cols.start);
+      continue;
+    }
 #pragma unroll
     for (int c = 0; c < kWindow; ++c)
       if (cols.w[c] != A(0)) sink.add(row + (cols.start + c) * s3, grad_row * cols.w[c]);
@@ -283,7 +296,7 @@ __device__ __forceinline__ void column_sums(const T* grad_row, index_t grad_step
 // between channels), by the warp: lanes over columns (the y samples' rows
 // and weights worked out once for all channels), or, past 32 columns, lanes
 // over bins.
-template <bool kSparePairs, typename A, typename T>
+template <int kVector, typename A, typename T>
 __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_t plane, index_t plane_step,
                                                  index_t s2, index_t s3, int height, int width,
                                                  const AlignGrid<A>& g, int ph, int pw, const T* grad,
@@ -295,7 +308,7 @@ __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_
     for (int t = 0; t < channels; ++t)
       for (int bin = lane; bin < ph * pw; bin += 32) {
         const int i = bin / pw, j = bin % pw;
-        bin_scatter_axis_aligned<kSparePairs>(sink, plane + t * plane_step, s2, s3, height, width, g, i, j,
+        bin_scatter_axis_aligned<kVector>(sink, plane + t * plane_step, s2, s3, height, width, g, i, j,
                                  to_acc(grad[t * grad_step + i * go_s2 + j * go_s3]) * g.inv_count);
       }
     return;
@@ -421,7 +434,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
                       [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
       AlignGrid<A> g;
       g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
-      warp_scatter_roi<true>(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width, g, ph,
+      warp_scatter_roi<1>(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width, g, ph,
                        pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3, channels_per_warp);
     });
     return;
@@ -437,7 +450,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
-    bin_scatter_axis_aligned<true>(sink, plane, gi_s2, gi_s3, height, width, g, p.i, p.j, grad);
+    bin_scatter_axis_aligned<PS ? 2 : 1>(sink, plane, gi_s2, gi_s3, height, width, g, p.i, p.j, grad);
   }
 }
 
@@ -496,7 +509,7 @@ __global__ void roi_align_rotated_backward(
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
-    bin_sample_scatter<false>(sink, plane, gi_s2, gi_s3, height, width, g, f, p.i, p.j, grad);
+    bin_sample_scatter<0>(sink, plane, gi_s2, gi_s3, height, width, g, f, p.i, p.j, grad);
   }
 }
 
@@ -558,7 +571,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backwa
       if (l < 0 || l >= grads.count) return;
       AlignGrid<A> g;
       g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
-      warp_scatter_roi<false>(sink.rebased(reinterpret_cast<void*>(grads.data[l])),
+      warp_scatter_roi<0>(sink.rebased(reinterpret_cast<void*>(grads.data[l])),
                               (index_t)b * grads.s0[l] + (index_t)p.c * grads.s1[l], grads.s1[l], grads.s2[l],
                               grads.s3[l], grads.height[l], grads.width[l], g, ph, pw,
                               grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3, channels_per_warp);
@@ -578,7 +591,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backwa
     const A grad = to_acc(grad_output[go_st.at(p.k, p.c, p.i, p.j)]) * g.inv_count;
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * grads.s0[l] + (index_t)c_in * grads.s1[l];
-    bin_scatter_axis_aligned<false>(sink.rebased(reinterpret_cast<void*>(grads.data[l])), plane, grads.s2[l],
+    bin_scatter_axis_aligned<0>(sink.rebased(reinterpret_cast<void*>(grads.data[l])), plane, grads.s2[l],
                                     grads.s3[l], grads.height[l], grads.width[l], g, p.i, p.j, grad);
   }
 }

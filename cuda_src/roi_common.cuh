@@ -226,6 +226,33 @@ __device__ __forceinline__ bool pair_atomic(float* p, float a, float b, bool spa
 }
 __device__ __forceinline__ bool pair_atomic(double*, double, double, bool = false) { return false; }
 
+// v[k] added to p[k], k < 4, where zeros need no add: one 16-byte atomic per
+// aligned block the non-zero values meet (sm_90), which adds 0 to its other
+// elements; those must lie in [lo, hi] (p[lo] .. p[hi]: the same buffer
+// row). false (nothing added) where that or the hardware does not allow it.
+__device__ __forceinline__ bool quad_atomic(float* p, const float (&v)[4], int lo, int hi) {
+#if __CUDA_ARCH__ >= 900
+  const unsigned long long address = reinterpret_cast<unsigned long long>(p);
+  if ((address & 3) != 0) return false;
+  const int o = (int)((address >> 2) & 3);  // p's slot in its 16-byte block
+  // the blocks [-o, 3 - o] and [4 - o, 7 - o] relative to p, where values fall
+  const bool first = v[0] != 0.0f || (o < 3 && v[1] != 0.0f) || (o < 2 && v[2] != 0.0f) || (o < 1 && v[3] != 0.0f);
+  const bool second = o > 0 && ((o > 2 && v[1] != 0.0f) || (o > 1 && v[2] != 0.0f) || v[3] != 0.0f);
+  if ((first && (-o < lo || 3 - o > hi)) || (second && (4 - o < lo || 7 - o > hi))) return false;
+  // the value of block slot s (selects, not indexing, which would move v to local memory)
+  const auto slot = [&](int s) {
+    const int k = s - o;
+    return k == 0 ? v[0] : k == 1 ? v[1] : k == 2 ? v[2] : k == 3 ? v[3] : 0.0f;
+  };
+  if (first) atomicAdd(reinterpret_cast<float4*>(p - o), make_float4(slot(0), slot(1), slot(2), slot(3)));
+  if (second) atomicAdd(reinterpret_cast<float4*>(p - o + 4), make_float4(slot(4), slot(5), slot(6), slot(7)));
+  return true;
+#else
+  return false;
+#endif
+}
+__device__ __forceinline__ bool quad_atomic(double*, const double (&)[4], int, int) { return false; }
+
 
 // v added to the n elements from p on: 16-byte vector atomics (sm_90) over
 // the aligned middle, pairs and singles at the ends; false (nothing added)
@@ -280,6 +307,14 @@ struct GradSink {
     if (!fixed && pair_atomic(static_cast<A*>(base) + at, v0, v1, spare)) return;
     add(at, v0);
     add(at + 1, v1);
+  }
+  // Adds v[k] to element at + k, k < 4, where v[k] is not 0; the elements
+  // at + lo .. at + hi are of the same buffer row (quad_atomic).
+  __device__ __forceinline__ void add_quad(index_t at, const A (&v)[4], int lo, int hi) const {
+    if (!fixed && quad_atomic(static_cast<A*>(base) + at, v, lo, hi)) return;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (v[k] != A(0)) add(at + k, v[k]);
   }
   // Adds v to the n adjacent elements from at on: a quarter of the atomic
   // operations where run_atomic can.
