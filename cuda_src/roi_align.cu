@@ -291,11 +291,44 @@ __device__ __forceinline__ void column_sums(const T* grad_row, index_t grad_step
   for (int t = 0; t < kWarpChannels; ++t) sum[t] *= scale;
 }
 
+// Most (x sample, corner) slots of a RoI past 32 columns that the warp takes
+// as sparse columns (two passes); more samples (adaptive sampling of wide
+// boxes) go bin by bin.
+constexpr int kSparseSlots = 64;
+
+// A RoI whose x samples reach past 32 pixel columns has sparse columns
+// (sampling 2 at Mask R-CNN scale: 28 of ~100), so the warp's lanes take the
+// x samples' two pixel columns each instead, (sample, corner) slot `slot` of
+// `slots`: the lane's column col and its weight in its sample's bin alone,
+// in wx (zero where the slot is past the last or its sample off the map).
+// A row's adds then meet in a few sectors, where bin by bin each pair of
+// corners is an L2 operation of its own. Two samples' corners on one pixel
+// are two lanes' adds.
+template <typename A>
+__device__ __forceinline__ void sparse_column_weights(const AlignGrid<A>& g, int width, int slot, int slots,
+                                                      int& col, A (&wx)[kWarpBins]) {
+#pragma unroll
+  for (int u = 0; u < kWarpBins; ++u) wx[u] = A(0);
+  col = 0;
+  if (slot >= slots) return;
+  const int sample = slot >> 1, j = sample / g.grid_w;
+  int lo, hi; A w_lo, w_hi;
+  if (!axis_weights(g.sample_x(j, sample % g.grid_w), width, lo, hi, w_lo, w_hi)) return;
+  // the second corner only where it is another column (at the border both are the last)
+  const bool second = (slot & 1) != 0;
+  col = second ? hi : lo;
+  const A w = second ? (hi != lo ? w_hi : A(0)) : w_lo + (hi == lo ? w_hi : A(0));
+#pragma unroll
+  for (int u = 0; u < kWarpBins; ++u)
+    if (u == j) wx[u] = w;
+}
+
 // The gradient of RoI grid g over `channels` (at most kWarpChannels) planes
 // plane_step apart (grad: the RoI's first channel of grad_output, grad_step
 // between channels), by the warp: lanes over columns (the y samples' rows
-// and weights worked out once for all channels), or, past 32 columns, lanes
-// over bins.
+// and weights worked out once for all channels); past 32 columns, lanes over
+// the x samples' columns (sparse_column_weights) or, for more than
+// kSparseSlots of them, over bins.
 template <int kVector, typename A, typename T>
 __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_t plane, index_t plane_step,
                                                  index_t s2, index_t s3, int height, int width,
@@ -304,7 +337,9 @@ __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_
   const int lane = threadIdx.x & 31;
   int first, last;
   if (!sample_columns(g, width, pw, first, last)) return;
-  if (last - first >= kWarpColumns) {
+  const int slots = 2 * pw * g.grid_w;
+  const bool sparse = last - first >= kWarpColumns;
+  if (sparse && slots > kSparseSlots) {
     for (int t = 0; t < channels; ++t)
       for (int bin = lane; bin < ph * pw; bin += 32) {
         const int i = bin / pw, j = bin % pw;
@@ -313,21 +348,24 @@ __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_
       }
     return;
   }
-  const int col = first + lane;
-  A wx[kWarpBins];
-  column_weights(g, width, pw, col, wx);
-  const RowSink<A> flush{sink, plane + col * s3, s2, plane_step, channels};
-  RowRun<A, 2> rows;
-  for (int i = 0; i < ph; ++i) {
-    A sum[kWarpChannels];
-    column_sums(grad + i * go_s2, grad_step, go_s3, pw, channels, wx, g.inv_count, sum);
-    for (int sy = 0; sy < g.grid_h; ++sy) {
-      int lo, hi; A w_lo, w_hi;
-      if (!axis_weights(g.sample_y(i, sy), height, lo, hi, w_lo, w_hi)) continue;
-      rows.add_pair(lo, w_lo, hi != lo ? w_hi : A(0), sum, flush);
+  for (int pass = 0; pass < (sparse ? (slots + 31) / 32 : 1); ++pass) {
+    int col = first + lane;
+    A wx[kWarpBins];
+    if (sparse) sparse_column_weights(g, width, pass * 32 + lane, slots, col, wx);
+    else column_weights(g, width, pw, col, wx);
+    const RowSink<A> flush{sink, plane + col * s3, s2, plane_step, channels};
+    RowRun<A, 2> rows;
+    for (int i = 0; i < ph; ++i) {
+      A sum[kWarpChannels];
+      column_sums(grad + i * go_s2, grad_step, go_s3, pw, channels, wx, g.inv_count, sum);
+      for (int sy = 0; sy < g.grid_h; ++sy) {
+        int lo, hi; A w_lo, w_hi;
+        if (!axis_weights(g.sample_y(i, sy), height, lo, hi, w_lo, w_hi)) continue;
+        rows.add_pair(lo, w_lo, hi != lo ? w_hi : A(0), sum, flush);
+      }
     }
+    rows.finish(flush);
   }
-  rows.finish(flush);
 }
 
 // Rotated row (batch_index, cx, cy, w, h, theta): its grid and frame.
