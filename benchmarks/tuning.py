@@ -12,8 +12,11 @@ noted, CUDA-graph replay, median of ``--reps``, ms):
 3. PrRoIPool's backward mode by bins per axis: the warp mode (the rule,
    ``_rules.channels_per_warp``) against the block mode (forced), float32,
    forward+backward with and without box gradients, for 7 to 32 bins.
+4. RoIAlign with adaptive sampling (``sampling_ratio=0``: wide RoIs' sample
+   columns are dense) forward and forward+backward, float32, beside
+   torchvision; run it with PYTHONPATH on two trees to compare them.
 
-    python3 benchmarks/tuning.py [--reps 10] [--out FILE] [--part all|order|occupancy|prroi_bins]
+    python3 benchmarks/tuning.py [--reps 10] [--out FILE] [--part all|order|occupancy|prroi_bins|adaptive]
 """
 import argparse
 import math
@@ -165,11 +168,41 @@ def prroi_bins(reps, lines):
         torch.cuda.empty_cache()
 
 
+def adaptive(reps, lines):
+    import torchvision.ops as tv
+
+    gen = torch.Generator().manual_seed(0)
+    lines += ["", "## RoIAlign, adaptive sampling (sampling_ratio=0), float32, 7x7", "",
+              "| case | pass | torchvision | cupy_roi | cupy_roi, graph |", "|---|---|---:|---:|---:|"]
+    for title, n, c, h, w, stride, per_image in (("2x256x100x136, K=1024, stride 8", 2, 256, 100, 136, 8, 512),
+                                                 ("8x256x64x64, K=4096, stride 8", 8, 256, 64, 64, 8, 512)):
+        x = torch.randn(n, c, h, w, generator=gen).cuda().requires_grad_(True)
+        r = rois_for(n, per_image, h, w, stride, gen).cuda()
+        go = torch.randn(r.shape[0], c, 7, 7, generator=gen).cuda()
+        for label, backward in (("forward", False), ("forward+backward", True)):
+            def run(fn, backward=backward):
+                def step():
+                    if backward:
+                        x.grad = None
+                        fn().backward(go)
+                    else:
+                        with torch.no_grad():
+                            fn()
+                return step
+            ours = run(lambda: cupy_roi.roi_align(x, r, 7, 1 / stride, 0, True))
+            theirs = run(lambda: tv.roi_align(x, r, 7, 1 / stride, 0, True))
+            lines.append(f"| {title} | {label} | {timed(theirs, reps=reps):.3f} | {timed(ours, reps=reps):.3f} | "
+                         f"{timed(graphed(ours), reps=reps):.3f} |")
+            print(lines[-1], flush=True)
+        del x, r, go
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--part", choices=("all", "order", "occupancy", "prroi_bins"), default="all")
+    parser.add_argument("--part", choices=("all", "order", "occupancy", "prroi_bins", "adaptive"), default="all")
     args = parser.parse_args()
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; CUDA-graph replay, median of "
              f"{args.reps} (ms)", ""]
@@ -179,6 +212,8 @@ def main():
         occupancy(args.reps, lines)
     if args.part in ("all", "prroi_bins"):
         prroi_bins(args.reps, lines)
+    if args.part in ("all", "adaptive"):
+        adaptive(args.reps, lines)
     report(lines, args.out)
 
 

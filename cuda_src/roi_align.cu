@@ -173,8 +173,9 @@ __device__ __forceinline__ void store_means(T* out, index_t step, const A (&sum)
 // benchmarks/NOTES.md, session 17): 0, a row's two corners as an 8-byte pair where
 // aligned (multi-level and rotated RoIAlign: spare pairs made the FPN backward 3%
 // slower); 1, also as a 16-byte atomic adding 0 to their neighbours where the pair
-// starts 4 bytes past a 16-byte boundary, one L2 operation instead of two (RoIAlign:
-// Mask R-CNN backward 9-13% faster); 2, also AxisWindow's four columns of a row in
+// starts 4 bytes past a 16-byte boundary, one L2 operation instead of two (RoIAlign's
+// thread mode; on wide RoIs' bins, before warp_scatter_roi took them, the Mask R-CNN
+// backward was 9-13% faster with it); 2, also AxisWindow's four columns of a row in
 // 16-byte blocks (position-sensitive RoIAlign: R-FCN and Light-Head backward 17-19%
 // faster, where plain RoIAlign's small boxes and the FPN backward lost 4-31%).
 template <int kVector, typename A, typename Frame>
@@ -328,8 +329,10 @@ __device__ __forceinline__ void sparse_column_weights(const AlignGrid<A>& g, int
 // between channels), by the warp: lanes over columns (the y samples' rows
 // and weights worked out once for all channels); past 32 columns, lanes over
 // the x samples' columns (sparse_column_weights) or, for more than
-// kSparseSlots of them, over bins.
-template <int kVector, typename A, typename T>
+// kSparseSlots of them (adaptive sampling: the columns are dense), over 32
+// columns at a time. Bin by bin instead, the lanes of a wide RoI made every
+// pair of corners an L2 operation of its own.
+template <typename A, typename T>
 __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_t plane, index_t plane_step,
                                                  index_t s2, index_t s3, int height, int width,
                                                  const AlignGrid<A>& g, int ph, int pw, const T* grad,
@@ -338,21 +341,8 @@ __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_
   int first, last;
   if (!sample_columns(g, width, pw, first, last)) return;
   const int slots = 2 * pw * g.grid_w;
-  const bool sparse = last - first >= kWarpColumns;
-  if (sparse && slots > kSparseSlots) {
-    for (int t = 0; t < channels; ++t)
-      for (int bin = lane; bin < ph * pw; bin += 32) {
-        const int i = bin / pw, j = bin % pw;
-        bin_scatter_axis_aligned<kVector>(sink, plane + t * plane_step, s2, s3, height, width, g, i, j,
-                                 to_acc(grad[t * grad_step + i * go_s2 + j * go_s3]) * g.inv_count);
-      }
-    return;
-  }
-  for (int pass = 0; pass < (sparse ? (slots + 31) / 32 : 1); ++pass) {
-    int col = first + lane;
-    A wx[kWarpBins];
-    if (sparse) sparse_column_weights(g, width, pass * 32 + lane, slots, col, wx);
-    else column_weights(g, width, pw, col, wx);
+  const bool wide = last - first >= kWarpColumns, sparse = wide && slots <= kSparseSlots;
+  const auto rows_pass = [&](int col, const A (&wx)[kWarpBins]) {
     const RowSink<A> flush{sink, plane + col * s3, s2, plane_step, channels};
     RowRun<A, 2> rows;
     for (int i = 0; i < ph; ++i) {
@@ -365,6 +355,21 @@ __device__ __forceinline__ void warp_scatter_roi(const GradSink<A>& sink, index_
       }
     }
     rows.finish(flush);
+  };
+  if (wide && !sparse) {  // dense: 32 columns a pass
+    for (int c0 = first; c0 <= last; c0 += kWarpColumns) {
+      A wx[kWarpBins];
+      column_weights(g, width, pw, c0 + lane, wx);
+      rows_pass(c0 + lane, wx);
+    }
+    return;
+  }
+  for (int pass = 0; pass < (sparse ? (slots + 31) / 32 : 1); ++pass) {
+    int col = first + lane;
+    A wx[kWarpBins];
+    if (sparse) sparse_column_weights(g, width, pass * 32 + lane, slots, col, wx);
+    else column_weights(g, width, pw, col, wx);
+    rows_pass(col, wx);
   }
 }
 
@@ -472,7 +477,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
                       [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
       AlignGrid<A> g;
       g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
-      warp_scatter_roi<1>(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width, g, ph,
+      warp_scatter_roi(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3, height, width, g, ph,
                        pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3, channels_per_warp);
     });
     return;
@@ -609,7 +614,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backwa
       if (l < 0 || l >= grads.count) return;
       AlignGrid<A> g;
       g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
-      warp_scatter_roi<0>(sink.rebased(reinterpret_cast<void*>(grads.data[l])),
+      warp_scatter_roi(sink.rebased(reinterpret_cast<void*>(grads.data[l])),
                               (index_t)b * grads.s0[l] + (index_t)p.c * grads.s1[l], grads.s1[l], grads.s2[l],
                               grads.s3[l], grads.height[l], grads.width[l], g, ph, pw,
                               grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3, channels_per_warp);

@@ -20,6 +20,8 @@ from cupy_roi import array_api
 OPS = {
     "roi_align": lambda x, r: cupy_roi.roi_align(x, r, (2, 3), 0.5, 2, True),
     "roi_align adaptive": lambda x, r: cupy_roi.roi_align(x, r, (2, 3), 0.5, 0, False),
+    # 9 bins a row, 2 x samples each: a wide RoI's 36 sample columns take the warp two passes
+    "roi_align 2x9": lambda x, r: cupy_roi.roi_align(x, r, (2, 9), 0.5, 2, True),
     "ps_roi_align": lambda x, r: cupy_roi.ps_roi_align(x, r, (2, 3), 0.5, 2),
     "roi_pool": lambda x, r: cupy_roi.roi_pool(x, r, (2, 3), 0.5),
     "ps_roi_pool": lambda x, r: cupy_roi.ps_roi_pool(x, r, (2, 3), 0.5),
@@ -123,8 +125,9 @@ def torch_calls(rng):
 
 def wide_calls(rng):
     """A map 80 columns wide: the warp-mode backwards' RoIs past 32 columns
-    (RoIAlign's lanes over bins, PrRoIPool's column chunks), both backward
-    modes, float32 and float64, NCHW and a strided view."""
+    (RoIAlign's lanes over sample columns, in one pass or two, or over bins;
+    PrRoIPool's column chunks), both backward modes, float32 and float64, NCHW
+    and a strided view."""
     n, c, h, w = 2, 8, 5, 80
     r = rois(rng, n, h, w)
     count = 0
@@ -134,7 +137,8 @@ def wide_calls(rng):
             for dtype in (torch.float32, torch.float64):
                 base = torch.tensor(rng.standard_normal((n, c, h, w)), dtype=dtype, device="cuda")
                 for layout, x in list(layouts(base))[::2]:
-                    for name in ("roi_align", "roi_align adaptive", "prroi_pool2d", "prroi_pool2d 3x9"):
+                    for name in ("roi_align", "roi_align adaptive", "roi_align 2x9", "prroi_pool2d",
+                                 "prroi_pool2d 3x9"):
                         xg = x.detach().requires_grad_(True)
                         rt = torch.tensor(r, device="cuda", dtype=dtype, requires_grad=name.startswith("prroi"))
                         out = OPS[name](xg, rt)
@@ -145,7 +149,7 @@ def wide_calls(rng):
                                                          (2, 3), [0.5, 0.25], 2, True, mapping="mmdet",
                                                          finest_scale=2)
                     out.backward(torch.ones_like(out))
-                    count += 5
+                    count += 6
         finally:
             torch.use_deterministic_algorithms(False)
     return count
