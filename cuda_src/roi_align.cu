@@ -293,8 +293,8 @@ __device__ __forceinline__ void column_sums(const T* grad_row, index_t grad_step
 }
 
 // Most (x sample, corner) slots of a RoI past 32 columns that the warp takes
-// as sparse columns (two passes); more samples (adaptive sampling of wide
-// boxes) go bin by bin.
+// as sparse columns (two passes); with more samples (adaptive sampling of
+// wide boxes) the columns are dense and go 32 at a time.
 constexpr int kSparseSlots = 64;
 
 // A RoI whose x samples reach past 32 pixel columns has sparse columns
@@ -615,9 +615,9 @@ __global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backwa
       AlignGrid<A> g;
       g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
       warp_scatter_roi(sink.rebased(reinterpret_cast<void*>(grads.data[l])),
-                              (index_t)b * grads.s0[l] + (index_t)p.c * grads.s1[l], grads.s1[l], grads.s2[l],
-                              grads.s3[l], grads.height[l], grads.width[l], g, ph, pw,
-                              grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3, channels_per_warp);
+                       (index_t)b * grads.s0[l] + (index_t)p.c * grads.s1[l], grads.s1[l], grads.s2[l], grads.s3[l],
+                       grads.height[l], grads.width[l], g, ph, pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1,
+                       go_s2, go_s3, channels_per_warp);
     });
     return;
   }
@@ -635,6 +635,6 @@ __global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backwa
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * grads.s0[l] + (index_t)c_in * grads.s1[l];
     bin_scatter_axis_aligned<0>(sink.rebased(reinterpret_cast<void*>(grads.data[l])), plane, grads.s2[l],
-                                    grads.s3[l], grads.height[l], grads.width[l], g, p.i, p.j, grad);
+                                grads.s3[l], grads.height[l], grads.width[l], g, p.i, p.j, grad);
   }
 }

@@ -253,7 +253,6 @@ __device__ __forceinline__ bool quad_atomic(float* p, const float (&v)[4], int l
 }
 __device__ __forceinline__ bool quad_atomic(double*, const double (&)[4], int, int) { return false; }
 
-
 // v added to the n elements from p on: 16-byte vector atomics (sm_90) over
 // the aligned middle, pairs and singles at the ends; false (nothing added)
 // where the hardware has no vector atomics.

@@ -125,7 +125,7 @@ def torch_calls(rng):
 
 def wide_calls(rng):
     """A map 80 columns wide: the warp-mode backwards' RoIs past 32 columns
-    (RoIAlign's lanes over sample columns, in one pass or two, or over bins;
+    (RoIAlign's lanes over sample columns, in one pass or two, or 32 columns a pass;
     PrRoIPool's column chunks), both backward modes, float32 and float64, NCHW
     and a strided view."""
     n, c, h, w = 2, 8, 5, 80
