@@ -49,11 +49,22 @@ def timed(fn, warmup=5, reps=30):
     return statistics.median(times)
 
 
-def forward_backward(op, x, go):
+def step(op, params, go, backward):
+    """``op()`` as one timed step: under ``torch.no_grad``, or (``backward``)
+    forward+backward against ``go`` after clearing the gradients of ``params``."""
     def run():
-        x.grad = None
+        if not backward:
+            with torch.no_grad():
+                op()
+            return
+        for p in params:
+            p.grad = None
         op().backward(go)
     return run
+
+
+def forward_backward(op, x, go):
+    return step(op, [x], go, True)
 
 
 CASES = [
@@ -142,10 +153,7 @@ def deterministic_table(args, gen):
                     return call_ours(ours, x, rr, size, 1.0 / stride, sr, det)
 
                 def fwd_bwd(det, rr=rr):
-                    def run():
-                        x.grad = rr.grad = None
-                        op(det).backward(go)
-                    return run
+                    return step(lambda: op(det), [x, rr], go, True)
 
                 with torch.no_grad():
                     t_fwd = timed(graphed(lambda: op(False)), reps=args.reps)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import graphed, report, timed  # noqa: E402
+from bench import graphed, report, step, timed  # noqa: E402
 
 import cupy_roi  # noqa: E402
 
@@ -83,15 +83,7 @@ def main():
                 err = (a.float() - b.float()).abs().max().item()
             for label, backward in (("forward", False), ("forward+backward", True)):
                 def run(module):
-                    def step():
-                        if backward:
-                            for t in x.values():
-                                t.grad = None
-                            module(x, boxes, shapes).backward(go)
-                        else:
-                            with torch.no_grad():
-                                module(x, boxes, shapes)
-                    return step
+                    return step(lambda: module(x, boxes, shapes), list(x.values()), go, backward)
                 t_tv = timed(run(theirs), reps=args.reps)
                 t_ours = timed(run(ours), reps=args.reps)
                 speedups.append(t_tv / t_ours)
@@ -123,14 +115,7 @@ def main():
         go = torch.randn(k, 256, 7, 7, generator=gen).to("cuda", dtype)
         for label, backward in (("forward", False), ("forward+backward", True)):
             def run(fn):
-                def step():
-                    if backward:
-                        feat.grad = None
-                        fn().backward(go)
-                    else:
-                        with torch.no_grad():
-                            fn()
-                return step
+                return step(fn, [feat], go, backward)
             t_ax = timed(run(lambda: cupy_roi.roi_align(feat, ax, 7, 1 / 8, 2, True)), reps=args.reps)
             t_rot = timed(run(lambda: cupy_roi.roi_align_rotated(feat, rot, 7, 1 / 8, 2)), reps=args.reps)
             lines.append(f"| | {str(dtype).replace('torch.', '')} | {label} | {t_ax:.3f} | {t_rot:.3f} | "

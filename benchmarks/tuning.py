@@ -26,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import graphed, report, timed  # noqa: E402
+from bench import graphed, report, step, timed  # noqa: E402
 from boxes import rois_for  # noqa: E402
 from multi_scale import IMAGE, NAMES, boxes_for, pyramid  # noqa: E402
 
@@ -180,17 +180,8 @@ def adaptive(reps, lines):
         r = rois_for(n, per_image, h, w, stride, gen).cuda()
         go = torch.randn(r.shape[0], c, 7, 7, generator=gen).cuda()
         for label, backward in (("forward", False), ("forward+backward", True)):
-            def run(fn, backward=backward):
-                def step():
-                    if backward:
-                        x.grad = None
-                        fn().backward(go)
-                    else:
-                        with torch.no_grad():
-                            fn()
-                return step
-            ours = run(lambda: cupy_roi.roi_align(x, r, 7, 1 / stride, 0, True))
-            theirs = run(lambda: tv.roi_align(x, r, 7, 1 / stride, 0, True))
+            ours = step(lambda: cupy_roi.roi_align(x, r, 7, 1 / stride, 0, True), [x], go, backward)
+            theirs = step(lambda: tv.roi_align(x, r, 7, 1 / stride, 0, True), [x], go, backward)
             lines.append(f"| {title} | {label} | {timed(theirs, reps=reps):.3f} | {timed(ours, reps=reps):.3f} | "
                          f"{timed(graphed(ours), reps=reps):.3f} |")
             print(lines[-1], flush=True)

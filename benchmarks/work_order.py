@@ -19,7 +19,7 @@ import torch
 import torchvision.ops as tv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import call_anchor, call_ours, graphed, rois_for, timed  # noqa: E402
+from bench import call_anchor, call_ours, graphed, rois_for, step, timed  # noqa: E402
 
 import cupy_roi  # noqa: E402
 
@@ -83,13 +83,7 @@ def main():
                 rr = r.clone().requires_grad_(backward == "coords")
 
                 def run(fn, name, rr):
-                    def call():
-                        if not backward:
-                            with torch.no_grad():
-                                return fn(name, x, rr, size, scale, sr)
-                        x.grad = rr.grad = None
-                        fn(name, x, rr, size, scale, sr).backward(go)
-                    return call
+                    return step(lambda: fn(name, x, rr, size, scale, sr), [x, rr], go, backward)
 
                 cols = []
                 # ours first: a call that cannot be captured (torchvision's
