@@ -61,10 +61,10 @@ F)
   log multi-scale; timeout 200 python3 benchmarks/multi_scale.py --graph --reps 10 --out "$out/multi_scale.md" 2>&1 | tail -30
   ;;
 P)
-  log prroi cases; timeout 200 python3 benchmarks/prroi_cases.py --reps 10 --out "$out/prroi_cases.md" 2>&1 | tail -12
+  log prroi cases; timeout 200 python3 benchmarks/prroi_cases.py --reps 10 --layouts --out "$out/prroi_cases.md" 2>&1 | tail -18
   if [ -d .gl/old ]; then
     log prroi cases, before; PYTHONPATH="$PWD/.gl/old" timeout 200 python3 benchmarks/prroi_cases.py --reps 10 \
-      --label before --out "$out/prroi_cases_before.md" 2>&1 | tail -12
+      --label before --layouts --out "$out/prroi_cases_before.md" 2>&1 | tail -18
   fi
   ;;
 R)

@@ -7,7 +7,10 @@ ratio 2), and the original implementation's H100 times from the issue.
     python3 benchmarks/prroi_cases.py [--reps 10] [--label NAME] [--out FILE]
 
 Run it with PYTHONPATH pointing at another tree to compare versions; --label
-names the tree in the table.
+names the tree in the table. ``--layouts`` adds the detector case's
+forward+backward with box gradients in the other layouts and modes:
+channels-last, position-sensitive (ps_prroi_pool, 10 x 49 channels) and
+deterministic.
 """
 import argparse
 import os
@@ -36,6 +39,8 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--once", type=int, default=None, metavar="CASE",
                         help="run forward+backward with box gradients of case CASE (0-2) once, for ncu")
+    parser.add_argument("--layouts", action="store_true",
+                        help="add the detector case with box gradients in other layouts and modes")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; tree: {args.label}; float32, 7x7; "
@@ -76,7 +81,39 @@ def main():
                          f"| {t_orig:.2f} |")
         del x, r, rr, go
         torch.cuda.empty_cache()
+    if args.layouts:
+        lines += layout_rows(gen, args.reps)
     report(lines, args.out)
+
+
+def layout_rows(gen, reps):
+    """The detector case (8 images, 64x64, 4096 RoIs, stride 8) with box
+    gradients in the layouts and modes the main table does not take."""
+    n, h, w, stride = 8, 64, 64, 8
+    r = rois_for(n, 512, h, w, stride, gen).to("cuda")
+    lines = ["", "| detector case, forward+backward with box gradients | cupy_roi | cupy_roi, graph |",
+             "|---|---:|---:|"]
+    variants = [("channels-last, 256 channels", 256, torch.channels_last, False, False),
+                ("ps_prroi_pool, 10 x 49 channels", 490, torch.contiguous_format, True, False),
+                ("deterministic, 256 channels", 256, torch.contiguous_format, False, True)]
+    for label, c, layout, ps, det in variants:
+        x = torch.randn(n, c, h, w, generator=gen).to("cuda").contiguous(memory_format=layout).requires_grad_(True)
+        rr = r.clone().requires_grad_(True)
+        c_out = c // 49 if ps else c
+        go = torch.randn(len(r), c_out, 7, 7, generator=gen).to("cuda")
+
+        def boxes():
+            x.grad = rr.grad = None
+            if ps:
+                out = cupy_roi.ps_prroi_pool(x, rr, 7, 1.0 / stride, deterministic=det)
+            else:
+                out = cupy_roi.prroi_pool2d(x, rr, 7, 7, 1.0 / stride, deterministic=det)
+            out.backward(go)
+
+        lines.append(f"| {label} | {timed(boxes, reps=reps):.3f} | {timed(graphed(boxes), reps=reps):.3f} |")
+        del x, rr, go
+        torch.cuda.empty_cache()
+    return lines
 
 
 if __name__ == "__main__":

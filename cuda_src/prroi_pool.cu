@@ -161,6 +161,74 @@ __device__ __forceinline__ void bin_integrals(const T* plane, index_t plane_step
   }
 }
 
+// The box-edge moments of a bin, for the coordinate gradients: with F' =
+// sum_t g[t] F_t the CPT planes weighed by their output gradients (the
+// moments are linear in F, so one set serves all CPT channels), and TentSpan's
+// weight W and moments S, E per grid line,
+//   m[0] = sum F' Wy Sx,  m[1] = sum F' Wy Ex,  m[2] = sum F' Sy Wx,  m[3] = sum F' Ey Wx,
+// the bin's xs, xe, ys and ye moments (see prroi_pool_backward). Columns in
+// register-held chunks as bin_integrals; the tents always in their
+// cancellation-free form (moments of thin bins need it).
+template <int CPT, typename T, typename A, bool kUnitColumns>
+__device__ __forceinline__ void bin_moments(const T* plane, index_t plane_step, index_t row_stride,
+                                            index_t col_stride, const PreciseBin<A>& bin, const A (&g)[CPT],
+                                            A (&m)[4]) {
+  const index_t cs = kUnitColumns ? 1 : col_stride;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) m[e] = A(0);
+  for (int wc = bin.w_lo; wc <= bin.w_hi; wc += kColumns) {
+    A wx[kColumns], sx[kColumns], ex[kColumns];
+#pragma unroll
+    for (int u = 0; u < kColumns; ++u) {
+      const TentSpan<A> t = wc + u <= bin.w_hi ? bin.template span_x<true>(wc + u) : TentSpan<A>{0, 0, 0};
+      wx[u] = t.weight; sx[u] = t.start_moment; ex[u] = t.end_moment;
+    }
+    const T* row = plane + bin.h_lo * row_stride + wc * cs;
+    for (int h = bin.h_lo; h <= bin.h_hi; ++h, row += row_stride) {
+      A rw = 0, rs = 0, re = 0;
+#pragma unroll
+      for (int u = 0; u < kColumns; ++u) {
+        if (wc + u > bin.w_hi) continue;
+        A f = 0;
+#pragma unroll
+        for (int t = 0; t < CPT; ++t) f = fused(g[t], to_acc(row[t * plane_step + u * cs]), f);
+        rw = fused(f, wx[u], rw);
+        rs = fused(f, sx[u], rs);
+        re = fused(f, ex[u], re);
+      }
+      const TentSpan<A> sy = bin.template span_y<true>(h);
+      m[0] = fused(sy.weight, rs, m[0]);
+      m[1] = fused(sy.weight, re, m[1]);
+      m[2] = fused(sy.start_moment, rw, m[2]);
+      m[3] = fused(sy.end_moment, rw, m[3]);
+    }
+  }
+}
+
+// Sums v over each run of lanes holding the same key (the work order puts a
+// RoI's bins next to each other, so a warp holds one run or a few): a
+// segmented inclusive scan over (run start, value) pairs. Returns whether
+// this lane ends its run; that lane then holds the run's sums. Every lane of
+// the warp must call it.
+template <typename A, int N>
+__device__ __forceinline__ bool run_sums(long long key, A (&v)[N]) {
+  const unsigned full = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  const long long before = __shfl_up_sync(full, key, 1), after = __shfl_down_sync(full, key, 1);
+  bool starts = lane == 0 || before != key;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const bool starts_before = __shfl_up_sync(full, (int)starts, d) != 0;
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const A o = __shfl_up_sync(full, v[e], d);
+      if (lane >= d && !starts) v[e] += o;
+    }
+    if (lane >= d) starts = starts || starts_before;
+  }
+  return lane == 31 || after != key;
+}
+
 // The rows lo..hi (the same on every lane) of a bin row in a warp mode:
 // body(h, v) with v = row_value(h), each worked out by one lane, 32 rows at
 // a time, and handed round by shuffles. A row's tent weights and moments
@@ -545,6 +613,71 @@ __global__ void __launch_bounds__(kBlockThreads, 4) prroi_pool_backward_warp(
       for (int e = 0; e < 4; ++e) atomicAdd(grad_rois + p.k * 5 + 1 + e, g[e]);
     }
   });
+}
+
+// The box-coordinate gradients alone, with float atomics: a thread per bin
+// and CPT output channels in the forward's work order (channel_block, so the
+// threads running together read planes L2 holds), reading the bin's cells
+// as the forward does and weighing them by the tents' edge moments. Runs of
+// a warp's lanes on one RoI sum by shuffles; each run adds its four sums to
+// grad_rois[k, 1..4] (a zero-filled [K, 5] accumulation buffer). The
+// backward kernels above then scatter the feature gradient alone: joined
+// with that scatter, the coordinate sums cost more than a forward's reads
+// (benchmarks/NOTES.md, session 18). The deterministic backward keeps them
+// there, where the sums' order is fixed.
+template <typename T, bool PS, int CPT = 1>
+__global__ void prroi_pool_coords(
+    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
+    const T* __restrict__ input, int batch, int height, int width,
+    index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
+    int channels_out, int ph, int pw, typename acc_type<T>::type spatial_scale,
+    int channel_block, typename acc_type<T>::type* __restrict__ grad_rois) {
+  typedef typename acc_type<T>::type A;
+  const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
+  const index_t total = num_rois * (channels_out / CPT) * ph * pw;
+  const int lane = threadIdx.x & 31;
+  // whole warps go round the loop together: run_sums shuffles over all lanes
+  for (index_t base = (index_t)blockIdx.x * blockDim.x + threadIdx.x - lane; base < total;
+       base += (index_t)blockDim.x * gridDim.x) {
+    const index_t idx = base + lane;
+    long long key = -1;  // the RoI this lane adds to; -1: none
+    A d[4] = {A(0), A(0), A(0), A(0)};
+    int b; A x1, y1, x2, y2;
+    BinPos p;
+    if (idx < total) {
+      p = decompose_group<CPT>(idx, num_rois, channels_out, ph, pw, channel_block);
+      if (load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) key = p.k;
+    }
+    if (key >= 0) {
+      PreciseBin<A> bin;
+      bin.set(x1, y1, x2, y2, spatial_scale, p.i, p.j, ph, pw, height, width);
+      if (bin.area > A(0)) {
+        A g[CPT];
+#pragma unroll
+        for (int t = 0; t < CPT; ++t) g[t] = to_acc(grad_output[go_st.at(p.k, p.c + t, p.i, p.j)]);
+        const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+        const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
+        const index_t step = group_plane_step<PS>(in_s1, ph, pw);
+        A m[4];
+        if (in_s3 == 1) bin_moments<CPT, T, A, true>(plane, step, in_s2, 1, bin, g, m);
+        else bin_moments<CPT, T, A, false>(plane, step, in_s2, in_s3, bin, g, m);
+        // d mean / d xs = m_xs / (bin_h bin_w^2), and likewise (prroi_pool_backward)
+        const A d_xs = m[0] / (bin.area * bin.bin_w), d_xe = m[1] / (bin.area * bin.bin_w);
+        const A d_ys = m[2] / (bin.area * bin.bin_h), d_ye = m[3] / (bin.area * bin.bin_h);
+        const A fj0 = A(p.j) / pw, fj1 = A(p.j + 1) / pw;
+        const A fi0 = A(p.i) / ph, fi1 = A(p.i + 1) / ph;
+        d[0] = spatial_scale * (d_xs * (A(1) - fj0) + d_xe * (A(1) - fj1));
+        d[1] = spatial_scale * (d_ys * (A(1) - fi0) + d_ye * (A(1) - fi1));
+        d[2] = spatial_scale * (d_xs * fj0 + d_xe * fj1);
+        d[3] = spatial_scale * (d_ys * fi0 + d_ye * fi1);
+      }
+    }
+    if (run_sums(key, d) && key >= 0) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) atomicAdd(grad_rois + key * 5 + 1 + e, d[e]);
+    }
+  }
 }
 
 // The deterministic backward's coordinate gradients: grad_rois[k, 1 + e] +=

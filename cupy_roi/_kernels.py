@@ -32,7 +32,7 @@ FAMILIES = {
                                    "multi_scale_roi_align_backward", "fixed_point_gradient")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_backward_warp",
-                                     "prroi_pool_coords_sum", "fixed_point_gradient")),
+                                     "prroi_pool_coords", "prroi_pool_coords_sum", "fixed_point_gradient")),
 }
 
 #: kernels instantiated without their position-sensitive variant (no public
@@ -46,7 +46,7 @@ PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward
 #: _rules.channels_per_thread). Each value adds to every family's compile
 #: time (a cold start, and CI's compile checks), so only the measured ones.
 GROUPED = frozenset(("roi_align_forward", "multi_scale_roi_align_forward", "roi_pool_forward",
-                     "prroi_pool_forward"))
+                     "prroi_pool_forward", "prroi_pool_coords"))
 CHANNELS_PER_THREAD = (4, 8)
 
 #: C parameter list of every kernel, one letter a parameter: p pointer,
@@ -65,6 +65,7 @@ SIGNATURES = {
     "prroi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq",
     "prroi_pool_backward": "pqqqq" "pqqqq" "pqiii" "aiii" "piiiqqqq" "pp",
     "prroi_pool_backward_warp": "pqqqq" "piiiqqqq" "pqiii" "a" "ii" "pqqqq" "pp",
+    "prroi_pool_coords": "pqqqq" "piiiqqqq" "pqiii" "a" "i" "p",
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
 }

@@ -365,28 +365,36 @@ def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, siz
     points to a zero-filled accumulation buffer of
     :func:`prroi_coordinate_partials` elements when ``grad_rows`` is given.
     Where :func:`channels_per_warp` allows, a warp per RoI and channel group
-    does both gradients (``prroi_pool_backward_warp``); otherwise blocks over
-    chunks of a RoI's output elements do."""
+    scatters the feature gradient (``prroi_pool_backward_warp``); otherwise
+    blocks over chunks of a RoI's output elements do. With float atomics the
+    coordinate gradients then take their own kernel (``prroi_pool_coords``,
+    the forward's work order); the deterministic backward sums them in the
+    scatter kernels, in a fixed order."""
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     block, per_warp = backward_work_order("prroi_pool", device, ps, grad_input[1], shape, size, c_out, scalar,
                                           max_grad)
+    coords_in_scatter = grad_rows if max_grad else 0
     if per_warp:
         _run("prroi_pool", "prroi_pool_backward_warp", device, stream, scalar, False,
              _backward_threads(k, c_out, size, per_warp), (
                  grad[0], *grad[1], x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, block, per_warp,
-                 grad_input[0], *grad_input[1], max_grad, partials if max_grad else grad_rows))
+                 grad_input[0], *grad_input[1], max_grad, partials if coords_in_scatter else 0))
         parts = c_out // per_warp
     else:
         parts, blocks = prroi_backward_grid(k, c_out * ph * pw)
         _run("prroi_pool", "prroi_pool_backward", device, stream, scalar, ps, k * c_out * ph * pw, (
             grad[0], *grad[1], x[0], *x[1], rows, k, c_out, ph, pw, scale, channels_fastest(x[1], shape), parts,
-            int(grad_rows != 0), grad_input[0], n, h, w, *grad_input[1], partials if max_grad else grad_rows,
-            max_grad), blocks=blocks)
-    if max_grad and grad_rows:  # the per-warp or per-block partial sums, added in a fixed order
+            int(coords_in_scatter != 0), grad_input[0], n, h, w, *grad_input[1], partials, max_grad), blocks=blocks)
+    if coords_in_scatter:  # the per-warp or per-block partial sums, added in a fixed order
         _run("prroi_pool", "prroi_pool_coords_sum", device, stream, scalar, False, k * 4,
              (partials, k, parts, grad_rows))
+    elif grad_rows:
+        coords_block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
+        _run("prroi_pool", "prroi_pool_coords", device, stream, scalar, ps, k * c_out * ph * pw, (
+            grad[0], *grad[1], x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, coords_block, grad_rows),
+            cpt=channels_per_thread(scalar, ps, c_out, coords_block))
 
 
 def fixed_point_gradient(device, stream, scalar, family, fixed, max_grad, k, size, ps, shape, out, out_is_acc,
