@@ -277,17 +277,17 @@ constexpr int kColumnBins = 4;
 //   X1_i(w) = sum_j G_ij (Sx_j(w) (1 - f0_j) + Ex_j(w) (1 - f1_j)),
 //   X2_i(w) = sum_j G_ij (Sx_j(w) f0_j + Ex_j(w) f1_j).
 // Feature gradient: Wy_i(h) Q_i(w) added to pixel (h, w) once per pixel row
-// (RowRun). With want_coords, the box moments too: F[h, w] times Wy_i(h)
+// (RowRun). With kCoords, the box moments too: F[h, w] times Wy_i(h)
 // X1_i(w), Wy_i(h) X2_i(w) and, through the rows' own moments, Q_i(w) for y1
 // and y2 (the block mode's sums over bins, regrouped); d x1 = spatial_scale
 // / bin_w * the x1 moment summed over the lanes, and likewise.
-template <typename A, typename T>
+template <bool kCoords, typename A, typename T>
 __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, index_t g_plane, index_t gi_s1,
                                                       index_t gi_s2, index_t gi_s3, const T* plane,
                                                       index_t plane_step, index_t s2, index_t s3, int height,
                                                       int width, const PreciseBin<A>& roi, int ph, int pw,
                                                       const T* grad, index_t grad_step, index_t go_s2,
-                                                      index_t go_s3, int channels, bool want_coords,
+                                                      index_t go_s3, int channels,
                                                       A (&moment)[4]) {
   PreciseBin<A> first = roi, last = roi;
   first.place(0, 0, height, width);
@@ -324,7 +324,7 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
         if (j <= j_last) {
           PreciseBin<A> bin = roi;
           bin.place(0, j, height, width);
-          if (!want_coords) {
+          if (!kCoords) {
             wx = bin.template weight_x<false>(col);
           } else {
             const TentSpan<A> sx = bin.template span_x<true>(col);
@@ -352,7 +352,7 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
             if (t >= channels) continue;
             const A g = to_acc(grad[t * grad_step + i * go_s2 + (j0 + u) * go_s3]);
             q[t] = fused(g, wx, q[t]);
-            if (want_coords) {
+            if (kCoords) {
               x1[t] = fused(g, ax1, x1[t]);
               x2[t] = fused(g, ax2, x2[t]);
             }
@@ -361,7 +361,7 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
 #pragma unroll
         for (int t = 0; t < kWarpChannels; ++t) {
           q[t] *= inv_area;
-          if (want_coords) {
+          if (kCoords) {
             x1[t] *= inv_area;
             x2[t] *= inv_area;
           }
@@ -371,7 +371,7 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
         const A f0 = A(i) / ph, f1 = A(i + 1) / ph;
         // per row: Wy_i(h) and its moments in the y1 and y2 shares
         const auto row_weights = [&](int h) {
-          if (!want_coords) return TentSpan<A>{bin.template weight_y<false>(h), A(0), A(0)};
+          if (!kCoords) return TentSpan<A>{bin.template weight_y<false>(h), A(0), A(0)};
           const TentSpan<A> sy = bin.template span_y<true>(h);
           return TentSpan<A>{sy.weight, sy.start_moment * (A(1) - f0) + sy.end_moment * (A(1) - f1),
                              sy.start_moment * f0 + sy.end_moment * f1};
@@ -381,7 +381,7 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
         const auto load_row = [&](int h) {
 #pragma unroll
           for (int t = 0; t < kWarpChannels; ++t) f_next[t] = A(0);
-          if (!want_coords || !inside) return;
+          if (!kCoords || !inside) return;
           const T* px = plane + h * s2 + col * s3;
 #pragma unroll
           for (int t = 0; t < kWarpChannels; ++t)
@@ -390,22 +390,23 @@ __device__ __forceinline__ void warp_precise_backward(const GradSink<A>& sink, i
         if (bin.h_lo <= bin.h_hi) load_row(bin.h_lo);
         for_warp_rows(bin.h_lo, bin.h_hi, row_weights, [&](int h, const TentSpan<A>& wy) {
           rows.add(h, wy.weight, q, flush);
-          if (!want_coords) return;
-          A f[kWarpChannels];
+          if (kCoords) {
+            A f[kWarpChannels];
 #pragma unroll
-          for (int t = 0; t < kWarpChannels; ++t) f[t] = f_next[t];
-          if (h < bin.h_hi) load_row(h + 1);
-          A rq = 0, r1 = 0, r2 = 0;
+            for (int t = 0; t < kWarpChannels; ++t) f[t] = f_next[t];
+            if (h < bin.h_hi) load_row(h + 1);
+            A rq = 0, r1 = 0, r2 = 0;
 #pragma unroll
-          for (int t = 0; t < kWarpChannels; ++t) {
-            rq = fused(f[t], q[t], rq);
-            r1 = fused(f[t], x1[t], r1);
-            r2 = fused(f[t], x2[t], r2);
+            for (int t = 0; t < kWarpChannels; ++t) {
+              rq = fused(f[t], q[t], rq);
+              r1 = fused(f[t], x1[t], r1);
+              r2 = fused(f[t], x2[t], r2);
+            }
+            moment[0] = fused(wy.weight, r1, moment[0]);
+            moment[1] = fused(wy.start_moment, rq, moment[1]);
+            moment[2] = fused(wy.weight, r2, moment[2]);
+            moment[3] = fused(wy.end_moment, rq, moment[3]);
           }
-          moment[0] = fused(wy.weight, r1, moment[0]);
-          moment[1] = fused(wy.start_moment, rq, moment[1]);
-          moment[2] = fused(wy.weight, r2, moment[2]);
-          moment[3] = fused(wy.end_moment, rq, moment[3]);
         });
       }
       rows.finish(flush);
@@ -466,8 +467,9 @@ __global__ void prroi_pool_forward(
 // four coordinate gradients of that RoI are reduced inside the block and
 // written with four atomics per block instead of four per output element.
 // grad_input and grad_rois ([K, 5]) are zero-filled accumulation buffers of the
-// accumulation type; input is read only when want_coords is set.
-// Deterministic (max_grad given, see GradSink): grad_input holds long long,
+// accumulation type; input is read only when want_coords is set (the
+// launcher sets it for the deterministic backward alone: with float atomics
+// prroi_pool_coords is faster). Deterministic (max_grad given, see GradSink): grad_input holds long long,
 // and each block writes its four sums to grad_rois[block * 4 ...], a
 // [K * chunks_per_roi, 4] buffer that prroi_pool_coords_sum reduces in a
 // fixed order (a block's own sum is fixed by its chunk, not by scheduling).
@@ -570,7 +572,8 @@ __global__ void prroi_pool_backward(
 // grad_input and grad_rois as in prroi_pool_backward, but the deterministic
 // coordinate sums go per warp: grad_rois is then a zero-filled
 // [K * groups, 4] buffer, groups = channels_out / channels_per_warp, for
-// prroi_pool_coords_sum. grad_rois null: the feature gradient alone.
+// prroi_pool_coords_sum. grad_rois null: the feature gradient alone (the
+// launcher passes it for the deterministic backward alone, as above).
 // At most 64 registers (4 blocks of 256 threads an SM): left free it took 128
 // and ran latency-bound at a quarter of the warps; capped it spills a little
 // to L1 and measured faster (H200, benchmarks/NOTES.md, session 15).
@@ -594,11 +597,19 @@ __global__ void __launch_bounds__(kBlockThreads, 4) prroi_pool_backward_warp(
     roi.set_roi(x1, y1, x2, y2, spatial_scale, ph, pw);
     if (!(roi.area > A(0))) return;
     A m[4] = {A(0), A(0), A(0), A(0)};
-    warp_precise_backward(sink, (index_t)b * gi_s0 + (index_t)p.c * gi_s1, gi_s1, gi_s2, gi_s3,
-                          input + (index_t)b * in_s0 + (index_t)p.c * in_s1, in_s1, in_s2, in_s3, height, width,
-                          roi, ph, pw, grad_output + go_st.at(p.k, p.c, 0, 0), go_s1, go_s2, go_s3,
-                          channels_per_warp, want_coords, m);
-    if (!want_coords) return;
+    // two instances: the scatter alone (the common case: float atomics take
+    // the coordinate gradients in prroi_pool_coords) is not held to the
+    // registers and spills of the coordinate sums
+    const index_t g_plane = (index_t)b * gi_s0 + (index_t)p.c * gi_s1;
+    const T* plane = input + (index_t)b * in_s0 + (index_t)p.c * in_s1;
+    const T* grad = grad_output + go_st.at(p.k, p.c, 0, 0);
+    if (!want_coords) {
+      warp_precise_backward<false>(sink, g_plane, gi_s1, gi_s2, gi_s3, plane, in_s1, in_s2, in_s3, height, width,
+                                   roi, ph, pw, grad, go_s1, go_s2, go_s3, channels_per_warp, m);
+      return;
+    }
+    warp_precise_backward<true>(sink, g_plane, gi_s1, gi_s2, gi_s3, plane, in_s1, in_s2, in_s3, height, width,
+                                roi, ph, pw, grad, go_s1, go_s2, go_s3, channels_per_warp, m);
 #pragma unroll
     for (int e = 0; e < 4; ++e) m[e] = warp_sum(m[e]);
     if ((threadIdx.x & 31) != 0) return;
@@ -621,10 +632,11 @@ __global__ void __launch_bounds__(kBlockThreads, 4) prroi_pool_backward_warp(
 // as the forward does and weighing them by the tents' edge moments. Runs of
 // a warp's lanes on one RoI sum by shuffles; each run adds its four sums to
 // grad_rois[k, 1..4] (a zero-filled [K, 5] accumulation buffer). The
-// backward kernels above then scatter the feature gradient alone: joined
-// with that scatter, the coordinate sums cost more than a forward's reads
-// (benchmarks/NOTES.md, session 18). The deterministic backward keeps them
-// there, where the sums' order is fixed.
+// backward kernels above then scatter the feature gradient alone, in an
+// instance free of the coordinate sums' registers. Joined with the scatter
+// the sums cost more than a separate pass over the forward's reads (H200,
+// benchmarks/NOTES.md, session 18); the deterministic backward keeps them
+// there, where their order is fixed.
 template <typename T, bool PS, int CPT = 1>
 __global__ void prroi_pool_coords(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
