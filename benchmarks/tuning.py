@@ -15,8 +15,14 @@ noted, CUDA-graph replay, median of ``--reps``, ms):
 4. RoIAlign with adaptive sampling (``sampling_ratio=0``: wide RoIs' sample
    columns are dense) forward and forward+backward, float32, beside
    torchvision; run it with PYTHONPATH on two trees to compare them.
+5. PrRoIPool's coordinate kernel (``prroi_pool_coords``, the atomic box
+   gradients) with 1, 4 or 8 output channels a thread forced (the rule:
+   ``_rules.channels_per_thread``, as the forward), and with 8 on a channel
+   block rounded up to 8 where the rule's block is smaller: forward+backward
+   with box gradients minus features only, issue 14's cases and channels-last.
 
-    python3 benchmarks/tuning.py [--reps 10] [--out FILE] [--part all|order|occupancy|prroi_bins|adaptive]
+    python3 benchmarks/tuning.py [--reps 10] [--out FILE]
+        [--part all|order|occupancy|prroi_bins|adaptive|prroi_coords]
 """
 import argparse
 import math
@@ -189,11 +195,60 @@ def adaptive(reps, lines):
         torch.cuda.empty_cache()
 
 
+def prroi_coords(reps, lines):
+    gen = torch.Generator().manual_seed(0)
+    lines += ["", "## PrRoIPool's coordinate kernel by channels per thread (float32; boxes minus features, graph)", "",
+              "| case | features only | rule | 1 | 4 | 8 | 8, block rounded up to 8 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    backward, per_thread, block_rule = _rules.prroi_pool_backward, _rules.channels_per_thread, _rules.channel_block
+
+    def forced(cpt, round_block):
+        def launch(*args, **kwargs):  # the coordinate launch is the backward's only channels_per_thread call
+            _rules.channels_per_thread = lambda scalar, ps, c_out, block: (
+                cpt if c_out % cpt == 0 and block % cpt == 0 else 1)
+            if round_block:
+                _rules.channel_block = lambda *a: (lambda b: b if b == 0 else math.lcm(b, 8))(block_rule(*a))
+            try:
+                return backward(*args, **kwargs)
+            finally:
+                _rules.channels_per_thread, _rules.channel_block = per_thread, block_rule
+        return launch
+
+    for title, n, c, h, w, stride, per_image, layout in (
+            ("8x256x64x64, K=4096, stride 8", 8, 256, 64, 64, 8, 512, torch.contiguous_format),
+            ("16x256x200x272, K=8192, stride 4", 16, 256, 200, 272, 4, 512, torch.contiguous_format),
+            ("2x256x50x68, K=1024, stride 16", 2, 256, 50, 68, 16, 512, torch.contiguous_format),
+            ("8x256x64x64 channels-last", 8, 256, 64, 64, 8, 512, torch.channels_last)):
+        x = torch.randn(n, c, h, w, generator=gen).cuda().contiguous(memory_format=layout).requires_grad_(True)
+        r = rois_for(n, per_image, h, w, stride, gen).cuda().requires_grad_(True)
+        go = torch.randn(r.shape[0], c, 7, 7, generator=gen).cuda()
+
+        def run(boxes):
+            x.grad = r.grad = None
+            cupy_roi.prroi_pool2d(x, r if boxes else r.detach(), 7, 7, 1 / stride).backward(go)
+
+        features = timed(graphed(lambda: run(False)), reps=reps)
+        cells = []
+        for cpt, round_block in (("rule", False), (1, False), (4, False), (8, False), (8, True)):
+            if cpt != "rule":
+                _rules.prroi_pool_backward = forced(cpt, round_block)
+            try:
+                # a rounded block moves the feature scatter too: its own features-only time
+                base = timed(graphed(lambda: run(False)), reps=reps) if round_block else features
+                cells.append(timed(graphed(lambda: run(True)), reps=reps) - base)
+            finally:
+                _rules.prroi_pool_backward = backward
+        lines.append(f"| {title} | {features:.3f} | " + " | ".join(f"{t:.3f}" for t in cells) + " |")
+        print(lines[-1], flush=True)
+        del x, r, go
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--part", choices=("all", "order", "occupancy", "prroi_bins", "adaptive"), default="all")
+    parser.add_argument("--part", choices=("all", "order", "occupancy", "prroi_bins", "adaptive", "prroi_coords"),
+                        default="all")
     args = parser.parse_args()
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; CUDA-graph replay, median of "
              f"{args.reps} (ms)", ""]
@@ -205,6 +260,8 @@ def main():
         prroi_bins(args.reps, lines)
     if args.part in ("all", "adaptive"):
         adaptive(args.reps, lines)
+    if args.part in ("all", "prroi_coords"):
+        prroi_coords(args.reps, lines)
     report(lines, args.out)
 
 

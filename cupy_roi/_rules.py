@@ -92,18 +92,19 @@ def _group_target(channels_fastest_order):
     return 8 if channels_fastest_order else 4
 
 
-def channels_per_thread(scalar, ps, c_out, block):
-    """Output channels one thread of a grouped forward kernel
-    (``_kernels.GROUPED``: RoIAlign, multi-level RoIAlign, RoIPool, PrRoIPool)
-    computes: the largest compiled value (``_kernels.CHANNELS_PER_THREAD``)
-    up to the target of :func:`_group_target` that divides ``c_out`` and the
-    channel block ``block`` (0: channels fastest), so that groups tile the
-    work order exactly; else 1. 1 for position-sensitive pooling (R-FCN's 21
-    channels per bin measured no gain) and float64 (twice the registers; not
-    measured)."""
+def channels_per_thread(scalar, ps, c_out, block, target=None):
+    """Output channels one thread of a grouped kernel (``_kernels.GROUPED``:
+    the RoIAlign, multi-level RoIAlign, RoIPool and PrRoIPool forwards, and
+    PrRoIPool's coordinate kernel) computes: the largest compiled value
+    (``_kernels.CHANNELS_PER_THREAD``) up to ``target`` (default: the
+    forwards' :func:`_group_target`) that divides ``c_out`` and the channel
+    block ``block`` (0: channels fastest), so that groups tile the work order
+    exactly; else 1. 1 for position-sensitive pooling (R-FCN's 21 channels per
+    bin measured no gain) and float64 (twice the registers; not measured)."""
     if ps or scalar == "float64":
         return 1
-    target = _group_target(block == 0)
+    if target is None:
+        target = _group_target(block == 0)
     for cpt in _CHANNELS_PER_THREAD_DOWN:
         if cpt <= target and c_out % cpt == 0 and block % cpt == 0:
             return cpt
@@ -391,10 +392,15 @@ def prroi_pool_backward(device, stream, scalar, ps, grad, x, shape, rows, k, siz
         _run("prroi_pool", "prroi_pool_coords_sum", device, stream, scalar, False, k * 4,
              (partials, k, parts, grad_rows))
     elif grad_rows:
+        # 8 channels a thread wherever the forward's block allows: a thread's
+        # channels share one set of tents, folded by their output gradients
+        # (H200, tuning.py --part prroi_coords: the detector case's coordinate
+        # pass 1.08 -> 0.87 ms against 4; the Mask R-CNN-size map's block of 4
+        # keeps 4: rounding its block up to 8 took 11.9 -> 22.4 ms)
         coords_block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
         _run("prroi_pool", "prroi_pool_coords", device, stream, scalar, ps, k * c_out * ph * pw, (
             grad[0], *grad[1], x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, coords_block, grad_rows),
-            cpt=channels_per_thread(scalar, ps, c_out, coords_block))
+            cpt=channels_per_thread(scalar, ps, c_out, coords_block, target=8))
 
 
 def fixed_point_gradient(device, stream, scalar, family, fixed, max_grad, k, size, ps, shape, out, out_is_acc,

@@ -242,6 +242,10 @@ def test_channels_per_thread_rule():
     assert channels_per_thread("float32", False, 21, 3) == 1
     assert channels_per_thread("float64", False, 256, 0) == 1
     assert channels_per_thread("float32", True, 256, 4) == 1
+    # PrRoIPool's coordinate kernel aims for 8 in either order, within the block
+    assert channels_per_thread("float32", False, 256, 256, target=8) == 8
+    assert channels_per_thread("float32", False, 256, 4, target=8) == 4
+    assert channels_per_thread("float32", False, 12, 12, target=8) == 4
     for c in range(1, 70):
         for block in [0] + [b for b in range(1, c + 1) if c % b == 0]:
             cpt = channels_per_thread("float32", False, c, block)
