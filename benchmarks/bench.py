@@ -99,9 +99,8 @@ def call_ours(name, x, r, size, scale, sr, deterministic=False):
 
 
 # torchvision ops that cannot be captured in a CUDA graph: their graph cell
-# stays nan, and the capture is not tried, since a failed capture leaves an
-# error that fails the process's next capture (it took cupy_roi's R-FCN
-# float32 forward+backward cell with it).
+# stays nan without trying (a failed capture can fail the process's next one;
+# overhead.py runs its compiled cases in fresh processes for that reason).
 UNCAPTURABLE_ANCHORS = frozenset(("ps_roi_align",))
 
 
@@ -237,7 +236,8 @@ def main():
                 passes.append(("forward+backward, with box gradient", "coords"))
             for label, backward in passes:
                 rr = r.clone().requires_grad_(backward == "coords")
-                out = call_ours(ours, x, rr, size, scale, sr)
+                with torch.no_grad():  # the shape alone: no autograd graph kept alive into the captures below
+                    out = call_ours(ours, x, rr, size, scale, sr)
                 go = torch.randn(out.shape, generator=gen).to("cuda", dtype)
                 go_a = go.to(anchor_dtype)
 
