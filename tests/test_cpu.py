@@ -224,6 +224,45 @@ def test_channel_block_rule():
             assert 1 <= b <= c and c % b == 0
 
 
+def test_prroi_backward_launches_by_mode(monkeypatch):
+    """Which kernels PrRoIPool's backward launches (_rules.prroi_pool_backward,
+    its launches recorded instead of run): with float atomics the box
+    gradients go to prroi_pool_coords, the scatter kernels get no coordinate
+    buffer; the deterministic backward never launches prroi_pool_coords (its
+    sums would then follow the scheduling and the GPU's channel block) but
+    sums per warp or block and adds the parts in order (prroi_pool_coords_sum)."""
+    from cupy_roi import _kernels, _rules
+
+    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 << 20)  # an H100's L2; no GPU asked
+    launched = []
+    monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
+                        launched.append((kernel, args, kw)))
+    n, c_out, h, w, size, k = 2, 16, 20, 24, (3, 3), 7
+    nchw, nhwc = (c_out * h * w, h * w, w, 1), (c_out * h * w, 1, w * c_out, c_out)
+
+    def backward(x_strides, ps=False, grad_rows=0, max_grad=0, partials=0):
+        launched.clear()
+        c = c_out * 9 if ps else c_out
+        strides = tuple(s * c // c_out for s in x_strides) if ps else x_strides
+        _rules.prroi_pool_backward(0, 0, "float32", ps, (11, (c_out * 9, 9, 3, 1)), (22, strides), (n, c, h, w),
+                                   33, k, size, 0.5, (44, strides), grad_rows, max_grad, partials)
+        return [name for name, _, _ in launched]
+
+    assert backward(nchw, grad_rows=55) == ["prroi_pool_backward_warp", "prroi_pool_coords"]
+    assert launched[0][1][-1] == 0  # the scatter sums no coordinates
+    assert launched[1][1][-1] == 55 and launched[1][2]["cpt"] == 8
+    assert backward(nchw) == ["prroi_pool_backward_warp"]
+    assert backward(nchw, grad_rows=55, max_grad=66, partials=77) == ["prroi_pool_backward_warp",
+                                                                      "prroi_pool_coords_sum"]
+    assert launched[0][1][-1] == 77 and launched[1][1] == (77, k, c_out // 4, 55)
+    assert backward(nhwc, grad_rows=55) == ["prroi_pool_backward", "prroi_pool_coords"]
+    assert launched[0][1][18] == 0 and launched[1][2]["cpt"] == 8  # want_coords off in the block mode
+    assert backward(nhwc, grad_rows=55, max_grad=66, partials=77) == ["prroi_pool_backward", "prroi_pool_coords_sum"]
+    assert launched[0][1][18] == 1 and launched[0][1][-2] == 77
+    assert backward(nchw, ps=True, grad_rows=55) == ["prroi_pool_backward", "prroi_pool_coords"]
+    assert launched[1][2]["cpt"] == 1
+
+
 def test_channels_per_thread_rule():
     """Output channels per thread of the grouped forwards
     (_rules.channels_per_thread): 8 where channels are walked fastest, 4 with
