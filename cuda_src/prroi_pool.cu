@@ -116,6 +116,16 @@ struct PreciseBin {
   __device__ __forceinline__ TentSpan<A> span_x(int w) const {
     return tent_span<A, kMoments>((rx1 - A(w)) + off_x, bin_w);
   }
+  // span_x<true> of the kColumns grid columns from wc (zeros past w_hi) as
+  // three register arrays: weights, start and end moments.
+  __device__ __forceinline__ void column_spans(int wc, A (&weight)[kColumns], A (&start)[kColumns],
+                                               A (&end)[kColumns]) const {
+#pragma unroll
+    for (int u = 0; u < kColumns; ++u) {
+      const TentSpan<A> t = wc + u <= w_hi ? span_x<true>(wc + u) : TentSpan<A>{0, 0, 0};
+      weight[u] = t.weight; start[u] = t.start_moment; end[u] = t.end_moment;
+    }
+  }
   __device__ __forceinline__ bool wide() const { return bin_w >= A(kWideBin) && bin_h >= A(kWideBin); }
   // Weights only (the forward): the short form for wide bins, tent_span for thin ones.
   template <bool kWide>
@@ -178,11 +188,7 @@ __device__ __forceinline__ void bin_moments(const T* plane, index_t plane_step, 
   for (int e = 0; e < 4; ++e) m[e] = A(0);
   for (int wc = bin.w_lo; wc <= bin.w_hi; wc += kColumns) {
     A wx[kColumns], sx[kColumns], ex[kColumns];
-#pragma unroll
-    for (int u = 0; u < kColumns; ++u) {
-      const TentSpan<A> t = wc + u <= bin.w_hi ? bin.template span_x<true>(wc + u) : TentSpan<A>{0, 0, 0};
-      wx[u] = t.weight; sx[u] = t.start_moment; ex[u] = t.end_moment;
-    }
+    bin.column_spans(wc, wx, sx, ex);
     const T* row = plane + bin.h_lo * row_stride + wc * cs;
     for (int h = bin.h_lo; h <= bin.h_hi; ++h, row += row_stride) {
       A rw = 0, rs = 0, re = 0;
@@ -511,11 +517,7 @@ __global__ void prroi_pool_backward(
       A m_xs = 0, m_xe = 0, m_ys = 0, m_ye = 0;
       for (int wc = bin.w_lo; wc <= bin.w_hi; wc += kColumns) {
         A wx[kColumns], mx_s[kColumns], mx_e[kColumns];
-#pragma unroll
-        for (int t = 0; t < kColumns; ++t) {
-          const TentSpan<A> sx = wc + t <= bin.w_hi ? bin.template span_x<true>(wc + t) : TentSpan<A>{0, 0, 0};
-          wx[t] = sx.weight; mx_s[t] = sx.start_moment; mx_e[t] = sx.end_moment;
-        }
+        bin.column_spans(wc, wx, mx_s, mx_e);
         for (int h = bin.h_lo; h <= bin.h_hi; ++h) {
           const TentSpan<A> sy = bin.template span_y<true>(h);
           const A wy = sy.weight;
