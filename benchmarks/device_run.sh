@@ -8,6 +8,8 @@
 #      layouts: work_order.py --once; CSV), and the PrRoIPool tables candidate with its stages
 #   G: Nsight Compute of the FPN box head's backward kernel, this tree and .gl/old
 #   P: PrRoIPool on issue 14's three cases (prroi_cases.py), this tree and .gl/old
+#   L: Nsight Compute of the RoIAlign forwards (Mask R-CNN 7x7 float32, both layouts, beside
+#      torchvision's): what bounds them, L2 and L1 throughput and sector counts included (CSV)
 # Several stages in one call: `for s in A F; do bash benchmarks/device_run.sh $s; done`.
 # The suite runs with the larger hypothesis profile. The device has no nbclient/ipykernel: carry
 # wheels in .whl/ (made here with `pip download nbclient nbformat ipykernel --python-version 3.12
@@ -81,6 +83,29 @@ launch__registers_per_thread,dram__bytes_read.sum,dram__bytes_write.sum
       python3 benchmarks/fpn_backward_once.py 2 2>/dev/null | grep -v "^==" | tee -a "$out/ncu_fpn.csv" \
       | awk -F'","' -v t="$tree" '{print t, $(NF-3), $(NF-2), $NF}'
   done
+  ;;
+L)
+  m=gpu__time_duration.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed,\
+l1tex__throughput.avg.pct_of_peak_sustained_active,sm__throughput.avg.pct_of_peak_sustained_elapsed,\
+smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,launch__registers_per_thread,\
+sm__warps_active.avg.pct_of_peak_sustained_active,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors.sum,\
+lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_hit_rate.pct,l1tex__t_sector_hit_rate.pct,\
+l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,\
+l1tex__data_pipe_lsu_wavefronts_mem_lg_cmd_read.sum,\
+smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,\
+smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio
+  log ncu, RoIAlign forwards
+  timeout 200 ncu --csv --metrics "$m" -k regex:roi_align_forward python3 benchmarks/work_order.py --once \
+    > "$out/ncu_forward.csv" 2> "$out/ncu_forward.err"; tail -3 "$out/ncu_forward.err"
+  python3 - "$out/ncu_forward.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+head, body = rows[0], rows[1:]
+k, m, u, v = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value"))
+i = head.index("ID")
+for r in body:
+    print(r[i], r[k][:40], r[m], r[u], r[v])
+PY
   ;;
 E)
   metrics=launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,\

@@ -110,6 +110,20 @@ def breakdown(x, r, reps):
     print(f"| (x * 1).sum().backward(), no custom code | {per_call_us(plain_fwd_bwd, reps):.1f} |")
     print(f"| Python autograd.Function identity, .sum().backward() | {per_call_us(identity_fwd_bwd, reps):.1f} |")
     print(f"| roi_align_backward_cuda called directly (our backward's body) | {backward_body:.1f} |")
+    xt = x.detach().requires_grad_(True)
+
+    def tv_fwd_bwd():
+        xt.grad = None
+        tv.roi_align(xt, r, 7, 0.5, 2, True).sum().backward()
+
+    def ours_fwd_bwd():
+        xt.grad = None
+        cupy_roi.roi_align(xt, r, 7, 0.5, 2, True).sum().backward()
+
+    # the same measurement as the rows above, so that they compare: what a Python
+    # autograd node costs beside torchvision's C++ one, before any work of ours
+    print(f"| torchvision roi_align, .sum().backward() | {per_call_us(tv_fwd_bwd, reps):.1f} |")
+    print(f"| cupy_roi roi_align, .sum().backward() | {per_call_us(ours_fwd_bwd, reps):.1f} |")
     print()
     print("| layer of one ps_prroi_pool forward | us/call |")
     print("|---|---:|")

@@ -184,9 +184,55 @@ def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, c
     _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args)
 
 
+#: roi_align.cu's plane mode: kPlaneThreads, kPlaneList, kPlaneSamples and kWarpLanes
+PLANE_THREADS, PLANE_LIST, PLANE_SAMPLES, WARP_LANES = 512, 1024, 32, 32
+#: samples (RoIs x bins x grid) a plane cell, at least, for the plane mode
+PLANE_MIN_SAMPLES_PER_CELL = 0.25
+
+
+def plane_shared_bytes(h, w, scalar):
+    """Dynamic shared memory of ``roi_align_forward_plane``: the plane, the
+    RoI list and its count, each warp's y samples (``AxisSample``: two ints
+    and two accumulation-type weights); the layout of cuda_src/roi_align.cu."""
+    plane = -(-h * w * _ITEMSIZE[scalar] // 16) * 16
+    sample = 8 + 2 * (8 if scalar == "float64" else 4)
+    return plane + 4 * PLANE_LIST + 16 + (PLANE_THREADS // 32) * PLANE_SAMPLES * sample
+
+
+def forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio, k):
+    """Shared memory of the RoIAlign forward's plane mode (a block per image
+    and channel pools every RoI of the image from the plane in shared
+    memory), or 0 for the flat grid. The plane mode is for maps too large
+    for a share of L2, where the flat grid's reads of overlapping RoIs bind
+    it at L2 throughput: plain pooling over NCHW-like planes (unit column
+    stride: the copy reads rows) whose plane fits the device's shared
+    memory, a fixed sampling grid within the warp's lanes, and enough
+    samples per plane cell that copying whole planes pays."""
+    if ps or sampling_ratio <= 0 or k == 0:
+        return 0
+    n, c, h, w = shape
+    ph, pw = size
+    if ph * sampling_ratio > PLANE_SAMPLES or pw * sampling_ratio > WARP_LANES:
+        return 0
+    if strides[3] != 1 or channels_fastest(strides, shape):
+        return 0
+    if n * c * h * w * _ITEMSIZE[scalar] <= _kernels.l2_cache_bytes(device) // 3:
+        return 0
+    if k * ph * pw * sampling_ratio * sampling_ratio < PLANE_MIN_SAMPLES_PER_CELL * n * h * w:
+        return 0
+    nbytes = plane_shared_bytes(h, w, scalar)
+    return nbytes if nbytes <= _kernels.shared_bytes_optin(device) else 0
+
+
 def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out):
     n, c, h, w = shape
     ph, pw = size
+    shared = forward_plane_bytes(device, scalar, ps, x[1], shape, size, sampling_ratio, k)
+    if shared:
+        fn = _kernels.get_function("roi_align", "roi_align_forward_plane", scalar, False, device)
+        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], rows, k, c, ph, pw, scale, sampling_ratio, aligned,
+                                            out[0], *out[1]), threads=PLANE_THREADS, shared=shared)
+        return
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
     _run("roi_align", "roi_align_forward", device, stream, scalar, ps, k * c_out * ph * pw, (
