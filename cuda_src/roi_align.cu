@@ -457,89 +457,90 @@ __global__ void roi_align_forward(
 // Plane mode of the RoIAlign forward, for maps too large for L2: a block per
 // (image, channel) copies that channel's plane into shared memory once and
 // pools every RoI of the image from it. The flat grid reads each sample's
-// corners through L2, and on Mask R-CNN's map that traffic (RoIs overlap
-// about 40-fold there) bound it at 98% of L2 throughput (Nsight Compute,
-// H200, benchmarks/NOTES.md session 19); here L2 serves each plane once.
-// A warp takes one RoI at a time, its lanes over the sample columns (two
-// lanes a sample, its two corner columns, where 2 * pw * grid_w <= 32; else
-// one), so each shared-memory read of a sample row is one row of the plane
-// across the warp; the bin's columns are then summed by shuffles. Summed
-// separably (rows first), a bin's float rounding differs from bin_sample_sums'
-// in the last bits. Needs a fixed sampling grid with ph * grid_h <= kPlaneSamples
-// and pw * grid_w <= kWarpLanes (the host's rule); any other RoI takes the
-// bin-per-lane path below, from the same shared plane.
-constexpr int kPlaneThreads = 512;
+// corners through L2, and on Mask R-CNN's map that traffic (its RoIs overlap
+// many times over) bound it at 98% of L2 throughput (Nsight Compute, H200,
+// benchmarks/NOTES.md session 19); here L2 serves each plane once.
+// A warp takes one RoI at a time, its lanes over the sample columns, two a
+// sample (its two corner columns), so each shared-memory read of a sample
+// row is one row of the plane across the warp; the lanes of a bin column
+// then sum by shuffles. The sampling geometry is a RoI's, whatever the
+// channel, so roi_align_plane_geometry works it out once per RoI into a
+// table (PlaneRoi) that every channel's block reads. Summed separably (rows
+// first), a bin's float rounding differs from bin_sample_sums' in the last
+// bits. The host's rule keeps the grid within the table: a fixed sampling
+// grid, ph * grid_h <= kPlaneRows, 2 * pw * grid_w <= 32; a RoI past it (or an
+// invalid row) gets NaN outputs.
+constexpr int kPlaneThreads = 1024;
 constexpr int kPlaneWarps = kPlaneThreads / 32;
-constexpr int kPlaneList = 1024;    // RoIs scanned for the block's image per round
-constexpr int kPlaneSamples = 32;   // y samples a warp keeps for its RoI
-constexpr int kWarpLanes = 32;
+constexpr int kPlaneRows = 32;  // y samples a RoI's table holds
 
-// A sample's axis weights (axis_weights); lo < 0: the sample lies off the map.
+// A y sample: its two rows' offsets in the plane (row * width) and weights;
+// lo < 0: the sample lies off the map.
 template <typename A>
-struct AxisSample { int lo, hi; A w_lo, w_hi; };
+struct __align__(16) PlaneRow { int lo, hi; A w_lo, w_hi; };
 
-// Shared memory: the plane (T, height x width), the round's RoI list and its
-// count, then each warp's y samples. _rules.plane_shared_bytes mirrors this.
+// A lane's sample column: col < 0, none (or off the map); the lanes of bin
+// column out_col form a group of `group` lanes, pos the lane's place in it.
+template <typename A>
+struct __align__(16) PlaneLane { int col, out_col, pos; A w; };
+
+template <typename A>
+struct PlaneRoi {
+  A inv_count;
+  int valid, grid_h, group;
+  PlaneRow<A> rows[kPlaneRows];
+  PlaneLane<A> lanes[32];
+};
+// _rules.PLANE_ROI_BYTES
+static_assert(sizeof(PlaneRoi<float>) == 1040 && sizeof(PlaneRoi<double>) == 2080, "PlaneRoi's size");
+
+// Shared memory: the plane (T, height x width), then the round's RoI list and
+// its count. _rules.plane_shared_bytes mirrors this.
 __device__ __forceinline__ index_t plane_bytes(int height, int width, int itemsize) {
   return ((index_t)height * width * itemsize + 15) / 16 * 16;
 }
 
-template <typename T, typename A>
-__device__ __forceinline__ void plane_pool_roi(const T* plane, int height, int width, AxisSample<A>* ys,
-                                               const AlignGrid<A>& g, int ph, int pw, T* out, index_t out_s2,
-                                               index_t out_s3, int lane) {
-  const int gh = g.grid_h, gw = g.grid_w, ny = ph * gh, nx = pw * gw;
-  if (gh == 0 || gw == 0 || ny > kPlaneSamples || nx > kWarpLanes) {
-    for (int bin = lane; bin < ph * pw; bin += kWarpLanes) {
-      const int i = bin / pw, j = bin - i * pw;
-      A sum[1];
-      bin_sample_sums<1>(plane, 0, width, 1, height, width, g, AxisFrame(), i, j, sum);
-      store_means<1, T, A>(out + i * out_s2 + j * out_s3, 0, sum, &g);
+template <typename T, bool PS>
+__global__ void roi_align_plane_geometry(
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
+    int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
+    void* __restrict__ table) {
+  typedef typename acc_type<T>::type A;
+  PlaneRoi<A>* geo = reinterpret_cast<PlaneRoi<A>*>(table);
+  const int lane = threadIdx.x & 31;
+  for (index_t k = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; k < num_rois;
+       k += ((index_t)blockDim.x * gridDim.x) >> 5) {
+    PlaneRoi<A>& t = geo[k];
+    int b; A x1, y1, x2, y2;
+    const bool ok = load_roi(rois, k, batch, b, x1, y1, x2, y2);
+    AlignGrid<A> g;
+    g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
+    const int gh = g.grid_h, gw = g.grid_w, ny = ph * gh, nx = pw * gw;
+    const bool valid = ok && gh > 0 && gw > 0 && ny <= kPlaneRows && 2 * nx <= 32;
+    if (lane == 0) { t.inv_count = g.inv_count; t.valid = valid; t.grid_h = gh; t.group = 2 * gw; }
+    if (!valid) continue;
+    if (lane < ny) {
+      const int i = lane / gh, iy = lane - i * gh;
+      PlaneRow<A> r;
+      if (axis_weights(g.sample_y(i, iy), height, r.lo, r.hi, r.w_lo, r.w_hi)) { r.lo *= width; r.hi *= width; }
+      else { r.lo = r.hi = -1; r.w_lo = r.w_hi = A(0); }
+      t.rows[lane] = r;
     }
-    return;
-  }
-  if (lane < ny) {
-    const int i = lane / gh, iy = lane - i * gh;
-    AxisSample<A> s;
-    if (!axis_weights(g.sample_y(i, iy), height, s.lo, s.hi, s.w_lo, s.w_hi)) s.lo = -1;
-    ys[lane] = s;
-  }
-  // The lane's corner columns: (ca, wa) and, at one lane a sample, (cb, wb).
-  const bool pairs = 2 * nx <= kWarpLanes;
-  const int sx = pairs ? lane >> 1 : lane;
-  int ca = -1, cb = -1;
-  A wa = A(0), wb = A(0);
-  if (sx < nx) {
-    const int j = sx / gw, ix = sx - j * gw;
-    int lo, hi;
-    A w_lo, w_hi;
-    if (axis_weights(g.sample_x(j, ix), width, lo, hi, w_lo, w_hi)) {
-      if (!pairs) { ca = lo; wa = w_lo; cb = hi; wb = w_hi; }
-      else if (lane & 1) { ca = hi; wa = w_hi; }
-      else { ca = lo; wa = w_lo; }
+    PlaneLane<A> l;
+    l.col = l.out_col = -1; l.pos = -1; l.w = A(0);
+    const int sx = lane >> 1;
+    if (sx < nx) {
+      const int j = sx / gw, ix = sx - j * gw;
+      l.pos = lane - j * 2 * gw;
+      l.out_col = l.pos == 0 ? j : -1;
+      int lo, hi; A w_lo, w_hi;
+      if (axis_weights(g.sample_x(j, ix), width, lo, hi, w_lo, w_hi)) {
+        l.col = lane & 1 ? hi : lo;
+        l.w = lane & 1 ? w_hi : w_lo;
+      }
     }
+    t.lanes[lane] = l;
   }
-  const int group = pairs ? 2 * gw : gw;  // lanes of one bin column
-  const int first = sx < nx ? (sx / gw) * group : kWarpLanes;
-  const int pos = lane - first;
-  __syncwarp();
-  for (int i = 0; i < ph; ++i) {
-    A acc = A(0);
-    for (int iy = 0; iy < gh; ++iy) {
-      const AxisSample<A> s = ys[i * gh + iy];
-      if (s.lo < 0) continue;
-      const T* top = plane + s.lo * width;
-      const T* bottom = plane + s.hi * width;
-      if (ca >= 0) acc = fused(wa, fused(s.w_hi, to_acc(bottom[ca]), s.w_lo * to_acc(top[ca])), acc);
-      if (cb >= 0) acc = fused(wb, fused(s.w_hi, to_acc(bottom[cb]), s.w_lo * to_acc(top[cb])), acc);
-    }
-    for (int off = 1; off < group; off <<= 1) {
-      const A other = __shfl_down_sync(0xffffffffu, acc, off);
-      if (pos >= 0 && pos + off < group) acc += other;
-    }
-    if (pos == 0) store(out + i * out_s2 + (first / group) * out_s3, acc * g.inv_count);
-  }
-  __syncwarp();  // ys is the warp's next RoI's
 }
 
 template <typename T, bool PS>
@@ -547,29 +548,28 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
-    int channels, int ph, int pw,
-    typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
+    int channels, int ph, int pw, const void* __restrict__ table,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
+  const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
   extern __shared__ __align__(16) unsigned char plane_shared[];
   T* plane = reinterpret_cast<T*>(plane_shared);
   int* list = reinterpret_cast<int*>(plane_shared + plane_bytes(height, width, sizeof(T)));
-  int* count = list + kPlaneList;
+  int* count = list + kPlaneThreads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  AxisSample<A>* ys = reinterpret_cast<AxisSample<A>*>(count + 4) + warp * kPlaneSamples;
   // Images vary fastest: the blocks running together read one channel's
-  // planes, and the RoI rows they all scan stay in L2.
+  // planes, and the RoI rows and table they all read stay in L2.
   const int b = (int)(blockIdx.x % (unsigned)batch);
   const int c = (int)(blockIdx.x / (unsigned)batch);
   bool loaded = false;
-  for (index_t base = 0; base < num_rois; base += kPlaneList) {
+  for (index_t base = 0; base < num_rois; base += kPlaneThreads) {
     __syncthreads();  // the round before has read the list
     if (threadIdx.x == 0) *count = 0;
     __syncthreads();
     // This round's RoIs of image b; block 0's image also takes the rows whose
     // batch index is invalid (their outputs become NaN).
-    for (int t = threadIdx.x; t < kPlaneList; t += kPlaneThreads) {
-      const index_t k = base + t;
+    {
+      const index_t k = base + threadIdx.x;
       bool mine = false;
       if (k < num_rois) {
         const A bf = rois[k * 5];
@@ -580,7 +580,7 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
       int at = 0;
       if (lane == 0 && ballot) at = atomicAdd(count, __popc(ballot));
       at = __shfl_sync(0xffffffffu, at, 0);
-      if (mine) list[at + __popc(ballot & ((1u << lane) - 1u))] = t;
+      if (mine) list[at + __popc(ballot & ((1u << lane) - 1u))] = threadIdx.x;
     }
     __syncthreads();
     const int n = *count;
@@ -590,16 +590,13 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
       for (int r = warp; r < height; r += kPlaneWarps) {
         const T* row = src + r * in_s2;
         T* dst = plane + r * width;
-        for (int col = lane; col < width; col += 4 * kWarpLanes) {
+        for (int col = lane; col < width; col += 128) {
           T v[4];
 #pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int at = col + u * kWarpLanes;
-            v[u] = at < width ? row[at * in_s3] : T();
-          }
+          for (int u = 0; u < 4; ++u) v[u] = col + 32 * u < width ? row[(col + 32 * u) * in_s3] : T();
 #pragma unroll
           for (int u = 0; u < 4; ++u)
-            if (col + u * kWarpLanes < width) dst[col + u * kWarpLanes] = v[u];
+            if (col + 32 * u < width) dst[col + 32 * u] = v[u];
         }
       }
       loaded = true;
@@ -607,16 +604,30 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     }
     for (int r = warp; r < n; r += kPlaneWarps) {
       const index_t k = base + list[r];
+      const PlaneRoi<A>& t = geo[k];
       T* out = output + k * out_s0 + (index_t)c * out_s1;
-      int bk; A x1, y1, x2, y2;
-      if (!load_roi(rois, k, batch, bk, x1, y1, x2, y2)) {
-        for (int bin = lane; bin < ph * pw; bin += kWarpLanes)
+      if (!t.valid) {
+        for (int bin = lane; bin < ph * pw; bin += 32)
           store(out + (bin / pw) * out_s2 + (bin % pw) * out_s3, quiet_nan<A>());
         continue;
       }
-      AlignGrid<A> g;
-      g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
-      plane_pool_roi(plane, height, width, ys, g, ph, pw, out, out_s2, out_s3, lane);
+      const PlaneLane<A> l = t.lanes[lane];
+      const int gh = t.grid_h, group = t.group;
+      const A inv_count = t.inv_count;
+      T* out_col = out + (index_t)max(l.out_col, 0) * out_s3;
+      for (int i = 0; i < ph; ++i) {
+        A acc = A(0);
+        for (int iy = 0; iy < gh; ++iy) {
+          const PlaneRow<A> y = t.rows[i * gh + iy];
+          if (y.lo >= 0 && l.col >= 0)
+            acc = fused(l.w, fused(y.w_hi, to_acc(plane[y.hi + l.col]), y.w_lo * to_acc(plane[y.lo + l.col])), acc);
+        }
+        for (int off = 1; off < group; off <<= 1) {
+          const A other = __shfl_down_sync(0xffffffffu, acc, off);
+          if (l.pos >= 0 && l.pos + off < group) acc += other;
+        }
+        if (l.out_col >= 0) store(out_col + i * out_s2, acc * inv_count);
+      }
     }
   }
 }

@@ -27,7 +27,8 @@ CUDA_TYPES = {
 #: kernel family -> (source file, kernel templates); every template takes
 #: <scalar type, position_sensitive>
 FAMILIES = {
-    "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_forward_plane", "roi_align_backward",
+    "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_plane_geometry", "roi_align_forward_plane",
+                                   "roi_align_backward",
                                    "roi_align_rotated_forward",
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
                                    "multi_scale_roi_align_backward", "fixed_point_gradient")),
@@ -38,7 +39,8 @@ FAMILIES = {
 
 #: kernels instantiated without their position-sensitive variant (no public
 #: operator uses it); every other kernel is compiled for both
-PLAIN_ONLY = frozenset(("roi_align_forward_plane", "roi_align_rotated_forward", "roi_align_rotated_backward",
+PLAIN_ONLY = frozenset(("roi_align_plane_geometry", "roi_align_forward_plane",
+                        "roi_align_rotated_forward", "roi_align_rotated_backward",
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
                         "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum"))
 
@@ -56,7 +58,8 @@ CHANNELS_PER_THREAD = (4, 8)
 #: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
 SIGNATURES = {
     "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
-    "roi_align_forward_plane": "piiiqqqq" "pqiii" "aii" "pqqqq",
+    "roi_align_plane_geometry": "pqiiiii" "aii" "p",
+    "roi_align_forward_plane": "piiiqqqq" "pqiii" "p" "pqqqq",
     "roi_align_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
     "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",

@@ -184,19 +184,16 @@ def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, c
     _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args)
 
 
-#: roi_align.cu's plane mode: kPlaneThreads, kPlaneList, kPlaneSamples and kWarpLanes
-PLANE_THREADS, PLANE_LIST, PLANE_SAMPLES, WARP_LANES = 512, 1024, 32, 32
+#: roi_align.cu's plane mode: kPlaneThreads, kPlaneRows
+PLANE_THREADS, PLANE_ROWS = 1024, 32
 #: samples (RoIs x bins x grid) a plane cell, at least, for the plane mode
 PLANE_MIN_SAMPLES_PER_CELL = 0.25
 
 
 def plane_shared_bytes(h, w, scalar):
     """Dynamic shared memory of ``roi_align_forward_plane``: the plane, the
-    RoI list and its count, each warp's y samples (``AxisSample``: two ints
-    and two accumulation-type weights); the layout of cuda_src/roi_align.cu."""
-    plane = -(-h * w * _ITEMSIZE[scalar] // 16) * 16
-    sample = 8 + 2 * (8 if scalar == "float64" else 4)
-    return plane + 4 * PLANE_LIST + 16 + (PLANE_THREADS // 32) * PLANE_SAMPLES * sample
+    RoI list and its count; the layout of cuda_src/roi_align.cu."""
+    return -(-h * w * _ITEMSIZE[scalar] // 16) * 16 + 4 * PLANE_THREADS + 16
 
 
 def forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio, k):
@@ -206,13 +203,13 @@ def forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio
     for a share of L2, where the flat grid's reads of overlapping RoIs bind
     it at L2 throughput: plain pooling over NCHW-like planes (unit column
     stride: the copy reads rows) whose plane fits the device's shared
-    memory, a fixed sampling grid within the warp's lanes, and enough
-    samples per plane cell that copying whole planes pays."""
+    memory, a fixed sampling grid within the table and the warp's lanes, and
+    enough samples per plane cell that copying whole planes pays."""
     if ps or sampling_ratio <= 0 or k == 0:
         return 0
     n, c, h, w = shape
     ph, pw = size
-    if ph * sampling_ratio > PLANE_SAMPLES or pw * sampling_ratio > WARP_LANES:
+    if ph * sampling_ratio > PLANE_ROWS or 2 * pw * sampling_ratio > 32:
         return 0
     if strides[3] != 1 or channels_fastest(strides, shape):
         return 0
@@ -224,14 +221,29 @@ def forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio
     return nbytes if nbytes <= _kernels.shared_bytes_optin(device) else 0
 
 
-def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out):
+def roi_align_forward_table_bytes(device, scalar, ps, strides, shape, size, sampling_ratio, k):
+    """Bytes of the sampling-geometry table the plane mode needs (the front
+    ends allocate it and pass it to :func:`roi_align_forward`), or 0 when the
+    call takes the flat grid."""
+    if not forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio, k):
+        return 0
+    return k * (2080 if scalar == "float64" else 1040)  # sizeof(PlaneRoi<A>), asserted in roi_align.cu
+
+
+def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out,
+                      table=0):
+    """``table``: a device buffer of :func:`roi_align_forward_table_bytes`
+    bytes where that is not 0 (the plane mode), else 0."""
     n, c, h, w = shape
     ph, pw = size
-    shared = forward_plane_bytes(device, scalar, ps, x[1], shape, size, sampling_ratio, k)
+    shared = forward_plane_bytes(device, scalar, ps, x[1], shape, size, sampling_ratio, k) if table else 0
     if shared:
+        geometry = _kernels.get_function("roi_align", "roi_align_plane_geometry", scalar, False, device)
+        _kernels.launch(geometry, _kernels.blocks_for(32 * k), stream,
+                        (rows, k, n, h, w, ph, pw, scale, sampling_ratio, aligned, table))
         fn = _kernels.get_function("roi_align", "roi_align_forward_plane", scalar, False, device)
-        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], rows, k, c, ph, pw, scale, sampling_ratio, aligned,
-                                            out[0], *out[1]), threads=PLANE_THREADS, shared=shared)
+        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], rows, k, c, ph, pw, table, out[0], *out[1]),
+                        threads=PLANE_THREADS, shared=shared)
         return
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
