@@ -543,6 +543,50 @@ __global__ void roi_align_plane_geometry(
   }
 }
 
+// acc plus the lane's column of a y sample: w * (w_lo * top + w_hi * bottom).
+template <typename T, typename A>
+__device__ __forceinline__ A plane_sample(const T* plane, const PlaneRow<A>& y, const PlaneLane<A>& l, A acc) {
+  return fused(l.w, fused(y.w_hi, to_acc(plane[y.hi + l.col]), y.w_lo * to_acc(plane[y.lo + l.col])), acc);
+}
+
+// Copies a (height x width) plane with row stride s2, column stride s3 into
+// shared memory, row-major. 16-byte reads where rows allow (unit column
+// stride, 16-byte aligned rows): with one block an SM, nothing else hides
+// the copy's latency, so each thread keeps four reads in flight.
+template <typename T>
+__device__ __forceinline__ void load_plane(T* plane, const T* src, int height, int width, index_t s2, index_t s3) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && reinterpret_cast<size_t>(src) % 16 == 0) {
+    const int per_row = width / kVec, total = height * per_row;
+    uint4* dst = reinterpret_cast<uint4*>(plane);
+    for (int e = threadIdx.x; e < total; e += 4 * kPlaneThreads) {
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int at = e + u * kPlaneThreads, r = at / per_row;
+        if (at < total) v[u] = *reinterpret_cast<const uint4*>(src + r * s2 + (at - r * per_row) * kVec);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (e + u * kPlaneThreads < total) dst[e + u * kPlaneThreads] = v[u];
+    }
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  for (int r = threadIdx.x >> 5; r < height; r += kPlaneWarps) {
+    const T* row = src + r * s2;
+    T* dst = plane + r * width;
+    for (int col = lane; col < width; col += 128) {
+      T v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = col + 32 * u < width ? row[(col + 32 * u) * s3] : T();
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (col + 32 * u < width) dst[col + 32 * u] = v[u];
+    }
+  }
+}
+
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     const T* __restrict__ input, int batch, int height, int width,
@@ -585,20 +629,7 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     __syncthreads();
     const int n = *count;
     if (n > 0 && !loaded) {
-      // Rows to warps, four reads in flight a lane.
-      const T* src = input + (index_t)b * in_s0 + (index_t)c * in_s1;
-      for (int r = warp; r < height; r += kPlaneWarps) {
-        const T* row = src + r * in_s2;
-        T* dst = plane + r * width;
-        for (int col = lane; col < width; col += 128) {
-          T v[4];
-#pragma unroll
-          for (int u = 0; u < 4; ++u) v[u] = col + 32 * u < width ? row[(col + 32 * u) * in_s3] : T();
-#pragma unroll
-          for (int u = 0; u < 4; ++u)
-            if (col + 32 * u < width) dst[col + 32 * u] = v[u];
-        }
-      }
+      load_plane(plane, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
       loaded = true;
       __syncthreads();
     }
@@ -615,12 +646,25 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
       const int gh = t.grid_h, group = t.group;
       const A inv_count = t.inv_count;
       T* out_col = out + (index_t)max(l.out_col, 0) * out_s3;
+      if (gh == 2 && group == 4) {  // sampling_ratio 2, the detectors' setting: a fixed loop and a butterfly
+        for (int i = 0; i < ph; ++i) {
+          const PlaneRow<A> y0 = t.rows[2 * i], y1 = t.rows[2 * i + 1];
+          A acc = A(0);
+          if (l.col >= 0) {
+            if (y0.lo >= 0) acc = plane_sample(plane, y0, l, acc);
+            if (y1.lo >= 0) acc = plane_sample(plane, y1, l, acc);
+          }
+          acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+          acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+          if (l.out_col >= 0) store(out_col + i * out_s2, acc * inv_count);
+        }
+        continue;
+      }
       for (int i = 0; i < ph; ++i) {
         A acc = A(0);
         for (int iy = 0; iy < gh; ++iy) {
           const PlaneRow<A> y = t.rows[i * gh + iy];
-          if (y.lo >= 0 && l.col >= 0)
-            acc = fused(l.w, fused(y.w_hi, to_acc(plane[y.hi + l.col]), y.w_lo * to_acc(plane[y.lo + l.col])), acc);
+          if (y.lo >= 0 && l.col >= 0) acc = plane_sample(plane, y, l, acc);
         }
         for (int off = 1; off < group; off <<= 1) {
           const A other = __shfl_down_sync(0xffffffffu, acc, off);
