@@ -251,36 +251,38 @@ def plane(reps, lines):
     import torchvision.ops as tv
 
     gen = torch.Generator().manual_seed(0)
-    lines += ["", "## RoIAlign forward: plane mode against the flat grid (both forced), 7x7, sampling 2", "",
+    lines += ["", "## RoIAlign forward: plane mode against the flat grid (both forced), 7x7 unless noted, sampling 2", "",
               "| map | dtype | RoIs an image | samples a cell | rule | torchvision | flat | plane | plane / flat | "
               "max difference / max |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     rule = _rules.forward_plane_bytes
     device = torch.cuda.current_device()
     l2 = _kernels.l2_cache_bytes(device)
-    for (n, c, h, w, stride), dtype, per_image in (
-            ((16, 256, 200, 272, 4), torch.float32, 512), ((16, 256, 200, 272, 4), torch.float16, 512),
-            ((16, 256, 200, 272, 4), torch.bfloat16, 512), ((16, 256, 200, 272, 4), torch.float32, 8),
-            ((16, 256, 200, 272, 4), torch.float32, 32), ((16, 256, 200, 272, 4), torch.float32, 64),
-            ((16, 256, 200, 272, 4), torch.float32, 128), ((16, 256, 200, 336, 4), torch.float16, 512),
-            ((2, 256, 200, 336, 4), torch.float16, 512), ((4, 256, 100, 168, 8), torch.float32, 512)):
+    for (n, c, h, w, stride), dtype, per_image, size in (
+            ((16, 256, 200, 272, 4), torch.float32, 512, 7), ((16, 256, 200, 272, 4), torch.float32, 128, 14),
+            ((16, 256, 200, 272, 4), torch.float16, 128, 14),
+            ((16, 256, 200, 272, 4), torch.float16, 512, 7),
+            ((16, 256, 200, 272, 4), torch.bfloat16, 512, 7), ((16, 256, 200, 272, 4), torch.float32, 8, 7),
+            ((16, 256, 200, 272, 4), torch.float32, 32, 7), ((16, 256, 200, 272, 4), torch.float32, 64, 7),
+            ((16, 256, 200, 272, 4), torch.float32, 128, 7), ((16, 256, 200, 336, 4), torch.float16, 512, 7),
+            ((2, 256, 200, 336, 4), torch.float16, 512, 7), ((4, 256, 100, 168, 8), torch.float32, 512, 7)):
         x = torch.randn(n, c, h, w, generator=gen).cuda().to(dtype)
         r = rois_for(n, per_image, h, w, stride, gen).cuda()
         anchor_dtype = torch.float16 if dtype == torch.bfloat16 else dtype  # torchvision has no bfloat16
         xa, ra = x.to(anchor_dtype), r.to(anchor_dtype)
         scalar = str(dtype).split(".")[1]
-        chosen = bool(rule(device, scalar, False, x.stride(), tuple(x.shape), (7, 7), 2, len(r)))
-        anchor = timed(graphed(lambda: tv.roi_align(xa, ra, 7, 1 / stride, 2, True)), reps=reps)
+        chosen = bool(rule(device, scalar, False, x.stride(), tuple(x.shape), (size, size), 2, len(r)))
+        anchor = timed(graphed(lambda: tv.roi_align(xa, ra, size, 1 / stride, 2, True)), reps=reps)
         with mock.patch.object(_rules, "forward_plane_bytes", lambda *a: 0):
-            flat_out = cupy_roi.roi_align(x, r, 7, 1 / stride, 2, True)
-            flat = timed(graphed(lambda: cupy_roi.roi_align(x, r, 7, 1 / stride, 2, True)), reps=reps)
+            flat_out = cupy_roi.roi_align(x, r, size, 1 / stride, 2, True)
+            flat = timed(graphed(lambda: cupy_roi.roi_align(x, r, size, 1 / stride, 2, True)), reps=reps)
         with mock.patch.dict(_kernels._properties, {(device, "l2CacheSize"): 0}), \
                 mock.patch.object(_rules, "PLANE_MIN_SAMPLES_PER_CELL", 0):
-            forced = rule(device, scalar, False, x.stride(), tuple(x.shape), (7, 7), 2, len(r))
-            plane_out = cupy_roi.roi_align(x, r, 7, 1 / stride, 2, True)
-            on = timed(graphed(lambda: cupy_roi.roi_align(x, r, 7, 1 / stride, 2, True)), reps=reps)
+            forced = rule(device, scalar, False, x.stride(), tuple(x.shape), (size, size), 2, len(r))
+            plane_out = cupy_roi.roi_align(x, r, size, 1 / stride, 2, True)
+            on = timed(graphed(lambda: cupy_roi.roi_align(x, r, size, 1 / stride, 2, True)), reps=reps)
         diff = float((plane_out.float() - flat_out.float()).nan_to_num().abs().max() / flat_out.float().abs().max())
-        samples = len(r) * 49 * 4 / (n * h * w)
-        lines.append(f"| {n}x{c}x{h}x{w} | {scalar} | {per_image} | {samples:.2f} | "
+        samples = len(r) * size * size * 4 / (n * h * w)
+        lines.append(f"| {n}x{c}x{h}x{w}{'' if size == 7 else f', {size}x{size}'} | {scalar} | {per_image} | {samples:.2f} | "
                      f"{'plane' if chosen else 'flat'} | {anchor:.3f} | {flat:.3f} | "
                      f"{on if forced else float('nan'):.3f} | {on / flat:.2f} | {diff:.1e} |")
         print(lines[-1], flush=True)

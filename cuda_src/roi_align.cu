@@ -459,51 +459,53 @@ __global__ void roi_align_forward(
 // pools every RoI of the image from it. The flat grid reads each sample's
 // corners through L2, and on Mask R-CNN's map that traffic (its RoIs overlap
 // many times over) bound it at 98% of L2 throughput (Nsight Compute, H200,
-// benchmarks/NOTES.md session 19); here L2 serves each plane once.
-// A warp takes one RoI at a time, its lanes over the sample columns, two a
-// sample (its two corner columns), so each shared-memory read of a sample
-// row is one row of the plane across the warp; the lanes of a bin column
-// then sum by shuffles. The sampling geometry is a RoI's, whatever the
-// channel, so roi_align_plane_geometry works it out once per RoI into a
-// table (PlaneRoi) that every channel's block reads. Summed separably (rows
-// first), a bin's float rounding differs from bin_sample_sums' in the last
-// bits. The host's rule keeps the grid within the table: a fixed sampling
-// grid, ph * grid_h <= kPlaneRows, 2 * pw * grid_w <= 32; a RoI past it (or an
+// benchmarks/NOTES.md session 19); here L2 serves each plane once. A warp
+// takes one RoI at a time, a lane a bin. The sampling geometry is a RoI's,
+// whatever the channel, so roi_align_plane_geometry works it out once per
+// RoI into a table (PlaneRoi) that every channel's block reads; each bin is
+// then summed exactly as bin_sample_sums sums it, so both modes agree to the
+// bit. Plane rows are plane_stride elements apart, an odd number of 4-byte
+// words for 4-byte types, so that the lanes' corners spread over the banks.
+// The host's rule keeps the grid within the table (a fixed sampling grid,
+// ph * grid_h and pw * grid_w at most kPlaneSamples); a RoI past it (or an
 // invalid row) gets NaN outputs.
 constexpr int kPlaneThreads = 1024;
 constexpr int kPlaneWarps = kPlaneThreads / 32;
-constexpr int kPlaneRows = 32;  // y samples a RoI's table holds
+constexpr int kPlaneSamples = 32;  // y and x samples a RoI's table holds
 
-// A y sample: its two rows' offsets in the plane (row * width) and weights;
-// lo < 0: the sample lies off the map.
+// A sample's axis weights (axis_weights): rows as offsets in the plane (row *
+// plane_stride), columns as indices; lo < 0: the sample lies off the map.
 template <typename A>
-struct __align__(16) PlaneRow { int lo, hi; A w_lo, w_hi; };
-
-// A lane's sample column: col < 0, none (or off the map); the lanes of bin
-// column out_col form a group of `group` lanes, pos the lane's place in it.
-template <typename A>
-struct __align__(16) PlaneLane { int col, out_col, pos; A w; };
+struct __align__(16) PlaneAxis { int lo, hi; A w_lo, w_hi; };
 
 template <typename A>
 struct PlaneRoi {
   A inv_count;
-  int valid, grid_h, group;
-  PlaneRow<A> rows[kPlaneRows];
-  PlaneLane<A> lanes[32];
+  int valid, grid_h, grid_w;
+  PlaneAxis<A> rows[kPlaneSamples];
+  PlaneAxis<A> cols[kPlaneSamples];
 };
-// _rules.PLANE_ROI_BYTES
+// _rules.roi_align_forward_table_bytes
 static_assert(sizeof(PlaneRoi<float>) == 1040 && sizeof(PlaneRoi<double>) == 2080, "PlaneRoi's size");
 
-// Shared memory: the plane (T, height x width), then the round's RoI list and
-// its count. _rules.plane_shared_bytes mirrors this.
-__device__ __forceinline__ index_t plane_bytes(int height, int width, int itemsize) {
-  return ((index_t)height * width * itemsize + 15) / 16 * 16;
+// Shared memory: the plane (T, height x plane_stride), then the round's RoI
+// list and its count. _rules.plane_shared_bytes mirrors this.
+__device__ __forceinline__ index_t plane_bytes(int height, int plane_stride, int itemsize) {
+  return ((index_t)height * plane_stride * itemsize + 15) / 16 * 16;
+}
+
+template <typename A>
+__device__ __forceinline__ PlaneAxis<A> plane_axis(A v, int size, int scale) {
+  PlaneAxis<A> a;
+  if (axis_weights(v, size, a.lo, a.hi, a.w_lo, a.w_hi)) { a.lo *= scale; a.hi *= scale; }
+  else { a.lo = a.hi = -1; a.w_lo = a.w_hi = A(0); }
+  return a;
 }
 
 template <typename T, bool PS>
 __global__ void roi_align_plane_geometry(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
-    int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
+    int plane_stride, int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
     void* __restrict__ table) {
   typedef typename acc_type<T>::type A;
   PlaneRoi<A>* geo = reinterpret_cast<PlaneRoi<A>*>(table);
@@ -516,49 +518,31 @@ __global__ void roi_align_plane_geometry(
     AlignGrid<A> g;
     g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
     const int gh = g.grid_h, gw = g.grid_w, ny = ph * gh, nx = pw * gw;
-    const bool valid = ok && gh > 0 && gw > 0 && ny <= kPlaneRows && 2 * nx <= 32;
-    if (lane == 0) { t.inv_count = g.inv_count; t.valid = valid; t.grid_h = gh; t.group = 2 * gw; }
+    const bool valid = ok && gh > 0 && gw > 0 && ny <= kPlaneSamples && nx <= kPlaneSamples;
+    if (lane == 0) { t.inv_count = g.inv_count; t.valid = valid; t.grid_h = gh; t.grid_w = gw; }
     if (!valid) continue;
     if (lane < ny) {
-      const int i = lane / gh, iy = lane - i * gh;
-      PlaneRow<A> r;
-      if (axis_weights(g.sample_y(i, iy), height, r.lo, r.hi, r.w_lo, r.w_hi)) { r.lo *= width; r.hi *= width; }
-      else { r.lo = r.hi = -1; r.w_lo = r.w_hi = A(0); }
-      t.rows[lane] = r;
+      const int i = lane / gh;
+      t.rows[lane] = plane_axis(g.sample_y(i, lane - i * gh), height, plane_stride);
     }
-    PlaneLane<A> l;
-    l.col = l.out_col = -1; l.pos = -1; l.w = A(0);
-    const int sx = lane >> 1;
-    if (sx < nx) {
-      const int j = sx / gw, ix = sx - j * gw;
-      l.pos = lane - j * 2 * gw;
-      l.out_col = l.pos == 0 ? j : -1;
-      int lo, hi; A w_lo, w_hi;
-      if (axis_weights(g.sample_x(j, ix), width, lo, hi, w_lo, w_hi)) {
-        l.col = lane & 1 ? hi : lo;
-        l.w = lane & 1 ? w_hi : w_lo;
-      }
+    if (lane < nx) {
+      const int j = lane / gw;
+      t.cols[lane] = plane_axis(g.sample_x(j, lane - j * gw), width, 1);
     }
-    t.lanes[lane] = l;
   }
 }
 
-// acc plus the lane's column of a y sample: w * (w_lo * top + w_hi * bottom).
-template <typename T, typename A>
-__device__ __forceinline__ A plane_sample(const T* plane, const PlaneRow<A>& y, const PlaneLane<A>& l, A acc) {
-  return fused(l.w, fused(y.w_hi, to_acc(plane[y.hi + l.col]), y.w_lo * to_acc(plane[y.lo + l.col])), acc);
-}
-
 // Copies a (height x width) plane with row stride s2, column stride s3 into
-// shared memory, row-major. 16-byte reads where rows allow (unit column
-// stride, 16-byte aligned rows): with one block an SM, nothing else hides
-// the copy's latency, so each thread keeps four reads in flight.
+// shared memory, rows plane_stride elements apart. 16-byte reads where rows
+// allow (unit column stride, 16-byte aligned rows): with one block an SM,
+// nothing else hides the copy's latency, so each thread keeps four reads in
+// flight.
 template <typename T>
-__device__ __forceinline__ void load_plane(T* plane, const T* src, int height, int width, index_t s2, index_t s3) {
+__device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* src, int height, int width,
+                                           index_t s2, index_t s3) {
   constexpr int kVec = 16 / sizeof(T);
   if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && reinterpret_cast<size_t>(src) % 16 == 0) {
     const int per_row = width / kVec, total = height * per_row;
-    uint4* dst = reinterpret_cast<uint4*>(plane);
     for (int e = threadIdx.x; e < total; e += 4 * kPlaneThreads) {
       uint4 v[4];
 #pragma unroll
@@ -567,15 +551,20 @@ __device__ __forceinline__ void load_plane(T* plane, const T* src, int height, i
         if (at < total) v[u] = *reinterpret_cast<const uint4*>(src + r * s2 + (at - r * per_row) * kVec);
       }
 #pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (e + u * kPlaneThreads < total) dst[e + u * kPlaneThreads] = v[u];
+      for (int u = 0; u < 4; ++u) {
+        const int at = e + u * kPlaneThreads, r = at / per_row;
+        if (at >= total) continue;
+        // rows plane_stride apart are 4-byte aligned, not 16
+        unsigned* dst = reinterpret_cast<unsigned*>(plane + r * plane_stride + (at - r * per_row) * kVec);
+        dst[0] = v[u].x; dst[1] = v[u].y; dst[2] = v[u].z; dst[3] = v[u].w;
+      }
     }
     return;
   }
   const int lane = threadIdx.x & 31;
   for (int r = threadIdx.x >> 5; r < height; r += kPlaneWarps) {
     const T* row = src + r * s2;
-    T* dst = plane + r * width;
+    T* dst = plane + r * plane_stride;
     for (int col = lane; col < width; col += 128) {
       T v[4];
 #pragma unroll
@@ -592,13 +581,13 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
-    int channels, int ph, int pw, const void* __restrict__ table,
+    int channels, int ph, int pw, int plane_stride, const void* __restrict__ table,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
   const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
   extern __shared__ __align__(16) unsigned char plane_shared[];
   T* plane = reinterpret_cast<T*>(plane_shared);
-  int* list = reinterpret_cast<int*>(plane_shared + plane_bytes(height, width, sizeof(T)));
+  int* list = reinterpret_cast<int*>(plane_shared + plane_bytes(height, plane_stride, sizeof(T)));
   int* count = list + kPlaneThreads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Images vary fastest: the blocks running together read one channel's
@@ -629,7 +618,7 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     __syncthreads();
     const int n = *count;
     if (n > 0 && !loaded) {
-      load_plane(plane, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
+      load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
       loaded = true;
       __syncthreads();
     }
@@ -637,40 +626,28 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
       const index_t k = base + list[r];
       const PlaneRoi<A>& t = geo[k];
       T* out = output + k * out_s0 + (index_t)c * out_s1;
-      if (!t.valid) {
-        for (int bin = lane; bin < ph * pw; bin += 32)
-          store(out + (bin / pw) * out_s2 + (bin % pw) * out_s3, quiet_nan<A>());
-        continue;
-      }
-      const PlaneLane<A> l = t.lanes[lane];
-      const int gh = t.grid_h, group = t.group;
+      const bool valid = t.valid;
+      const int gh = t.grid_h, gw = t.grid_w;
       const A inv_count = t.inv_count;
-      T* out_col = out + (index_t)max(l.out_col, 0) * out_s3;
-      if (gh == 2 && group == 4) {  // sampling_ratio 2, the detectors' setting: a fixed loop and a butterfly
-        for (int i = 0; i < ph; ++i) {
-          const PlaneRow<A> y0 = t.rows[2 * i], y1 = t.rows[2 * i + 1];
-          A acc = A(0);
-          if (l.col >= 0) {
-            if (y0.lo >= 0) acc = plane_sample(plane, y0, l, acc);
-            if (y1.lo >= 0) acc = plane_sample(plane, y1, l, acc);
+      for (int bin = lane; bin < ph * pw; bin += 32) {
+        const int i = bin / pw, j = bin - i * pw;
+        A sum = A(0);
+        if (valid) {
+          for (int iy = 0; iy < gh; ++iy) {
+            const PlaneAxis<A> y = t.rows[i * gh + iy];
+            if (y.lo < 0) continue;
+            for (int ix = 0; ix < gw; ++ix) {
+              const PlaneAxis<A> x = t.cols[j * gw + ix];
+              if (x.lo < 0) continue;
+              // bin_sample_sums' weights and order
+              A s = fused(y.w_lo * x.w_lo, to_acc(plane[y.lo + x.lo]), sum);
+              s = fused(y.w_lo * x.w_hi, to_acc(plane[y.lo + x.hi]), s);
+              s = fused(y.w_hi * x.w_lo, to_acc(plane[y.hi + x.lo]), s);
+              sum = fused(y.w_hi * x.w_hi, to_acc(plane[y.hi + x.hi]), s);
+            }
           }
-          acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-          acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-          if (l.out_col >= 0) store(out_col + i * out_s2, acc * inv_count);
         }
-        continue;
-      }
-      for (int i = 0; i < ph; ++i) {
-        A acc = A(0);
-        for (int iy = 0; iy < gh; ++iy) {
-          const PlaneRow<A> y = t.rows[i * gh + iy];
-          if (y.lo >= 0 && l.col >= 0) acc = plane_sample(plane, y, l, acc);
-        }
-        for (int off = 1; off < group; off <<= 1) {
-          const A other = __shfl_down_sync(0xffffffffu, acc, off);
-          if (l.pos >= 0 && l.pos + off < group) acc += other;
-        }
-        if (l.out_col >= 0) store(out_col + i * out_s2, acc * inv_count);
+        store(out + i * out_s2 + j * out_s3, valid ? sum * inv_count : quiet_nan<A>());
       }
     }
   }

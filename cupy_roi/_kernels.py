@@ -58,8 +58,8 @@ CHANNELS_PER_THREAD = (4, 8)
 #: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
 SIGNATURES = {
     "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
-    "roi_align_plane_geometry": "pqiiiii" "aii" "p",
-    "roi_align_forward_plane": "piiiqqqq" "pqiii" "p" "pqqqq",
+    "roi_align_plane_geometry": "pqiiiiii" "aii" "p",
+    "roi_align_forward_plane": "piiiqqqq" "pqiiii" "p" "pqqqq",
     "roi_align_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
     "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",

@@ -184,16 +184,27 @@ def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, c
     _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args)
 
 
-#: roi_align.cu's plane mode: kPlaneThreads, kPlaneRows
-PLANE_THREADS, PLANE_ROWS = 1024, 32
+#: roi_align.cu's plane mode: kPlaneThreads, kPlaneSamples
+PLANE_THREADS, PLANE_SAMPLES = 1024, 32
 #: samples (RoIs x bins x grid) a plane cell, at least, for the plane mode
 PLANE_MIN_SAMPLES_PER_CELL = 0.25
+
+
+def plane_stride(w, scalar):
+    """Elements between the rows of the plane in shared memory: an odd number
+    of 4-byte words for 4- and 2-byte types, so that the corners a warp's
+    lanes read (bins of several rows) fall in different banks."""
+    item = _ITEMSIZE[scalar]
+    if item > 4:
+        return w
+    words = -(-w * item // 4)
+    return (words | 1) * 4 // item
 
 
 def plane_shared_bytes(h, w, scalar):
     """Dynamic shared memory of ``roi_align_forward_plane``: the plane, the
     RoI list and its count; the layout of cuda_src/roi_align.cu."""
-    return -(-h * w * _ITEMSIZE[scalar] // 16) * 16 + 4 * PLANE_THREADS + 16
+    return -(-h * plane_stride(w, scalar) * _ITEMSIZE[scalar] // 16) * 16 + 4 * PLANE_THREADS + 16
 
 
 def forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio, k):
@@ -203,13 +214,13 @@ def forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio
     for a share of L2, where the flat grid's reads of overlapping RoIs bind
     it at L2 throughput: plain pooling over NCHW-like planes (unit column
     stride: the copy reads rows) whose plane fits the device's shared
-    memory, a fixed sampling grid within the table and the warp's lanes, and
+    memory, a fixed sampling grid within the table, and
     enough samples per plane cell that copying whole planes pays."""
     if ps or sampling_ratio <= 0 or k == 0:
         return 0
     n, c, h, w = shape
     ph, pw = size
-    if ph * sampling_ratio > PLANE_ROWS or 2 * pw * sampling_ratio > 32:
+    if max(ph, pw) * sampling_ratio > PLANE_SAMPLES:
         return 0
     if strides[3] != 1 or channels_fastest(strides, shape):
         return 0
@@ -239,10 +250,11 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
     shared = forward_plane_bytes(device, scalar, ps, x[1], shape, size, sampling_ratio, k) if table else 0
     if shared:
         geometry = _kernels.get_function("roi_align", "roi_align_plane_geometry", scalar, False, device)
+        stride = plane_stride(w, scalar)
         _kernels.launch(geometry, _kernels.blocks_for(32 * k), stream,
-                        (rows, k, n, h, w, ph, pw, scale, sampling_ratio, aligned, table))
+                        (rows, k, n, h, w, stride, ph, pw, scale, sampling_ratio, aligned, table))
         fn = _kernels.get_function("roi_align", "roi_align_forward_plane", scalar, False, device)
-        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], rows, k, c, ph, pw, table, out[0], *out[1]),
+        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], rows, k, c, ph, pw, stride, table, out[0], *out[1]),
                         threads=PLANE_THREADS, shared=shared)
         return
     c_out = c // (ph * pw) if ps else c

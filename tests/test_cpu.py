@@ -425,17 +425,17 @@ def test_roi_align_plane_mode_rule(monkeypatch):
 
     mask_rcnn = plane()
     assert mask_rcnn == _rules.plane_shared_bytes(200, 272, "float32")
-    assert 200 * 272 * 4 < mask_rcnn <= 227 << 10
+    assert 200 * 273 * 4 < mask_rcnn <= 227 << 10
     assert 0 < plane("float16") < mask_rcnn
     assert _rules.roi_align_forward_table_bytes(0, "float32", False, nchw(16, 256, 200, 272), (16, 256, 200, 272),
                                                 (7, 7), 2, 8192) == 8192 * 1040
-    assert plane(size=(16, 8), k=2048) == mask_rcnn  # 32 y samples, 32 lanes
-    assert plane(size=(14, 14), k=2048) == 0  # 56 lanes
+    assert plane(size=(16, 8), k=2048) == plane(size=(14, 14), k=2048) == mask_rcnn  # up to 32 samples an axis
+    assert _rules.plane_stride(272, "float32") == 273 and _rules.plane_stride(272, "float16") == 274  # odd words
     assert plane(ps=True, shape=(16, 49 * 8, 200, 272)) == 0  # a plane a bin
     assert plane(strides=(256 * 200 * 272, 1, 272 * 256, 256)) == 0  # channels_last
     assert plane(strides=(256 * 200 * 544, 200 * 544, 544, 2)) == 0  # every other column
     assert plane(sr=0) == plane(sr=-1) == 0  # adaptive grids
-    assert plane(size=(7, 9)) == 0 and plane(size=(17, 7)) == 0  # 36 lanes, 34 y samples
+    assert plane(size=(7, 17)) == 0 and plane(size=(17, 7)) == 0  # 34 samples an axis
     assert plane(k=64) == 0  # 0.06 samples a cell: copying whole planes does not pay
     assert plane(shape=(2, 256, 50, 68), k=1024) == 0  # the map fits L2
     assert plane(shape=(16, 256, 200, 300)) == 0  # a float32 plane past shared memory
