@@ -20,18 +20,14 @@ noted, CUDA-graph replay, median of ``--reps``, ms):
    ``_rules.channels_per_thread``, as the forward), and with 8 on a channel
    block rounded up to 8 where the rule's block is smaller: forward+backward
    with box gradients minus features only, issue 14's cases and channels-last.
-6. RoIAlign's forward plane mode (``roi_align_forward_plane``) against the
-   flat grid, both forced, by RoIs an image (the rule's samples per cell) and
-   dtype, beside torchvision; and the largest difference between the two.
 
     python3 benchmarks/tuning.py [--reps 10] [--out FILE]
-        [--part all|order|occupancy|prroi_bins|adaptive|prroi_coords|plane]
+        [--part all|order|occupancy|prroi_bins|adaptive|prroi_coords]
 """
 import argparse
 import math
 import os
 import sys
-from unittest import mock
 
 import torch
 
@@ -247,56 +243,12 @@ def prroi_coords(reps, lines):
         torch.cuda.empty_cache()
 
 
-def plane(reps, lines):
-    import torchvision.ops as tv
-
-    gen = torch.Generator().manual_seed(0)
-    lines += ["", "## RoIAlign forward: plane mode against the flat grid (both forced), 7x7 unless noted, sampling 2", "",
-              "| map | dtype | RoIs an image | samples a cell | rule | torchvision | flat | plane | plane / flat | "
-              "max difference / max |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    rule = _rules.forward_plane_bytes
-    device = torch.cuda.current_device()
-    l2 = _kernels.l2_cache_bytes(device)
-    for (n, c, h, w, stride), dtype, per_image, size in (
-            ((16, 256, 200, 272, 4), torch.float32, 512, 7), ((16, 256, 200, 272, 4), torch.float32, 128, 14),
-            ((16, 256, 200, 272, 4), torch.float16, 128, 14),
-            ((16, 256, 200, 272, 4), torch.float16, 512, 7),
-            ((16, 256, 200, 272, 4), torch.bfloat16, 512, 7), ((16, 256, 200, 272, 4), torch.float32, 8, 7),
-            ((16, 256, 200, 272, 4), torch.float32, 32, 7), ((16, 256, 200, 272, 4), torch.float32, 64, 7),
-            ((16, 256, 200, 272, 4), torch.float32, 128, 7), ((16, 256, 200, 336, 4), torch.float16, 512, 7),
-            ((2, 256, 200, 336, 4), torch.float16, 512, 7), ((4, 256, 100, 168, 8), torch.float32, 512, 7)):
-        x = torch.randn(n, c, h, w, generator=gen).cuda().to(dtype)
-        r = rois_for(n, per_image, h, w, stride, gen).cuda()
-        anchor_dtype = torch.float16 if dtype == torch.bfloat16 else dtype  # torchvision has no bfloat16
-        xa, ra = x.to(anchor_dtype), r.to(anchor_dtype)
-        scalar = str(dtype).split(".")[1]
-        chosen = bool(rule(device, scalar, False, x.stride(), tuple(x.shape), (size, size), 2, len(r)))
-        anchor = timed(graphed(lambda: tv.roi_align(xa, ra, size, 1 / stride, 2, True)), reps=reps)
-        with mock.patch.object(_rules, "forward_plane_bytes", lambda *a: 0):
-            flat_out = cupy_roi.roi_align(x, r, size, 1 / stride, 2, True)
-            flat = timed(graphed(lambda: cupy_roi.roi_align(x, r, size, 1 / stride, 2, True)), reps=reps)
-        with mock.patch.dict(_kernels._properties, {(device, "l2CacheSize"): 0}), \
-                mock.patch.object(_rules, "PLANE_MIN_SAMPLES_PER_CELL", 0):
-            forced = rule(device, scalar, False, x.stride(), tuple(x.shape), (size, size), 2, len(r))
-            plane_out = cupy_roi.roi_align(x, r, size, 1 / stride, 2, True)
-            on = timed(graphed(lambda: cupy_roi.roi_align(x, r, size, 1 / stride, 2, True)), reps=reps)
-        diff = float((plane_out.float() - flat_out.float()).nan_to_num().abs().max() / flat_out.float().abs().max())
-        samples = len(r) * size * size * 4 / (n * h * w)
-        lines.append(f"| {n}x{c}x{h}x{w}{'' if size == 7 else f', {size}x{size}'} | {scalar} | {per_image} | {samples:.2f} | "
-                     f"{'plane' if chosen else 'flat'} | {anchor:.3f} | {flat:.3f} | "
-                     f"{on if forced else float('nan'):.3f} | {on / flat:.2f} | {diff:.1e} |")
-        print(lines[-1], flush=True)
-        del x, r, xa, ra, flat_out, plane_out
-        torch.cuda.empty_cache()
-    assert _kernels.l2_cache_bytes(device) == l2
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--part", choices=("all", "order", "occupancy", "prroi_bins", "adaptive", "prroi_coords",
-                                           "plane"), default="all")
+    parser.add_argument("--part", choices=("all", "order", "occupancy", "prroi_bins", "adaptive", "prroi_coords"),
+                        default="all")
     args = parser.parse_args()
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; CUDA-graph replay, median of "
              f"{args.reps} (ms)", ""]
@@ -310,8 +262,6 @@ def main():
         adaptive(args.reps, lines)
     if args.part in ("all", "prroi_coords"):
         prroi_coords(args.reps, lines)
-    if args.part in ("all", "plane"):
-        plane(args.reps, lines)
     report(lines, args.out)
 
 

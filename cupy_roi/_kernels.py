@@ -27,9 +27,7 @@ CUDA_TYPES = {
 #: kernel family -> (source file, kernel templates); every template takes
 #: <scalar type, position_sensitive>
 FAMILIES = {
-    "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_plane_geometry", "roi_align_forward_plane",
-                                   "roi_align_backward",
-                                   "roi_align_rotated_forward",
+    "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
                                    "multi_scale_roi_align_backward", "fixed_point_gradient")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
@@ -39,8 +37,7 @@ FAMILIES = {
 
 #: kernels instantiated without their position-sensitive variant (no public
 #: operator uses it); every other kernel is compiled for both
-PLAIN_ONLY = frozenset(("roi_align_plane_geometry", "roi_align_forward_plane",
-                        "roi_align_rotated_forward", "roi_align_rotated_backward",
+PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
                         "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum"))
 
@@ -58,8 +55,6 @@ CHANNELS_PER_THREAD = (4, 8)
 #: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
 SIGNATURES = {
     "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
-    "roi_align_plane_geometry": "pqiiiiii" "aii" "p",
-    "roi_align_forward_plane": "piiiqqqq" "pqiiii" "p" "pqqqq",
     "roi_align_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
     "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
@@ -176,7 +171,7 @@ class ArgumentPacker:
 class Kernel:
     """One compiled kernel on one device: its CUfunction and argument packer."""
 
-    __slots__ = ("name", "device", "handle", "packer", "_function", "shared_limit")
+    __slots__ = ("name", "device", "handle", "packer", "_function")
 
     def __init__(self, name, device, function, acc_scalar):
         self.name = name
@@ -184,19 +179,6 @@ class Kernel:
         self._function = function  # keeps CuPy's module (and so the handle) alive
         self.handle = int(function.ptr)
         self.packer = ArgumentPacker(SIGNATURES[name], acc_scalar)
-        self.shared_limit = 48 * 1024  # dynamic shared memory a launch may ask without opting in
-
-    def allow_shared(self, nbytes):
-        """Opt in to ``nbytes`` of dynamic shared memory (past 48 KiB a
-        kernel must ask for it: ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``)."""
-        if nbytes > self.shared_limit:
-            from cupy.cuda import driver
-
-            driver.funcSetAttribute(self.handle, _MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
-            self.shared_limit = nbytes
-
-
-_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
 
 
 def _accumulation(scalar_type):
@@ -248,39 +230,29 @@ def get_function(family, kernel, scalar_type, position_sensitive, device_id, cha
     return kernels[(kernel, bool(position_sensitive), channels_per_thread)]
 
 
-_properties = {}
-
-
-def _device_property(device_id, name):
-    key = (device_id, name)
-    value = _properties.get(key)
-    if value is None:
-        from . import _gpu
-
-        runtime = _gpu.import_cupy().cuda.runtime
-        value = _properties[key] = int(runtime.getDeviceProperties(device_id)[name])
-    return value
+_l2_bytes = {}
 
 
 def l2_cache_bytes(device_id):
     """The device's L2 cache size in bytes (queried once per device)."""
-    return _device_property(device_id, "l2CacheSize")
+    size = _l2_bytes.get(device_id)
+    if size is None:
+        from . import _gpu
 
-
-def shared_bytes_optin(device_id):
-    """The most dynamic shared memory one block may opt in to, in bytes."""
-    return _device_property(device_id, "sharedMemPerBlockOptin")
+        runtime = _gpu.import_cupy().cuda.runtime
+        size = _l2_bytes[device_id] = int(runtime.getDeviceProperties(device_id)["l2CacheSize"])
+    return size
 
 
 _launch_kernel = []
 
 
-def launch(kernel, blocks, stream, args, threads=BLOCK, shared=0):
-    """Launch ``kernel`` with ``blocks`` blocks of ``threads`` threads and
-    ``shared`` bytes of dynamic shared memory on the stream whose handle is
-    ``stream`` (an int; 0 is the legacy default stream). ``args`` follow the
-    kernel's C parameter list: device pointers and sizes as ints, the scale as
-    a float. The caller makes the kernel's device current."""
+def launch(kernel, blocks, stream, args):
+    """Launch ``kernel`` with ``blocks`` blocks of :data:`BLOCK` threads on the
+    stream whose handle is ``stream`` (an int; 0 is the legacy default
+    stream). ``args`` follow the kernel's C parameter list: device pointers
+    and sizes as ints, the scale as a float. The caller makes the kernel's
+    device current."""
     if not _launch_kernel:
         from cupy.cuda import driver, runtime
 
@@ -288,9 +260,7 @@ def launch(kernel, blocks, stream, args, threads=BLOCK, shared=0):
     launch_kernel, driver_error, set_device = _launch_kernel
     params = kernel.packer.pack(args)
     try:
-        if shared > kernel.shared_limit:
-            kernel.allow_shared(shared)
-        launch_kernel(kernel.handle, blocks, 1, 1, threads, 1, 1, shared, stream, params, 0)
+        launch_kernel(kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, params, 0)
     except driver_error as e:
         # A thread that has made no CUDA runtime call yet (a new Python thread,
         # say) has no current context for the driver API: bind the device's
@@ -298,6 +268,4 @@ def launch(kernel, blocks, stream, args, threads=BLOCK, shared=0):
         if "INVALID_CONTEXT" not in str(e):
             raise
         set_device(kernel.device)
-        if shared > kernel.shared_limit:
-            kernel.allow_shared(shared)
-        launch_kernel(kernel.handle, blocks, 1, 1, threads, 1, 1, shared, stream, params, 0)
+        launch_kernel(kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, params, 0)

@@ -184,79 +184,9 @@ def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, c
     _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args)
 
 
-#: roi_align.cu's plane mode: kPlaneThreads, kPlaneSamples
-PLANE_THREADS, PLANE_SAMPLES = 1024, 32
-#: samples (RoIs x bins x grid) a plane cell, at least, for the plane mode
-PLANE_MIN_SAMPLES_PER_CELL = 0.25
-
-
-def plane_stride(w, scalar):
-    """Elements between the rows of the plane in shared memory: an odd number
-    of 4-byte words for 4- and 2-byte types, so that the corners a warp's
-    lanes read (bins of several rows) fall in different banks."""
-    item = _ITEMSIZE[scalar]
-    if item > 4:
-        return w
-    words = -(-w * item // 4)
-    return (words | 1) * 4 // item
-
-
-def plane_shared_bytes(h, w, scalar):
-    """Dynamic shared memory of ``roi_align_forward_plane``: the plane, the
-    RoI list and its count; the layout of cuda_src/roi_align.cu."""
-    return -(-h * plane_stride(w, scalar) * _ITEMSIZE[scalar] // 16) * 16 + 4 * PLANE_THREADS + 16
-
-
-def forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio, k):
-    """Shared memory of the RoIAlign forward's plane mode (a block per image
-    and channel pools every RoI of the image from the plane in shared
-    memory), or 0 for the flat grid. The plane mode is for maps too large
-    for a share of L2, where the flat grid's reads of overlapping RoIs bind
-    it at L2 throughput: plain pooling over NCHW-like planes (unit column
-    stride: the copy reads rows) whose plane fits the device's shared
-    memory, a fixed sampling grid within the table, and
-    enough samples per plane cell that copying whole planes pays."""
-    if ps or sampling_ratio <= 0 or k == 0:
-        return 0
+def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out):
     n, c, h, w = shape
     ph, pw = size
-    if max(ph, pw) * sampling_ratio > PLANE_SAMPLES:
-        return 0
-    if strides[3] != 1 or channels_fastest(strides, shape):
-        return 0
-    if n * c * h * w * _ITEMSIZE[scalar] <= _kernels.l2_cache_bytes(device) // 3:
-        return 0
-    if k * ph * pw * sampling_ratio * sampling_ratio < PLANE_MIN_SAMPLES_PER_CELL * n * h * w:
-        return 0
-    nbytes = plane_shared_bytes(h, w, scalar)
-    return nbytes if nbytes <= _kernels.shared_bytes_optin(device) else 0
-
-
-def roi_align_forward_table_bytes(device, scalar, ps, strides, shape, size, sampling_ratio, k):
-    """Bytes of the sampling-geometry table the plane mode needs (the front
-    ends allocate it and pass it to :func:`roi_align_forward`), or 0 when the
-    call takes the flat grid."""
-    if not forward_plane_bytes(device, scalar, ps, strides, shape, size, sampling_ratio, k):
-        return 0
-    return k * (2080 if scalar == "float64" else 1040)  # sizeof(PlaneRoi<A>), asserted in roi_align.cu
-
-
-def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out,
-                      table=0):
-    """``table``: a device buffer of :func:`roi_align_forward_table_bytes`
-    bytes where that is not 0 (the plane mode), else 0."""
-    n, c, h, w = shape
-    ph, pw = size
-    shared = forward_plane_bytes(device, scalar, ps, x[1], shape, size, sampling_ratio, k) if table else 0
-    if shared:
-        geometry = _kernels.get_function("roi_align", "roi_align_plane_geometry", scalar, False, device)
-        stride = plane_stride(w, scalar)
-        _kernels.launch(geometry, _kernels.blocks_for(32 * k), stream,
-                        (rows, k, n, h, w, stride, ph, pw, scale, sampling_ratio, aligned, table))
-        fn = _kernels.get_function("roi_align", "roi_align_forward_plane", scalar, False, device)
-        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], rows, k, c, ph, pw, stride, table, out[0], *out[1]),
-                        threads=PLANE_THREADS, shared=shared)
-        return
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
     _run("roi_align", "roi_align_forward", device, stream, scalar, ps, k * c_out * ph * pw, (

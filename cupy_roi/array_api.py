@@ -133,15 +133,6 @@ class _Call:
         _check_array(out, self.out_shape, like.dtype, "out", self.device)
         return out
 
-    def scratch(self, nbytes):
-        """A device buffer of ``nbytes`` the call's kernels use and drop (None
-        for 0), allocated on the call's stream, so that CuPy's pool hands it
-        out again only in that stream's order."""
-        if not nbytes:
-            return None
-        with self.cupy.cuda.Device(self.device), self.stream:
-            return self.cupy.empty((nbytes,), np.uint8)
-
     def zeros(self, shape, layout_like):
         """A zero-filled accumulation-dtype buffer of ``shape``, laid out like ``layout_like``."""
         g = self.new_array(shape, self.acc, layout_like)
@@ -284,11 +275,8 @@ def roi_align_forward(input, rois, output_size, spatial_scale=1.0, sampling_rati
                             int(sampling_ratio), bool(aligned), bool(position_sensitive))
     call = _Call(input, input.shape, rois, output_size, position_sensitive, stream, scalar_type, "input")
     out = call.output(out, input)
-    table = call.scratch(_rules.roi_align_forward_table_bytes(call.device, call.scalar, call.ps, _view(input)[1],
-                                                              call.shape, call.output_size, int(sampling_ratio),
-                                                              call.k))
     call.run(_rules.roi_align_forward, _view(input), call.shape, _ptr(call.rows), call.k, call.output_size,
-             float(spatial_scale), int(sampling_ratio), bool(aligned), _view(out), 0 if table is None else _ptr(table))
+             float(spatial_scale), int(sampling_ratio), bool(aligned), _view(out))
     return out
 
 

@@ -80,23 +80,11 @@ def main():
             count += torch_calls(rng)
         finally:
             _rules._channel_block, _rules._group_target = policy
-    # RoIAlign's plane mode, which only maps past L2 get by themselves (L2 taken as 0 here: every
-    # other kernel takes blocks of one channel meanwhile)
-    from cupy_roi import _kernels
-
-    l2 = (torch.cuda.current_device(), "l2CacheSize")
-    _kernels.l2_cache_bytes(l2[0])
-    saved = _kernels._properties[l2], _rules.PLANE_MIN_SAMPLES_PER_CELL
-    _kernels._properties[l2], _rules.PLANE_MIN_SAMPLES_PER_CELL = 0, 0
-    try:
-        count += torch_calls(rng)
-    finally:
-        _kernels._properties[l2], _rules.PLANE_MIN_SAMPLES_PER_CELL = saved
     count += wide_calls(rng)
     array_api_calls(rng)
     torch.cuda.synchronize()
-    print(f"sanitize_cases: {count} torch forward+backward calls (2 backward modes, 2 forced work orders and "
-          f"RoIAlign's plane mode, x 4 dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign); and a wide map), array API "
+    print(f"sanitize_cases: {count} torch forward+backward calls (2 backward modes, and 2 forced work orders, x 4 "
+          f"dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign); and a wide map), array API "
           "calls in both modes, unchecked invalid RoIs: done")
 
 

@@ -233,7 +233,7 @@ def test_prroi_backward_launches_by_mode(monkeypatch):
     sums per warp or block and adds the parts in order (prroi_pool_coords_sum)."""
     from cupy_roi import _kernels, _rules
 
-    monkeypatch.setitem(_kernels._properties, (0, "l2CacheSize"), 50 << 20)  # an H100's L2; no GPU asked
+    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 << 20)  # an H100's L2; no GPU asked
     launched = []
     monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
                         launched.append((kernel, args, kw)))
@@ -405,39 +405,3 @@ def test_no_box_gradient_where_torchvision_has_none(name):
     xt, rt = torch.tensor(x, requires_grad=True), torch.tensor(r, requires_grad=True)
     cases.call(name, xt, rt, 2, 2, 0.5).sum().backward()
     assert rt.grad is None and xt.grad is not None
-
-
-def test_roi_align_plane_mode_rule(monkeypatch):
-    """When the RoIAlign forward takes its plane mode (_rules.forward_plane_bytes,
-    no GPU asked): maps past a third of L2 with a plane that fits the block's
-    shared memory, plain pooling, a fixed grid within the warp's lanes, NCHW
-    planes, and enough samples per cell; the flat grid otherwise."""
-    from cupy_roi import _kernels, _rules
-
-    monkeypatch.setitem(_kernels._properties, (0, "l2CacheSize"), 50 << 20)  # an H100's
-    monkeypatch.setitem(_kernels._properties, (0, "sharedMemPerBlockOptin"), 227 << 10)
-
-    def nchw(n, c, h, w):
-        return (c * h * w, h * w, w, 1)
-
-    def plane(scalar="float32", ps=False, shape=(16, 256, 200, 272), strides=None, size=(7, 7), sr=2, k=8192):
-        return _rules.forward_plane_bytes(0, scalar, ps, strides or nchw(*shape), shape, size, sr, k)
-
-    mask_rcnn = plane()
-    assert mask_rcnn == _rules.plane_shared_bytes(200, 272, "float32")
-    assert 200 * 273 * 4 < mask_rcnn <= 227 << 10
-    assert 0 < plane("float16") < mask_rcnn
-    assert _rules.roi_align_forward_table_bytes(0, "float32", False, nchw(16, 256, 200, 272), (16, 256, 200, 272),
-                                                (7, 7), 2, 8192) == 8192 * 1040
-    assert plane(size=(16, 8), k=2048) == plane(size=(14, 14), k=2048) == mask_rcnn  # up to 32 samples an axis
-    assert _rules.plane_stride(272, "float32") == 273 and _rules.plane_stride(272, "float16") == 274  # odd words
-    assert plane(ps=True, shape=(16, 49 * 8, 200, 272)) == 0  # a plane a bin
-    assert plane(strides=(256 * 200 * 272, 1, 272 * 256, 256)) == 0  # channels_last
-    assert plane(strides=(256 * 200 * 544, 200 * 544, 544, 2)) == 0  # every other column
-    assert plane(sr=0) == plane(sr=-1) == 0  # adaptive grids
-    assert plane(size=(7, 17)) == 0 and plane(size=(17, 7)) == 0  # 34 samples an axis
-    assert plane(k=64) == 0  # 0.06 samples a cell: copying whole planes does not pay
-    assert plane(shape=(2, 256, 50, 68), k=1024) == 0  # the map fits L2
-    assert plane(shape=(16, 256, 200, 300)) == 0  # a float32 plane past shared memory
-    assert plane("float16", shape=(16, 256, 200, 300)) > 0
-    assert plane(k=0) == 0
