@@ -120,10 +120,35 @@ def breakdown(x, r, reps):
         xt.grad = None
         cupy_roi.roi_align(xt, r, 7, 0.5, 2, True).sum().backward()
 
+    class TorchvisionInPython(torch.autograd.Function):
+        """torchvision's own roi_align kernels (its C++ ops) behind a Python
+        autograd node: the least any Python-level operator can cost."""
+
+        @staticmethod
+        def forward(ctx, t, rois):
+            ctx.save_for_backward(rois)
+            ctx.shape = t.shape
+            return torch.ops.torchvision.roi_align(t, rois, 0.5, 7, 7, 2, True)
+
+        @staticmethod
+        def backward(ctx, g):
+            (rois,) = ctx.saved_tensors
+            n, c, h, w = ctx.shape
+            return torch.ops.torchvision._roi_align_backward(g, rois, 0.5, 7, 7, n, c, h, w, 2, True), None
+
+    def tv_in_python_fwd_bwd():
+        xt.grad = None
+        TorchvisionInPython.apply(xt, r).sum().backward()
+
     # the same measurement as the rows above, so that they compare: what a Python
     # autograd node costs beside torchvision's C++ one, before any work of ours
-    print(f"| torchvision roi_align, .sum().backward() | {per_call_us(tv_fwd_bwd, reps):.1f} |")
-    print(f"| cupy_roi roi_align, .sum().backward() | {per_call_us(ours_fwd_bwd, reps):.1f} |")
+    print()
+    print("| forward+backward, .sum().backward() (alternating rounds) | torchvision us | this us | this / tv |")
+    print("|---|---:|---:|---:|")
+    for label, fn in (("torchvision's roi_align kernels in a Python autograd.Function", tv_in_python_fwd_bwd),
+                      ("cupy_roi roi_align", ours_fwd_bwd)):
+        t_tv, t_this, ratio = paired_us(tv_fwd_bwd, fn, reps)
+        print(f"| {label} | {t_tv:.1f} | {t_this:.1f} | {ratio:.2f} |")
     print()
     print("| layer of one ps_prroi_pool forward | us/call |")
     print("|---|---:|")
