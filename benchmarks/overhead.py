@@ -145,9 +145,9 @@ def breakdown(x, r, reps):
     print()
     print("| forward+backward, .sum().backward() (alternating rounds) | torchvision us | this us | this / tv |")
     print("|---|---:|---:|---:|")
-    for label, fn in (("torchvision's roi_align kernels in a Python autograd.Function", tv_in_python_fwd_bwd),
-                      ("cupy_roi roi_align", ours_fwd_bwd)):
-        t_tv, t_this, ratio = paired_us(tv_fwd_bwd, fn, reps)
+    for label, call in (("torchvision's roi_align kernels in a Python autograd.Function", tv_in_python_fwd_bwd),
+                        ("cupy_roi roi_align", ours_fwd_bwd)):
+        t_tv, t_this, ratio = paired_us(tv_fwd_bwd, call, reps)
         print(f"| {label} | {t_tv:.1f} | {t_this:.1f} | {ratio:.2f} |")
     print()
     print("| layer of one ps_prroi_pool forward | us/call |")

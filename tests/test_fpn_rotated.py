@@ -55,15 +55,17 @@ def test_rotated_angle_zero_is_roi_align(aligned):
     x = torch.tensor(g.standard_normal((3, 4, 12, 10)))
     r = rotated_rows(g, 20, 3, 12, 10, 0.25)
     r[:, 5] = 0
-    # dyadic coordinates: corners and centre-size forms are the same numbers
+    # dyadic coordinates and bins (4 x 2: a third of a dyadic width is not dyadic, and a sample
+    # that lands on the map's -1 edge in one form can round past it in the other): corners and
+    # centre-size forms then give the same sample positions, to the bit
     r[:, 1:5] = np.round(r[:, 1:5] * 8) / 8
     if not aligned:  # boxes under one cell grow to 1x1 about their centre here, from their corner in roi_align
         r[:, 3:5] = np.maximum(r[:, 3:5], 1 / 0.25)
     rows = torch.tensor(r)
     corners = torch.stack([rows[:, 0], rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
                            rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1)
-    a = cupy_roi.roi_align_rotated(x, rows, (4, 3), 0.25, 2, aligned)
-    b = cupy_roi.roi_align(x, corners, (4, 3), 0.25, 2, aligned)
+    a = cupy_roi.roi_align_rotated(x, rows, (4, 2), 0.25, 2, aligned)
+    b = cupy_roi.roi_align(x, corners, (4, 2), 0.25, 2, aligned)
     assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
