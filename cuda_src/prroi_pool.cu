@@ -126,6 +126,22 @@ struct PreciseBin {
       weight[u] = t.weight; start[u] = t.start_moment; end[u] = t.end_moment;
     }
   }
+  // s times the gradients of bin (i, j)'s mean w.r.t. the box's x1, y1, x2, y2
+  // (d[0..3]) from its edge moments m_xs, m_xe, m_ys, m_ye (sum F Wy Sx, ...,
+  // see TentSpan): d mean / d xs = m_xs / (bin_h bin_w^2), and likewise for
+  // the other edges; xs = x1' (1 - j/pw) + x2' j/pw and xe = x1' (1 - (j+1)/pw)
+  // + x2' (j+1)/pw.
+  __device__ __forceinline__ void box_gradient(A m_xs, A m_xe, A m_ys, A m_ye, int i, int j, int ph, int pw, A s,
+                                               A (&d)[4]) const {
+    const A d_xs = m_xs / (area * bin_w), d_xe = m_xe / (area * bin_w);
+    const A d_ys = m_ys / (area * bin_h), d_ye = m_ye / (area * bin_h);
+    const A fj0 = A(j) / pw, fj1 = A(j + 1) / pw;
+    const A fi0 = A(i) / ph, fi1 = A(i + 1) / ph;
+    d[0] = s * (d_xs * (A(1) - fj0) + d_xe * (A(1) - fj1));
+    d[1] = s * (d_ys * (A(1) - fi0) + d_ye * (A(1) - fi1));
+    d[2] = s * (d_xs * fj0 + d_xe * fj1);
+    d[3] = s * (d_ys * fi0 + d_ye * fi1);
+  }
   __device__ __forceinline__ bool wide() const { return bin_w >= A(kWideBin) && bin_h >= A(kWideBin); }
   // Weights only (the forward): the short form for wide bins, tent_span for thin ones.
   template <bool kWide>
@@ -539,17 +555,12 @@ __global__ void prroi_pool_backward(
         }
       }
       if (want_coords) {
-        // d mean / d xs = m_xs / (bin_h bin_w^2), and likewise for the other edges
-        const A d_xs = m_xs / (bin.area * bin.bin_w), d_xe = m_xe / (bin.area * bin.bin_w);
-        const A d_ys = m_ys / (bin.area * bin.bin_h), d_ye = m_ye / (bin.area * bin.bin_h);
-        // xs = x1' (1 - j/pw) + x2' j/pw and xe = x1' (1 - (j+1)/pw) + x2' (j+1)/pw
-        const A fj0 = A(p.j) / pw, fj1 = A(p.j + 1) / pw;
-        const A fi0 = A(p.i) / ph, fi1 = A(p.i + 1) / ph;
-        const A s = grad * spatial_scale;
-        g_x1 += s * (d_xs * (A(1) - fj0) + d_xe * (A(1) - fj1));
-        g_x2 += s * (d_xs * fj0 + d_xe * fj1);
-        g_y1 += s * (d_ys * (A(1) - fi0) + d_ye * (A(1) - fi1));
-        g_y2 += s * (d_ys * fi0 + d_ye * fi1);
+        A d[4];
+        bin.box_gradient(m_xs, m_xe, m_ys, m_ye, p.i, p.j, ph, pw, grad * spatial_scale, d);
+        g_x1 += d[0];
+        g_y1 += d[1];
+        g_x2 += d[2];
+        g_y2 += d[3];
       }
     }
     if (want_coords) {
@@ -676,15 +687,7 @@ __global__ void prroi_pool_coords(
         A m[4];
         if (in_s3 == 1) bin_moments<CPT, T, A, true>(plane, step, in_s2, 1, bin, g, m);
         else bin_moments<CPT, T, A, false>(plane, step, in_s2, in_s3, bin, g, m);
-        // d mean / d xs = m_xs / (bin_h bin_w^2), and likewise (prroi_pool_backward)
-        const A d_xs = m[0] / (bin.area * bin.bin_w), d_xe = m[1] / (bin.area * bin.bin_w);
-        const A d_ys = m[2] / (bin.area * bin.bin_h), d_ye = m[3] / (bin.area * bin.bin_h);
-        const A fj0 = A(p.j) / pw, fj1 = A(p.j + 1) / pw;
-        const A fi0 = A(p.i) / ph, fi1 = A(p.i + 1) / ph;
-        d[0] = spatial_scale * (d_xs * (A(1) - fj0) + d_xe * (A(1) - fj1));
-        d[1] = spatial_scale * (d_ys * (A(1) - fi0) + d_ye * (A(1) - fi1));
-        d[2] = spatial_scale * (d_xs * fj0 + d_xe * fj1);
-        d[3] = spatial_scale * (d_ys * fi0 + d_ye * fi1);
+        bin.box_gradient(m[0], m[1], m[2], m[3], p.i, p.j, ph, pw, spatial_scale, d);
       }
     }
     if (run_sums(key, d) && key >= 0) {
