@@ -42,6 +42,14 @@ def _round_us(fn, calls):
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def fwd_bwd(leaf, op):
+    """One forward+backward call: ``op().sum().backward()``, ``leaf``'s gradient cleared first."""
+    def run():
+        leaf.grad = None
+        op().sum().backward()
+    return run
+
+
 def paired_us(theirs, ours, reps, rounds=9):
     """Host time per call of two callables measured in alternating rounds
     (order swapped every round), so that drift of the shared host (clocks,
@@ -93,32 +101,15 @@ def breakdown(x, r, reps):
             return g
 
     xg = x.detach().requires_grad_(True)
-
-    def identity_fwd_bwd():
-        xg.grad = None
-        Identity.apply(xg).sum().backward()
-
-    def plain_fwd_bwd():
-        xg.grad = None
-        (xg * 1).sum().backward()
-
     go = torch.ones(2, 196, 7, 7, device="cuda")
     backward_body = per_call_us(lambda: _torch_ops.roi_align_backward_cuda(go, rows, 2, 196, 16, 16, 0.5, 2, True,
                                                                           False, False, False), reps)
     print("| baseline | us/call |")
     print("|---|---:|")
-    print(f"| (x * 1).sum().backward(), no custom code | {per_call_us(plain_fwd_bwd, reps):.1f} |")
-    print(f"| Python autograd.Function identity, .sum().backward() | {per_call_us(identity_fwd_bwd, reps):.1f} |")
+    print(f"| (x * 1).sum().backward(), no custom code | {per_call_us(fwd_bwd(xg, lambda: xg * 1), reps):.1f} |")
+    print(f"| Python autograd.Function identity, .sum().backward() | "
+          f"{per_call_us(fwd_bwd(xg, lambda: Identity.apply(xg)), reps):.1f} |")
     print(f"| roi_align_backward_cuda called directly (our backward's body) | {backward_body:.1f} |")
-    xt = x.detach().requires_grad_(True)
-
-    def tv_fwd_bwd():
-        xt.grad = None
-        tv.roi_align(xt, r, 7, 0.5, 2, True).sum().backward()
-
-    def ours_fwd_bwd():
-        xt.grad = None
-        cupy_roi.roi_align(xt, r, 7, 0.5, 2, True).sum().backward()
 
     class TorchvisionInPython(torch.autograd.Function):
         """torchvision's own roi_align kernels (its C++ ops) behind a Python
@@ -136,19 +127,15 @@ def breakdown(x, r, reps):
             n, c, h, w = ctx.shape
             return torch.ops.torchvision._roi_align_backward(g, rois, 0.5, 7, 7, n, c, h, w, 2, True), None
 
-    def tv_in_python_fwd_bwd():
-        xt.grad = None
-        TorchvisionInPython.apply(xt, r).sum().backward()
-
-    # the same measurement as the rows above, so that they compare: what a Python
-    # autograd node costs beside torchvision's C++ one, before any work of ours
+    # timed as main's roi_align forward+backward row, so that the two compare: what a
+    # Python autograd node costs beside torchvision's C++ one, before any work of ours
+    t_tv, t_this, ratio = paired_us(fwd_bwd(xg, lambda: tv.roi_align(xg, r, 7, 0.5, 2, True)),
+                                    fwd_bwd(xg, lambda: TorchvisionInPython.apply(xg, r)), reps)
     print()
     print("| forward+backward, .sum().backward() (alternating rounds) | torchvision us | this us | this / tv |")
     print("|---|---:|---:|---:|")
-    for label, call in (("torchvision's roi_align kernels in a Python autograd.Function", tv_in_python_fwd_bwd),
-                        ("cupy_roi roi_align", ours_fwd_bwd)):
-        t_tv, t_this, ratio = paired_us(tv_fwd_bwd, call, reps)
-        print(f"| {label} | {t_tv:.1f} | {t_this:.1f} | {ratio:.2f} |")
+    print(f"| torchvision's roi_align kernels in a Python autograd.Function | {t_tv:.1f} | {t_this:.1f} | "
+          f"{ratio:.2f} |")
     print()
     print("| layer of one ps_prroi_pool forward | us/call |")
     print("|---|---:|")
@@ -251,12 +238,6 @@ def main():
                                              lambda: tv.ps_roi_align(x, r, 7, 0.5, 2)),
     }
 
-    def fwd_bwd(f):
-        def run():
-            x.grad = None
-            f().sum().backward()
-        return run
-
     print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; x {tuple(x.shape)}, 2 RoIs, 7x7; "
           f"host microseconds per call: torchvision and cupy_roi timed in 9 alternating rounds of "
           f"{args.reps // 9} calls; medians, and the median of the per-round ratios")
@@ -267,10 +248,10 @@ def main():
         with torch.no_grad():
             t_tv, t_me, ratio = paired_us(theirs, lambda: ours(r), args.reps)
         print(f"| {name}, forward | {t_tv:.1f} | {t_me:.1f} | {ratio:.2f} |")
-        t_tv, t_me, ratio = paired_us(fwd_bwd(theirs), fwd_bwd(lambda: ours(r)), args.reps)
+        t_tv, t_me, ratio = paired_us(fwd_bwd(x, theirs), fwd_bwd(x, lambda: ours(r)), args.reps)
         print(f"| {name}, forward+backward | {t_tv:.1f} | {t_me:.1f} | {ratio:.2f} |")
         if name.startswith("prroi"):
-            t_tv, t_me, ratio = paired_us(fwd_bwd(theirs), fwd_bwd(lambda: ours(rc)), args.reps)
+            t_tv, t_me, ratio = paired_us(fwd_bwd(x, theirs), fwd_bwd(x, lambda: ours(rc)), args.reps)
             print(f"| {name}, forward+backward with box gradients | {t_tv:.1f} | {t_me:.1f} | {ratio:.2f} |")
     if args.breakdown:
         print()
@@ -281,9 +262,9 @@ def main():
             print(row)
     if args.trace:
         from torch.profiler import ProfilerActivity, profile
-        for label, fn in (("torchvision roi_align", fwd_bwd(ops["roi_align"][1])),
-                          ("cupy_roi roi_align", fwd_bwd(lambda: ops["roi_align"][0](r))),
-                          ("cupy_roi prroi_pool2d, box gradients", fwd_bwd(lambda: ops["prroi_pool2d (tv: roi_align)"][0](rc)))):
+        for label, fn in (("torchvision roi_align", fwd_bwd(x, ops["roi_align"][1])),
+                          ("cupy_roi roi_align", fwd_bwd(x, lambda: ops["roi_align"][0](r))),
+                          ("cupy_roi prroi_pool2d, box gradients", fwd_bwd(x, lambda: ops["prroi_pool2d (tv: roi_align)"][0](rc)))):
             for _ in range(20):
                 fn()
             torch.cuda.synchronize()
@@ -297,7 +278,7 @@ def main():
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.reps):
-            fwd_bwd(lambda: ops["roi_align"][0](r))()
+            fwd_bwd(x, lambda: ops["roi_align"][0](r))()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
