@@ -10,6 +10,7 @@
 #   P: PrRoIPool on issue 14's three cases (prroi_cases.py), this tree and .gl/old
 #   L: Nsight Compute of the RoIAlign forwards (Mask R-CNN 7x7 float32, both layouts, beside
 #      torchvision's): what bounds them, L2 and L1 throughput and sector counts included (CSV)
+#      (WORK_ORDER_ARGS=--grouped: RoIs in image order)
 # Several stages in one call: `for s in A F; do bash benchmarks/device_run.sh $s; done`.
 # The suite runs with the larger hypothesis profile. The device has no nbclient/ipykernel: carry
 # wheels in .whl/ (made here with `pip download nbclient nbformat ipykernel --python-version 3.12
@@ -95,7 +96,7 @@ l1tex__data_pipe_lsu_wavefronts_mem_lg_cmd_read.sum,\
 smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,\
 smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio
   log ncu, RoIAlign forwards
-  timeout 200 ncu --csv --metrics "$m" -k regex:roi_align_forward python3 benchmarks/work_order.py --once \
+  timeout 200 ncu --csv --metrics "$m" -k regex:roi_align_forward python3 benchmarks/work_order.py --once ${WORK_ORDER_ARGS:-} \
     > "$out/ncu_forward.csv" 2> "$out/ncu_forward.err"; tail -3 "$out/ncu_forward.err"
   python3 - "$out/ncu_forward.csv" <<'PY'
 import csv, sys
@@ -118,7 +119,7 @@ smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,\
 smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,\
 smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio
   log ncu
-  timeout 200 ncu --csv --metrics "$metrics" -k regex:roi_align python3 benchmarks/work_order.py --once \
+  timeout 200 ncu --csv --metrics "$metrics" -k regex:roi_align python3 benchmarks/work_order.py --once ${WORK_ORDER_ARGS:-} \
     > "$out/ncu_roi_align.csv" 2> "$out/ncu_roi_align.err"; tail -3 "$out/ncu_roi_align.err"
   log tables; timeout 200 python3 benchmarks/prroi_tables.py --reps 10 --out "$out/prroi_tables.md" 2>&1 | tail -14
   ;;

@@ -6,7 +6,7 @@ around the call: wall clock of the queued work) and replayed from a CUDA graph
 under two checkouts (PYTHONPATH) to compare kernel versions.
 
 ``--once`` runs one forward+backward per case of roi_align's Mask R-CNN case
-in both layouts, for Nsight Compute::
+in both layouts, for Nsight Compute (``--grouped``: RoIs in image order)::
 
     ncu --kernel-name regex:roi_align --metrics dram__bytes_read.sum,... \\
         python3 benchmarks/work_order.py --once
@@ -38,18 +38,25 @@ CASES = [
 ]
 
 
-def inputs(n, c, h, w, stride, per_image, layout, gen):
+def inputs(n, c, h, w, stride, per_image, layout, gen, grouped=False):
+    """``grouped``: RoIs in image order, as detectors hand them over
+    (torchvision's MultiScaleRoIAlign concatenates each image's boxes);
+    otherwise shuffled across images, the case where the RoIs running together
+    read from every image."""
     x = torch.randn(n, c, h, w, generator=gen).to("cuda")
     if layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
-    return x.requires_grad_(True), rois_for(n, per_image, h, w, stride, gen).to("cuda")
+    r = rois_for(n, per_image, h, w, stride, gen)
+    if grouped:
+        r = r[torch.sort(r[:, 0], stable=True).indices]
+    return x.requires_grad_(True), r.to("cuda")
 
 
-def once():
+def once(grouped):
     gen = torch.Generator().manual_seed(0)
     title, ours, anchor, n, c, h, w, stride, per_image, size, sr, layouts = CASES[0]
     for layout in layouts:
-        x, r = inputs(n, c, h, w, stride, per_image, layout, gen)
+        x, r = inputs(n, c, h, w, stride, per_image, layout, gen, grouped)
         for fn in (call_anchor, call_ours):
             x.grad = None
             out = fn(ours, x, r, size, 1.0 / stride, sr)
@@ -63,17 +70,22 @@ def main():
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--label", default="this tree")
     parser.add_argument("--once", action="store_true")
+    parser.add_argument("--grouped", action="store_true", help="RoIs in image order (see inputs)")
+    parser.add_argument("--only", default="", help="the cases whose title contains this")
     args = parser.parse_args()
     if args.once:
-        return once()
+        return once(args.grouped)
     gen = torch.Generator().manual_seed(0)
-    lines = [f"{args.label}: {torch.cuda.get_device_name()}, torch {torch.__version__}, float32, "
+    order = "RoIs in image order" if args.grouped else "RoIs shuffled across images"
+    lines = [f"{args.label}: {torch.cuda.get_device_name()}, torch {torch.__version__}, float32, {order}, "
              f"median of {args.reps} (ms)", "",
              "| case | layout | pass | torchvision | cupy_roi | ratio | torchvision, graph | cupy_roi, graph | "
              "graph ratio |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for title, ours, anchor, n, c, h, w, stride, per_image, size, sr, layouts in CASES:
+        if args.only not in title:
+            continue
         for layout in layouts:
-            x, r = inputs(n, c, h, w, stride, per_image, layout, gen)
+            x, r = inputs(n, c, h, w, stride, per_image, layout, gen, args.grouped)
             scale = 1.0 / stride
             go = torch.randn(call_ours(ours, x, r, size, scale, sr).shape, generator=gen).to("cuda")
             passes = [("forward", False), ("forward+backward", True)]

@@ -127,14 +127,112 @@ struct RotatedFrame {
   }
 };
 
-// Sums of the bilinear samples of bin (i, j) over CPT planes plane_step
-// elements apart: the sample positions and weights are worked out once for all
-// of them. Each plane's sum is a chain of fused multiply-adds in a fixed
-// order, so no result depends on CPT.
-template <int CPT, typename T, typename A, typename Frame>
-__device__ __forceinline__ void bin_sample_sums(const T* plane, index_t plane_step, index_t s2, index_t s3,
-                                                int height, int width, const AlignGrid<A>& g, const Frame& frame,
-                                                int i, int j, A (&sum)[CPT]) {
+// Which CPT output channels a grouped thread (decompose_group) computes, how
+// it reads them at a bilinear sample and where it writes their means.
+// Channels plane_step elements apart (plane_step: the input's channel stride,
+// or group_plane_step), first the group's channel c, read one by one.
+template <int CPT, typename T, bool kVectors>
+struct ChannelGroup {
+  int first;
+  index_t step;
+  __device__ __forceinline__ ChannelGroup(int c, int, index_t plane_step) : first(c), step(plane_step) {}
+
+  // Each channel's sum is a chain of fused multiply-adds in a fixed order, so
+  // no result depends on CPT or on the group's kind.
+  template <typename A>
+  __device__ __forceinline__ void add(const T* plane, const Bilinear<A>& w, index_t a00, index_t a01, index_t a10,
+                                      index_t a11, A (&sum)[CPT]) const {
+#pragma unroll
+    for (int t = 0; t < CPT; ++t) {
+      const T* p = plane + t * step;
+      A s = fused(w.w00, to_acc(p[a00]), sum[t]);
+      s = fused(w.w01, to_acc(p[a01]), s);
+      s = fused(w.w10, to_acc(p[a10]), s);
+      sum[t] = fused(w.w11, to_acc(p[a11]), s);
+    }
+  }
+  // The means (the NaNs of an invalid row when g is null) to out, out + step, ...
+  template <typename A>
+  __device__ __forceinline__ void store(T* out, index_t out_step, bool, const A (&sum)[CPT],
+                                        const AlignGrid<A>* g) const {
+#pragma unroll
+    for (int t = 0; t < CPT; ++t) cupy_roi::store(out + t * out_step, g ? sum[t] * g->inv_count : quiet_nan<A>());
+  }
+};
+
+// Vector groups, for channels-last maps walked channels fastest (channel
+// block B <= 0, in blocks of `block` = -B channels, or all C): CPT / V vectors
+// of V adjacent channels (V = vector_width<T>), the thread's vectors `span`
+// channels apart, so that the lanes of a warp, which hold consecutive groups
+// of one bin, read consecutive 16-byte vectors of a corner. Group c (its first
+// channel in decompose_group's numbering) of the block starting at channel c0
+// holds channels c0 + (c - c0) / CPT * V + q * span + e, q < CPT / V, e < V,
+// span = block / CPT * V. The input's channel stride is 1.
+template <int CPT, typename T>
+struct ChannelGroup<CPT, T, true> {
+  static constexpr int V = vector_width<T>::value;
+  static_assert(V > 1 && CPT % V == 0, "a vector group holds whole vectors");
+  int first;
+  index_t step;  // span
+  __device__ __forceinline__ ChannelGroup(int c, int block, index_t)
+      : first(c / block * block + c % block / CPT * V), step(block / CPT * V) {}
+
+  template <typename A>
+  __device__ __forceinline__ void add(const T* plane, const Bilinear<A>& w, index_t a00, index_t a01, index_t a10,
+                                      index_t a11, A (&sum)[CPT]) const {
+#pragma unroll
+    for (int q = 0; q < CPT / V; ++q) {
+      const T* p = plane + q * step;
+      A v00[V], v01[V], v10[V], v11[V];
+      load_vector(p + a00, v00);
+      load_vector(p + a01, v01);
+      load_vector(p + a10, v10);
+      load_vector(p + a11, v11);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        A s = fused(w.w00, v00[e], sum[q * V + e]);
+        s = fused(w.w01, v01[e], s);
+        s = fused(w.w10, v10[e], s);
+        sum[q * V + e] = fused(w.w11, v11[e], s);
+      }
+    }
+  }
+  // vectors: out is 16-byte aligned with channel stride 1 (then one vector
+  // store per vector), else element by element, out_step between channels.
+  template <typename A>
+  __device__ __forceinline__ void store(T* out, index_t out_step, bool vectors, const A (&sum)[CPT],
+                                        const AlignGrid<A>* g) const {
+    A mean[CPT];
+#pragma unroll
+    for (int t = 0; t < CPT; ++t) mean[t] = g ? sum[t] * g->inv_count : quiet_nan<A>();
+#pragma unroll
+    for (int q = 0; q < CPT / V; ++q) {
+      if (vectors) {
+        store_vector(out + q * step, mean + q * V);
+        continue;
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) cupy_roi::store(out + (q * step + e) * out_step, mean[q * V + e]);
+    }
+  }
+};
+
+// Whether a map (or output) of strides s0..s3 at p takes 16-byte vectors of
+// V channels: channel stride 1, every other stride a multiple of V, p
+// 16-byte aligned.
+template <int V>
+__device__ __forceinline__ bool vector_layout(const void* p, index_t s0, index_t s1, index_t s2, index_t s3) {
+  return V > 1 && s1 == 1 && s0 % V == 0 && s2 % V == 0 && s3 % V == 0 && aligned16(p);
+}
+
+// Sums of the bilinear samples of bin (i, j) over the group's channels from
+// plane (its first channel's plane): the sample positions and weights are
+// worked out once for all of them.
+template <int CPT, typename T, bool kVectors, typename A, typename Frame>
+__device__ __forceinline__ void bin_sample_sums(const ChannelGroup<CPT, T, kVectors>& group, const T* plane,
+                                                index_t s2, index_t s3, int height, int width,
+                                                const AlignGrid<A>& g, const Frame& frame, int i, int j,
+                                                A (&sum)[CPT]) {
 #pragma unroll
   for (int t = 0; t < CPT; ++t) sum[t] = A(0);
   for (int iy = 0; iy < g.grid_h; ++iy) {
@@ -144,26 +242,10 @@ __device__ __forceinline__ void bin_sample_sums(const T* plane, index_t plane_st
       frame.map(yy, g.sample_x(j, ix), y, x);
       Bilinear<A> w;
       if (!w.set(y, x, height, width)) continue;
-      const index_t a00 = w.y0 * s2 + w.x0 * s3, a01 = w.y0 * s2 + w.x1 * s3;
-      const index_t a10 = w.y1 * s2 + w.x0 * s3, a11 = w.y1 * s2 + w.x1 * s3;
-#pragma unroll
-      for (int t = 0; t < CPT; ++t) {
-        const T* p = plane + t * plane_step;
-        A s = fused(w.w00, to_acc(p[a00]), sum[t]);
-        s = fused(w.w01, to_acc(p[a01]), s);
-        s = fused(w.w10, to_acc(p[a10]), s);
-        sum[t] = fused(w.w11, to_acc(p[a11]), s);
-      }
+      group.add(plane, w, w.y0 * s2 + w.x0 * s3, w.y0 * s2 + w.x1 * s3, w.y1 * s2 + w.x0 * s3,
+                w.y1 * s2 + w.x1 * s3, sum);
     }
   }
-}
-
-// Writes the CPT means of a group (the NaNs of an invalid row when g is null)
-// to out, out + step, ...
-template <int CPT, typename T, typename A>
-__device__ __forceinline__ void store_means(T* out, index_t step, const A (&sum)[CPT], const AlignGrid<A>* g) {
-#pragma unroll
-  for (int t = 0; t < CPT; ++t) store(out + t * step, g ? sum[t] * g->inv_count : quiet_nan<A>());
 }
 
 // Adjoint of bin_sample_sums (one plane): adds grad times each sample's weights into the
@@ -423,34 +505,121 @@ struct LevelTable {
 
 using namespace cupy_roi;
 
+// The grid-stride loop of roi_align_forward, with its kind of channel group.
+template <typename T, bool PS, int CPT, bool kVectors, typename A>
+__device__ __forceinline__ void roi_align_forward_bins(const T* input, int batch, int height, int width,
+                                                       const Strides4& in, const A* rois, index_t num_rois,
+                                                       int channels_out, int ph, int pw, A spatial_scale,
+                                                       int sampling_ratio, int aligned, int channel_block,
+                                                       const int* order, T* output, const OutputIndex& out_at,
+                                                       bool out_vectors) {
+  const index_t total = num_rois * (channels_out / CPT) * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    BinPos p = decompose_group<CPT>(idx, num_rois, channels_out, ph, pw, channel_block);
+    const ChannelGroup<CPT, T, kVectors> group(p.c, channel_block < 0 ? -channel_block : channels_out,
+                                               group_plane_step<PS>(in.s1, ph, pw));
+    p.c = group.first;
+    if (order) p.k = order[p.k];
+    T* out = output + (order ? out_at.st.at(p.k, p.c, p.i, p.j) : out_at.at<CPT>(idx, p));
+    A sum[CPT];
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) {
+      group.store(out, out_at.st.s1, out_vectors, sum, (const AlignGrid<A>*)nullptr);
+      continue;
+    }
+    AlignGrid<A> g;
+    g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
+    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
+    const T* plane = input + (index_t)b * in.s0 + (index_t)c_in * in.s1;
+    bin_sample_sums(group, plane, in.s2, in.s3, height, width, g, AxisFrame(), p.i, p.j, sum);
+    group.store(out, out_at.st.s1, out_vectors, sum, &g);
+  }
+}
+
 // CPT: output channels per thread (decompose_group); 1 but for plain
-// RoIAlign in float types, where the host picks it.
+// RoIAlign in float types, where the host picks it. Channels-last maps whose
+// groups read whole 16-byte vectors take vector groups. order: null, or the
+// order to walk the RoIs in (roi_image_order). At most 64 registers
+// (4 blocks an SM, as 56 gave): the compiler then keeps more loads in flight;
+// Mask R-CNN 7x7 float32 3.14 -> 2.64 ms NCHW, 1.60 -> 1.54 channels-last
+// (H100, session 20).
 template <typename T, bool PS, int CPT = 1>
-__global__ void roi_align_forward(
+__global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
     int channel_block,
-    T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
-  typedef typename acc_type<T>::type A;
+    T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3,
+    const int* __restrict__ order) {
+  constexpr int V = vector_width<T>::value;
+  // 8, the channels-fastest order's group (_rules._group_target): the NCHW
+  // order's 4 keeps its registers.
+  constexpr bool kMayVector = !PS && V > 1 && CPT == 8 && CPT % V == 0;
   const OutputIndex out_at(out_s0, out_s1, out_s2, out_s3, channels_out, ph, pw, channel_block);
-  const index_t total = num_rois * (channels_out / CPT) * ph * pw;
-  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-       idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose_group<CPT>(idx, num_rois, channels_out, ph, pw, channel_block);
-    T* out = output + out_at.at<CPT>(idx, p);
-    A sum[CPT];
-    int b; A x1, y1, x2, y2;
-    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store_means<CPT, T, A>(out, out_s1, sum, nullptr); continue; }
-    AlignGrid<A> g;
-    g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
-    const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
-    const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
-    bin_sample_sums(plane, group_plane_step<PS>(in_s1, ph, pw), in_s2, in_s3, height, width, g, AxisFrame(), p.i,
-                    p.j, sum);
-    store_means(out, out_s1, sum, &g);
+  const Strides4 in = make_strides(in_s0, in_s1, in_s2, in_s3);
+  if (kMayVector && channel_block <= 0 && vector_layout<V>(input, in_s0, in_s1, in_s2, in_s3))
+    roi_align_forward_bins<T, PS, CPT, kMayVector>(input, batch, height, width, in, rois, num_rois, channels_out, ph,
+                                                   pw, spatial_scale, sampling_ratio, aligned, channel_block, order,
+                                                   output, out_at,
+                                                   vector_layout<V>(output, out_s0, out_s1, out_s2, out_s3));
+  else
+    roi_align_forward_bins<T, PS, CPT, false>(input, batch, height, width, in, rois, num_rois, channels_out, ph, pw,
+                                              spatial_scale, sampling_ratio, aligned, channel_block, order, output,
+                                              out_at, false);
+}
+
+// The order roi_align_forward walks the RoIs in, where their rows come in
+// any order of images: order[0 .. num_rois) lists RoI indices image by image
+// (rows of an invalid batch index last), so that the RoIs running together
+// read one image's map, which L2 holds, instead of every image's
+// (benchmarks/NOTES.md, session 20). Which thread computes a RoI never
+// changes its result. One block of kBlockThreads threads; batch at most
+// kMaxOrderImages, num_rois below 2^31 (the host checks both). Lanes of a
+// warp on one image take their places with one shared-memory atomic.
+constexpr int kMaxOrderImages = 4096;
+
+template <typename T, bool PS>
+__global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch,
+                                int* __restrict__ order) {
+  typedef typename acc_type<T>::type A;
+  __shared__ int next[kMaxOrderImages + 1];  // per image: its count, then its next free place
+  const int lane = threadIdx.x & 31;
+  const auto image = [&](index_t k) {
+    const A bf = rois[k * 5];
+    return bf >= A(0) && bf < A(batch) && bf == floor(bf) ? (int)bf : batch;
+  };
+  // the first place of `count` for the active lanes on image b, and this lane's rank among them
+  const auto claim = [&](int b, int& rank) {
+    const unsigned peers = __match_any_sync(__activemask(), b);
+    const int leader = __ffs(peers) - 1;
+    rank = __popc(peers & ((1u << lane) - 1));
+    int first = 0;
+    if (lane == leader) first = atomicAdd(&next[b], __popc(peers));
+    return __shfl_sync(peers, first, leader);
+  };
+  for (int b = threadIdx.x; b <= batch; b += blockDim.x) next[b] = 0;
+  __syncthreads();
+  for (index_t k = threadIdx.x; k < num_rois; k += blockDim.x) {
+    int rank;
+    claim(image(k), rank);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int start = 0;
+    for (int b = 0; b <= batch; ++b) {
+      const int count = next[b];
+      next[b] = start;
+      start += count;
+    }
+  }
+  __syncthreads();
+  for (index_t k = threadIdx.x; k < num_rois; k += blockDim.x) {
+    int rank;
+    const int first = claim(image(k), rank);
+    order[first + rank] = (int)k;
   }
 }
 
@@ -523,9 +692,10 @@ __global__ void roi_align_rotated_forward(
     }
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = input + (index_t)b * in_s0 + (index_t)c_in * in_s1;
+    const ChannelGroup<1, T, false> group(p.c, channels_out, 0);
     A sum[1];
-    bin_sample_sums(plane, 0, in_s2, in_s3, height, width, g, f, p.i, p.j, sum);
-    store_means(out, 0, sum, &g);
+    bin_sample_sums(group, plane, in_s2, in_s3, height, width, g, f, p.i, p.j, sum);
+    group.store(out, 0, false, sum, &g);
   }
 }
 
@@ -576,7 +746,11 @@ __global__ void multi_scale_roi_align_forward(
     T* out = output + out_at.at<CPT>(idx, p);
     A sum[CPT];
     int b; A x1, y1, x2, y2;
-    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) { store_means<CPT, T, A>(out, out_s1, sum, nullptr); continue; }
+    ChannelGroup<CPT, T, false> group(p.c, channels_out, 0);  // its plane step comes with the level
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) {
+      group.store(out, out_s1, false, sum, (const AlignGrid<A>*)nullptr);
+      continue;
+    }
     const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
     if (l < 0 || l >= levels.count) {
 #pragma unroll
@@ -588,9 +762,10 @@ __global__ void multi_scale_roi_align_forward(
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const T* plane = reinterpret_cast<const T*>(levels.data[l]) + (index_t)b * levels.s0[l] +
                      (index_t)c_in * levels.s1[l];
-    bin_sample_sums(plane, group_plane_step<PS>(levels.s1[l], ph, pw), levels.s2[l], levels.s3[l], levels.height[l],
-                    levels.width[l], g, AxisFrame(), p.i, p.j, sum);
-    store_means(out, out_s1, sum, &g);
+    group.step = group_plane_step<PS>(levels.s1[l], ph, pw);
+    bin_sample_sums(group, plane, levels.s2[l], levels.s3[l], levels.height[l], levels.width[l], g, AxisFrame(),
+                    p.i, p.j, sum);
+    group.store(out, out_s1, false, sum, &g);
   }
 }
 

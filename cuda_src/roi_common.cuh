@@ -36,6 +36,70 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// 16-byte vectors: the elements one holds (1: no vector path for the type).
+// A warp whose lanes take consecutive 16-byte pieces of a channels-last
+// corner reads 512 contiguous bytes an instruction; the same channels read
+// element by element cost L1 one pass per element (benchmarks/NOTES.md,
+// session 20).
+template <typename T> struct vector_width { static constexpr int value = 1; };
+template <> struct vector_width<float> { static constexpr int value = 4; };
+template <> struct vector_width<__half> { static constexpr int value = 8; };
+template <> struct vector_width<__nv_bfloat16> { static constexpr int value = 8; };
+
+// A compile-time choice passed through a generic lambda.
+template <bool B> struct Flag { static constexpr bool value = B; };
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<unsigned long long>(p) & 15) == 0;
+}
+
+// The 16 bytes at p (16-byte aligned), widened to the accumulation type.
+__device__ __forceinline__ void load_vector(const float* p, float (&v)[4]) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+__device__ __forceinline__ void load_vector(const __half* p, float (&v)[8]) {
+  const uint4 q = *reinterpret_cast<const uint4*>(p);
+  const unsigned u[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u[k]));
+    v[2 * k] = f.x; v[2 * k + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load_vector(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 q = *reinterpret_cast<const uint4*>(p);
+  const unsigned u[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u[k]));
+    v[2 * k] = f.x; v[2 * k + 1] = f.y;
+  }
+}
+
+// v rounded to T (as store() rounds each element) into the 16 bytes at p.
+__device__ __forceinline__ void store_vector(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store_vector(__half* p, const float* v) {
+  unsigned u[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const __half2 h = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
+    u[k] = *reinterpret_cast<const unsigned*>(&h);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(u[0], u[1], u[2], u[3]);
+}
+__device__ __forceinline__ void store_vector(__nv_bfloat16* p, const float* v) {
+  unsigned u[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    u[k] = *reinterpret_cast<const unsigned*>(&h);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(u[0], u[1], u[2], u[3]);
+}
+
 // Strides (in elements) of a 4-d array; lets every kernel read NCHW,
 // channels_last and arbitrary views without a copy.
 struct Strides4 {
@@ -60,6 +124,10 @@ __device__ __forceinline__ Strides4 make_strides(index_t s0, index_t s1, index_t
 //          B = C is the RoI-major (NCHW output) order. The host picks B so
 //          that B planes of every image fit in a share of L2; a larger B
 //          spreads a backward's atomics over more addresses. B divides C.
+//   B < 0: channels fastest in blocks of -B, (c / -B, k, i, j, c % -B): a
+//          channels-last map read -B channels at a time, so that the part
+//          of an image the threads running together read stays in L2 where
+//          the whole image would not (the RoIAlign forward).
 
 // Where a forward kernel writes output element idx. Outputs the library
 // allocates are dense NCHW or channels_last; where the work order is that
@@ -96,6 +164,13 @@ __device__ __forceinline__ BinPos decompose_as(I idx, I num_rois, int channels, 
     p.c = (int)(idx % C); idx /= C;
     p.j = (int)(idx % W); idx /= W;
     p.i = (int)(idx % H); p.k = (index_t)(idx / H);
+  } else if (channel_block < 0) {
+    const I B = (I)(-channel_block);
+    const int c_low = (int)(idx % B); idx /= B;
+    p.j = (int)(idx % W); idx /= W;
+    p.i = (int)(idx % H); idx /= H;
+    p.k = (index_t)(idx % num_rois);
+    p.c = (int)(idx / num_rois) * -channel_block + c_low;
   } else {
     const I B = (I)channel_block;
     p.j = (int)(idx % W); idx /= W;
@@ -120,8 +195,8 @@ __device__ __forceinline__ BinPos decompose(index_t idx, index_t num_rois, int c
 // Thread idx of a kernel that computes CPT output channels of one bin (a
 // group): the bin's geometry, which costs more instructions than its reads,
 // is then worked out once for CPT channels. Groups take the channels' place
-// in the work order (C / CPT groups, blocks of B / CPT groups; the host makes
-// C and B > 0 multiples of CPT); p.c is the group's first channel.
+// in the work order (C / CPT groups, blocks of |B| / CPT groups; the host makes
+// C and B multiples of CPT); p.c is the group's first channel.
 template <int CPT>
 __device__ __forceinline__ BinPos decompose_group(index_t idx, index_t num_rois, int channels, int ph, int pw,
                                                   int channel_block) {

@@ -29,7 +29,7 @@ CUDA_TYPES = {
 FAMILIES = {
     "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
-                                   "multi_scale_roi_align_backward", "fixed_point_gradient")),
+                                   "multi_scale_roi_align_backward", "fixed_point_gradient", "roi_image_order")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_backward_warp",
                                      "prroi_pool_coords", "prroi_pool_coords_sum", "fixed_point_gradient")),
@@ -39,7 +39,8 @@ FAMILIES = {
 #: operator uses it); every other kernel is compiled for both
 PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
-                        "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum"))
+                        "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum",
+                        "roi_image_order"))
 
 #: kernels also instantiated with 4 and 8 output channels per thread (a
 #: third template argument; plain variant, float types: see
@@ -54,7 +55,7 @@ CHANNELS_PER_THREAD = (4, 8)
 #: L the LevelTable struct of roi_align.cu (passed by value).
 #: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
 SIGNATURES = {
-    "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq",
+    "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq" "p",
     "roi_align_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
     "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
@@ -68,10 +69,13 @@ SIGNATURES = {
     "prroi_pool_coords": "pqqqq" "piiiqqqq" "pqiii" "a" "i" "p",
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
+    "roi_image_order": "pqip",
 }
 
 #: kMaxLevels of roi_align.cu: the most pyramid levels one launch takes
 MAX_LEVELS = 8
+#: kMaxOrderImages of roi_align.cu: the most images roi_image_order takes
+MAX_ORDER_IMAGES = 4096
 
 HEADER = "roi_common.cuh"
 BLOCK = 256

@@ -83,6 +83,33 @@ def channel_block(device, strides, shape, size, c_out, itemsize):
                           size[0] * size[1] * itemsize)
 
 
+@functools.lru_cache(maxsize=256)
+def _channels_last_block(channels, map_bytes, image_channel_bytes, l2_bytes, multiple):
+    budget = l2_bytes // 3
+    if map_bytes <= budget:
+        return 0
+    fits = [b for b in range(multiple, channels, multiple) if channels % b == 0 and b * image_channel_bytes <= budget]
+    return -max(fits) if fits else 0
+
+
+def channels_last_block(device, shape, c_out, itemsize):
+    """The RoIAlign forward's work order on a channels-last map, where
+    :func:`channel_block` gives 0 (channels fastest): -B, blocks of B
+    channels walked channels fastest (``channel_block`` < 0 in
+    cuda_src/roi_common.cuh), B the largest divisor of ``c_out`` below it,
+    a multiple of 8 (the group of 8 channels a thread computes there), whose
+    channels of one image fit in a third of L2; 0 (all channels) where the
+    whole map fits or no such B does. The threads running together hold a few
+    hundred RoIs, most of one image when RoIs come grouped by image as
+    detectors give them: channels fastest over all C they read from the whole
+    image (56 MB for Mask R-CNN's 256 x 200 x 272 float32 level), more than
+    L2 holds, and fetched the map five times from DRAM (benchmarks/NOTES.md,
+    session 20)."""
+    n, c, h, w = shape
+    return _channels_last_block(c_out, n * c * h * w * itemsize, h * w * (c // c_out) * itemsize,
+                                _kernels.l2_cache_bytes(device), 8)
+
+
 def _group_target(channels_fastest_order):
     """Output channels per thread the grouped forwards aim for, by work order.
     Measured on an H200 (benchmarks/NOTES.md, sessions 12-13; RoIAlign
@@ -98,13 +125,13 @@ def channels_per_thread(scalar, ps, c_out, block, target=None):
     PrRoIPool's coordinate kernel) computes: the largest compiled value
     (``_kernels.CHANNELS_PER_THREAD``) up to ``target`` (default: the
     forwards' :func:`_group_target`) that divides ``c_out`` and the channel
-    block ``block`` (0: channels fastest), so that groups tile the work order
+    block ``block`` (0 or below: channels fastest), so that groups tile the work order
     exactly; else 1. 1 for position-sensitive pooling (R-FCN's 21 channels per
     bin measured no gain) and float64 (twice the registers; not measured)."""
     if ps or scalar == "float64":
         return 1
     if target is None:
-        target = _group_target(block == 0)
+        target = _group_target(block <= 0)
     for cpt in _CHANNELS_PER_THREAD_DOWN:
         if cpt <= target and c_out % cpt == 0 and block % cpt == 0:
             return cpt
@@ -184,13 +211,42 @@ def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, c
     _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args)
 
 
-def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out):
+@functools.lru_cache(maxsize=256)
+def _image_order(map_bytes, l2_bytes, n, k):
+    return 1 < n <= _kernels.MAX_ORDER_IMAGES and 1 < k < 2 ** 31 and map_bytes > l2_bytes // 3
+
+
+def roi_order_bytes(device, scalar, ps, shape, k):
+    """Bytes of the workspace the RoIAlign forward takes to walk its ``k``
+    RoIs image by image (``roi_image_order`` in cuda_src/roi_align.cu), or 0
+    where it walks them as given: plain RoIAlign on a map of several images
+    larger than a third of L2. Rows that come in any order of images make
+    the RoIs running together read every image's map, which L2 cannot hold:
+    Mask R-CNN 7x7 float32 (H100, session 20), channels-last 1.55 ms with
+    RoIs shuffled across images against 0.74 in image order. The front end
+    allocates the workspace (``int32[k]``) and passes it to
+    :func:`roi_align_forward`."""
+    n, c, h, w = shape
+    if ps or not _image_order(n * c * h * w * _ITEMSIZE[scalar], _kernels.l2_cache_bytes(device), n, k):
+        return 0
+    return 4 * k
+
+
+def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out,
+                      order=0):
+    """``order``: 0, or the device pointer of the workspace of
+    :func:`roi_order_bytes` bytes, which it fills first."""
     n, c, h, w = shape
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
-    _run("roi_align", "roi_align_forward", device, stream, scalar, ps, k * c_out * ph * pw, (
-        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, out[0], *out[1]),
+    if block == 0 and not ps:
+        block = channels_last_block(device, shape, c_out, _ITEMSIZE[scalar])
+    total = k * c_out * ph * pw
+    if order and total:
+        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
+    _run("roi_align", "roi_align_forward", device, stream, scalar, ps, total, (
+        x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, out[0], *out[1], order),
         cpt=channels_per_thread(scalar, ps, c_out, block))
 
 

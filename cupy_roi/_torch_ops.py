@@ -186,8 +186,13 @@ def _as_dtype(t, dtype):
 def roi_align_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
                            sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
     out = _empty(_out_shape(input, rows, ph, pw, ps), input)
+    order_bytes = _rules.roi_order_bytes(input.device.index, _SCALAR[input.dtype], ps, tuple(input.shape),
+                                         rows.shape[0])
+    # freed on return: PyTorch's allocator hands it on in stream order
+    order = torch.empty(order_bytes, dtype=torch.uint8, device=input.device) if order_bytes else None
     _launch(_rules.roi_align_forward, input.device.index, _SCALAR[input.dtype], ps, _view(input),
-            tuple(input.shape), rows.data_ptr(), rows.shape[0], (ph, pw), scale, sampling_ratio, aligned, _view(out))
+            tuple(input.shape), rows.data_ptr(), rows.shape[0], (ph, pw), scale, sampling_ratio, aligned, _view(out),
+            0 if order is None else order.data_ptr())
     return out
 
 

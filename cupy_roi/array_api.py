@@ -180,6 +180,15 @@ class _Call:
                         "grad_output") != self.scalar:
             raise TypeError(f"grad_output must have the input's dtype ({self.scalar}), got {grad_output.dtype}")
 
+    def workspace(self, nbytes):
+        """A scratch buffer of ``nbytes`` bytes for launches on the call's
+        stream (None for 0), allocated on that stream: CuPy's memory pool
+        hands a freed block only to later allocations on the same stream."""
+        if not nbytes:
+            return None
+        with self.cupy.cuda.Device(self.device), self.stream:
+            return self.cupy.empty(nbytes, dtype=self.cupy.uint8)
+
     def run(self, rule, *args):
         """One of :mod:`_rules`' launches, on the data's device and the call's stream."""
         with self.cupy.cuda.Device(self.device):
@@ -275,8 +284,9 @@ def roi_align_forward(input, rois, output_size, spatial_scale=1.0, sampling_rati
                             int(sampling_ratio), bool(aligned), bool(position_sensitive))
     call = _Call(input, input.shape, rois, output_size, position_sensitive, stream, scalar_type, "input")
     out = call.output(out, input)
+    order = call.workspace(_rules.roi_order_bytes(call.device, call.scalar, call.ps, call.shape, call.k))
     call.run(_rules.roi_align_forward, _view(input), call.shape, _ptr(call.rows), call.k, call.output_size,
-             float(spatial_scale), int(sampling_ratio), bool(aligned), _view(out))
+             float(spatial_scale), int(sampling_ratio), bool(aligned), _view(out), 0 if order is None else _ptr(order))
     return out
 
 

@@ -72,19 +72,24 @@ def main():
     # pass: 4 per thread in RoI-major NCHW order, 8 in channels_last; 24 channels)
     from cupy_roi import _rules
 
-    policy = _rules._channel_block, _rules._group_target
+    # RoIAlign's forward also in channels-last blocks of 8 (3 blocks) and walking RoIs image by image
+    policy = _rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order
     for block, per_thread in ((1, 1), (4, 8)):
         _rules._channel_block = lambda channels, *rest: block
         _rules._group_target = lambda channels_fastest: per_thread
+        _rules._channels_last_block = lambda channels, *rest: -8
+        _rules._image_order = lambda *rest: True
         try:
             count += torch_calls(rng)
         finally:
-            _rules._channel_block, _rules._group_target = policy
+            _rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order = policy
     count += wide_calls(rng)
+    count += shifted_channels_last_calls(rng)
     array_api_calls(rng)
     torch.cuda.synchronize()
     print(f"sanitize_cases: {count} torch forward+backward calls (2 backward modes, and 2 forced work orders, x 4 "
-          f"dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign); and a wide map), array API "
+          f"dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign); a wide map; shifted "
+          "channels-last maps), array API "
           "calls in both modes, unchecked invalid RoIs: done")
 
 
@@ -152,6 +157,23 @@ def wide_calls(rng):
                     count += 6
         finally:
             torch.use_deterministic_algorithms(False)
+    return count
+
+
+def shifted_channels_last_calls(rng):
+    """Channels-last strides one element past a 16-byte boundary: the
+    RoIAlign forward's vector groups must fall back to element loads (the
+    layouts above start aligned and take them)."""
+    n, c, h, w = 2, 24, 7, 9
+    r = torch.tensor(rois(rng, n, h, w), device="cuda", dtype=torch.float32)
+    count = 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        shifted = torch.zeros(n * h * w * c + 1, dtype=dtype, device="cuda")[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+        shifted.copy_(torch.tensor(rng.standard_normal((n, c, h, w)), dtype=dtype, device="cuda"))
+        x = shifted.requires_grad_(True)
+        out = OPS["roi_align"](x, r)
+        out.backward(torch.ones_like(out))
+        count += 1
     return count
 
 

@@ -224,6 +224,52 @@ def test_channel_block_rule():
             assert 1 <= b <= c and c % b == 0
 
 
+def test_roialign_forward_work_order_rules(monkeypatch):
+    """The RoIAlign forward's two large-map rules, its launches recorded
+    instead of run. Channels-last blocks (_rules.channels_last_block): -B, B a
+    divisor of the channels and a multiple of 8 whose planes of one image fit
+    in a third of L2, where the whole map does not; else 0. Image order
+    (_rules.roi_order_bytes): a workspace of int32[k] for plain RoIAlign on a
+    map of several images past a third of L2, filled by roi_image_order
+    before the forward, whose last argument it is. Results never depend on
+    either (test_cuda forces both); this pins the choice."""
+    from cupy_roi import _kernels, _rules
+    from cupy_roi._rules import _channels_last_block
+
+    l2 = 50 * 2 ** 20
+    monkeypatch.setitem(_kernels._l2_bytes, 0, l2)  # an H100's L2; no GPU asked
+    plane = 200 * 272 * 4  # one float32 Mask R-CNN plane of one image
+    assert _channels_last_block(256, 16 * 256 * plane, plane, l2, 8) == -64
+    assert _channels_last_block(256, 16 * 256 * plane // 2, plane // 2, l2, 8) == -128  # half types
+    assert _channels_last_block(256, 2 * 256 * 50 * 68 * 4, 50 * 68 * 4, l2, 8) == 0  # the whole map fits
+    assert _channels_last_block(12, 16 * 12 * 10 * plane, 10 * plane, l2, 8) == 0  # no multiple of 8 below 12
+    for c in range(1, 70):
+        for per_channel in (1, 10 ** 5, 10 ** 6, 10 ** 7):
+            b = _channels_last_block(c, 10 ** 9, per_channel, l2, 8)
+            assert b == 0 or (b < 0 and -b % 8 == 0 and c % b == 0 and -b < c)
+    mask_rcnn = (16, 256, 200, 272)
+    assert _rules.roi_order_bytes(0, "float32", False, mask_rcnn, 8192) == 4 * 8192
+    assert _rules.roi_order_bytes(0, "float32", True, mask_rcnn, 8192) == 0  # position-sensitive
+    assert _rules.roi_order_bytes(0, "float32", False, (2, 256, 50, 68), 1024) == 0  # fits L2
+    assert _rules.roi_order_bytes(0, "float32", False, (1, 256, 800, 1088), 512) == 0  # one image
+    assert _rules.roi_order_bytes(0, "float32", False, mask_rcnn, 1) == 0
+
+    launched = []
+    monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
+                        launched.append((kernel, args, kw)))
+    n, c, h, w = mask_rcnn
+    nhwc = (c * h * w, 1, w * c, c)
+    out = (7, (49 * c, 1, 7 * c, c))
+    _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out,
+                             33)
+    (order, order_args, order_kw), (forward, args, kw) = launched
+    assert order == "roi_image_order" and order_args == (22, 8192, n, 33) and order_kw == {"blocks": 1}
+    assert forward == "roi_align_forward" and args[-1] == 33 and args[16] == -64 and kw["cpt"] == 8
+    launched.clear()
+    _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out)
+    assert [name for name, _, _ in launched] == ["roi_align_forward"] and launched[0][1][-1] == 0
+
+
 def test_prroi_backward_launches_by_mode(monkeypatch):
     """Which kernels PrRoIPool's backward launches (_rules.prroi_pool_backward,
     its launches recorded instead of run): with float atomics the box
