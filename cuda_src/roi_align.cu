@@ -516,7 +516,7 @@ __device__ __forceinline__ void roi_align_forward_bins(const T* input, int batch
   const index_t total = num_rois * (channels_out / CPT) * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    BinPos p = decompose_group<CPT>(idx, num_rois, channels_out, ph, pw, channel_block);
+    BinPos p = decompose_group<CPT, true>(idx, num_rois, channels_out, ph, pw, channel_block);
     const ChannelGroup<CPT, T, kVectors> group(p.c, channel_block < 0 ? -channel_block : channels_out,
                                                group_plane_step<PS>(in.s1, ph, pw));
     p.c = group.first;

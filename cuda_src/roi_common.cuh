@@ -155,7 +155,9 @@ struct OutputIndex {
 
 struct BinPos { index_t k; int c, i, j; };
 
-template <typename I>
+// kBlocksLast: the kernel takes B < 0 (only RoIAlign's forward does; the
+// branch cost every other kernel registers: PrRoIPool's forward 72 -> 80).
+template <typename I, bool kBlocksLast>
 __device__ __forceinline__ BinPos decompose_as(I idx, I num_rois, int channels, int ph, int pw, int channel_block) {
   BinPos p;
   const I H = (I)ph, W = (I)pw;
@@ -164,7 +166,7 @@ __device__ __forceinline__ BinPos decompose_as(I idx, I num_rois, int channels, 
     p.c = (int)(idx % C); idx /= C;
     p.j = (int)(idx % W); idx /= W;
     p.i = (int)(idx % H); p.k = (index_t)(idx / H);
-  } else if (channel_block < 0) {
+  } else if (kBlocksLast && channel_block < 0) {
     const I B = (I)(-channel_block);
     const int c_low = (int)(idx % B); idx /= B;
     p.j = (int)(idx % W); idx /= W;
@@ -184,12 +186,13 @@ __device__ __forceinline__ BinPos decompose_as(I idx, I num_rois, int channels, 
 
 // 64-bit division is a long software routine, 32-bit a few instructions, and
 // nearly every launch has fewer than 2^32 output elements.
+template <bool kBlocksLast = false>
 __device__ __forceinline__ BinPos decompose(index_t idx, index_t num_rois, int channels, int ph, int pw,
                                             int channel_block) {
   if (idx <= (index_t)0xffffffffu && num_rois <= (index_t)0xffffffffu)
-    return decompose_as<unsigned>((unsigned)idx, (unsigned)num_rois, channels, ph, pw, channel_block);
-  return decompose_as<unsigned long long>((unsigned long long)idx, (unsigned long long)num_rois, channels, ph, pw,
-                                          channel_block);
+    return decompose_as<unsigned, kBlocksLast>((unsigned)idx, (unsigned)num_rois, channels, ph, pw, channel_block);
+  return decompose_as<unsigned long long, kBlocksLast>((unsigned long long)idx, (unsigned long long)num_rois,
+                                                       channels, ph, pw, channel_block);
 }
 
 // Thread idx of a kernel that computes CPT output channels of one bin (a
@@ -197,10 +200,10 @@ __device__ __forceinline__ BinPos decompose(index_t idx, index_t num_rois, int c
 // is then worked out once for CPT channels. Groups take the channels' place
 // in the work order (C / CPT groups, blocks of |B| / CPT groups; the host makes
 // C and B multiples of CPT); p.c is the group's first channel.
-template <int CPT>
+template <int CPT, bool kBlocksLast = false>
 __device__ __forceinline__ BinPos decompose_group(index_t idx, index_t num_rois, int channels, int ph, int pw,
                                                   int channel_block) {
-  BinPos p = decompose(idx, num_rois, channels / CPT, ph, pw, channel_block / CPT);
+  BinPos p = decompose<kBlocksLast>(idx, num_rois, channels / CPT, ph, pw, channel_block / CPT);
   p.c *= CPT;
   return p;
 }
