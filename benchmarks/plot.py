@@ -3,7 +3,7 @@ one bar per dtype, a line at 1.0 (below it cupy_roi is faster).
 
 Reads the first ``bench.py`` table (columns ``case | dtype | pass | torchvision |
 cupy_roi | cupy_roi / torchvision ...``) in a Markdown file: by default
-``benchmarks/results_h200.md``, the newest results.
+``benchmarks/results_h100.md``, the newest results.
 
     python benchmarks/plot.py [--table FILE] [--column eager|graph] [--out docs/bench.png]
 """
@@ -69,7 +69,7 @@ def plot(title, rows, column, out):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--table", default=str(HERE / "results_h200.md"))
+    parser.add_argument("--table", default=str(HERE / "results_h100.md"))
     parser.add_argument("--column", choices=("eager", "graph"), default="eager")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "bench.png"))
     args = parser.parse_args()
