@@ -46,33 +46,32 @@ template <> struct vector_width<float> { static constexpr int value = 4; };
 template <> struct vector_width<__half> { static constexpr int value = 8; };
 template <> struct vector_width<__nv_bfloat16> { static constexpr int value = 8; };
 
-// A compile-time choice passed through a generic lambda.
-template <bool B> struct Flag { static constexpr bool value = B; };
-
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15) == 0;
 }
+
+// The half types' element pairs, and their conversions from and to float2
+// (each element rounded as store() rounds it).
+template <typename T> struct half_pair;
+template <> struct half_pair<__half> { typedef __half2 type; };
+template <> struct half_pair<__nv_bfloat16> { typedef __nv_bfloat162 type; };
+__device__ __forceinline__ float2 widen(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 widen(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ __forceinline__ void narrow(float a, float b, __half2& h) { h = __floats2half2_rn(a, b); }
+__device__ __forceinline__ void narrow(float a, float b, __nv_bfloat162& h) { h = __floats2bfloat162_rn(a, b); }
 
 // The 16 bytes at p (16-byte aligned), widened to the accumulation type.
 __device__ __forceinline__ void load_vector(const float* p, float (&v)[4]) {
   const float4 q = *reinterpret_cast<const float4*>(p);
   v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
 }
-__device__ __forceinline__ void load_vector(const __half* p, float (&v)[8]) {
+template <typename T>  // __half, __nv_bfloat16
+__device__ __forceinline__ void load_vector(const T* p, float (&v)[8]) {
   const uint4 q = *reinterpret_cast<const uint4*>(p);
   const unsigned u[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u[k]));
-    v[2 * k] = f.x; v[2 * k + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void load_vector(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 q = *reinterpret_cast<const uint4*>(p);
-  const unsigned u[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u[k]));
+    const float2 f = widen(*reinterpret_cast<const typename half_pair<T>::type*>(&u[k]));
     v[2 * k] = f.x; v[2 * k + 1] = f.y;
   }
 }
@@ -81,20 +80,13 @@ __device__ __forceinline__ void load_vector(const __nv_bfloat16* p, float (&v)[8
 __device__ __forceinline__ void store_vector(float* p, const float* v) {
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
 }
-__device__ __forceinline__ void store_vector(__half* p, const float* v) {
+template <typename T>  // __half, __nv_bfloat16
+__device__ __forceinline__ void store_vector(T* p, const float* v) {
   unsigned u[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const __half2 h = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
-    u[k] = *reinterpret_cast<const unsigned*>(&h);
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(u[0], u[1], u[2], u[3]);
-}
-__device__ __forceinline__ void store_vector(__nv_bfloat16* p, const float* v) {
-  unsigned u[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    typename half_pair<T>::type h;
+    narrow(v[2 * k], v[2 * k + 1], h);
     u[k] = *reinterpret_cast<const unsigned*>(&h);
   }
   *reinterpret_cast<uint4*>(p) = make_uint4(u[0], u[1], u[2], u[3]);
