@@ -604,7 +604,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) prroi_pool_backward_warp(
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const bool want_coords = grad_rois != nullptr;
-  for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp,
+  for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp, nullptr,
                     [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
     PreciseBin<A> roi;
     roi.set_roi(x1, y1, x2, y2, spatial_scale, ph, pw);

@@ -260,8 +260,10 @@ __device__ __forceinline__ void bin_sample_sums(const ChannelGroup<CPT, T, kVect
 // backward was 9-13% faster with it); 2, also AxisWindow's four columns of a row in
 // 16-byte blocks (position-sensitive RoIAlign: R-FCN and Light-Head backward 17-19%
 // faster, where plain RoIAlign's small boxes and the FPN backward lost 4-31%).
-template <int kVector, typename A, typename Frame>
-__device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, index_t plane, index_t s2, index_t s3,
+//
+// sink: a GradSink<A>, or a ChannelScatter (several channels of a bin, grad 1).
+template <int kVector, typename Sink, typename A, typename Frame>
+__device__ __forceinline__ void bin_sample_scatter(const Sink& sink, index_t plane, index_t s2, index_t s3,
                                                    int height, int width, const AlignGrid<A>& g, const Frame& frame,
                                                    int i, int j, A grad) {
   for (int iy = 0; iy < g.grid_h; ++iy) {
@@ -286,9 +288,13 @@ __device__ __forceinline__ void bin_sample_scatter(const GradSink<A>& sink, inde
 }
 
 // bin_sample_scatter for an axis-aligned grid: through AxisWindow where the
-// bin's samples reach at most kWindow pixels on each axis.
-template <int kVector, typename A>
-__device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink, index_t plane, index_t s2,
+// bin's samples reach at most kWindow pixels on each axis. A pixel gets
+// grad * (Wy(r) * Wx(c)), so that a ChannelScatter (grad 1, its channels'
+// gradients multiplied in last) adds each channel exactly what a GradSink
+// adds it bin by bin: the deterministic backward's bits do not depend on the
+// channels a thread takes.
+template <int kVector, typename Sink, typename A>
+__device__ __forceinline__ void bin_scatter_axis_aligned(const Sink& sink, index_t plane, index_t s2,
                                                          index_t s3, int height, int width, const AlignGrid<A>& g,
                                                          int i, int j, A grad) {
   AxisWindow<A> rows, cols;
@@ -300,22 +306,63 @@ __device__ __forceinline__ void bin_scatter_axis_aligned(const GradSink<A>& sink
   if (rows.start < 0 || cols.start < 0) return;
 #pragma unroll
   for (int r = 0; r < kWindow; ++r) {
-    if (rows.w[r] == A(0)) continue;
-    const A grad_row = grad * rows.w[r];
+    const A w_row = rows.w[r];
+    if (w_row == A(0)) continue;
     const index_t row = plane + (rows.start + r) * s2;
     if (kVector >= 2 && s3 == 1) {
       static_assert(kWindow == 4, "add_quad takes four columns");
       A v[kWindow];
 #pragma unroll
-      for (int c = 0; c < kWindow; ++c) v[c] = cols.w[c] != A(0) ? grad_row * cols.w[c] : A(0);
+      for (int c = 0; c < kWindow; ++c) v[c] = cols.w[c] != A(0) ? grad * (w_row * cols.w[c]) : A(0);
       sink.add_quad(row + cols.start, v, -cols.start, width - 1 - cols.start);
       continue;
     }
 #pragma unroll
     for (int c = 0; c < kWindow; ++c)
-      if (cols.w[c] != A(0)) sink.add(row + (cols.start + c) * s3, grad_row * cols.w[c]);
+      if (cols.w[c] != A(0)) sink.add(row + (cols.start + c) * s3, grad * (w_row * cols.w[c]));
   }
 }
+
+// The backward's counterpart of the vector groups (ChannelGroup<CPT, T,
+// true>, with float's 4 elements a vector): the adds of one bin's gradient
+// to a thread's CPT channels, CPT / 4 runs of 4 adjacent channels `span`
+// apart, so that the lanes of a warp, on consecutive groups of one bin, add
+// to consecutive 16-byte pieces of a pixel of a channels-last buffer.
+// add(at, w) adds w * grad[t] to each channel t at pixel offset at: one
+// 16-byte atomic per run where `vector` (channel stride 1, the buffer
+// 16-byte aligned, float atomics on sm_90), else an add per channel (the
+// deterministic backward's fixed point among them). bin_sample_scatter and
+// bin_scatter_axis_aligned take it in a GradSink's place, with grad 1: a
+// bin's sample weights are then worked out once for CPT channels.
+template <int CPT, typename A>
+struct ChannelScatter {
+  GradSink<A> sink;
+  index_t first, span, step;  // first and span in channels; step: the buffer's channel stride
+  bool vector;
+  A grad[CPT];
+
+  __device__ __forceinline__ ChannelScatter(const GradSink<A>& s, index_t span, index_t step, bool vector)
+      : sink(s), first(0), span(span), step(step), vector(vector) {}
+
+  __device__ __forceinline__ void add(index_t at, A w) const {
+#pragma unroll
+    for (int q = 0; q < CPT / 4; ++q) {
+      A v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = w * grad[q * 4 + e];
+      sink.add_vector(at + (first + q * span) * step, step, v, vector);
+    }
+  }
+  __device__ __forceinline__ void add_pair(index_t at, A w0, A w1, bool) const {
+    add(at, w0);
+    add(at + 1, w1);
+  }
+  __device__ __forceinline__ void add_quad(index_t at, const A (&w)[4], int, int) const {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (w[k] != A(0)) add(at + k, w[k]);
+  }
+};
 
 // Warp-mode backward of RoIAlign (see kWarpBins in roi_common.cuh) for RoIs
 // whose samples reach at most 32 pixel columns.
@@ -623,13 +670,48 @@ __global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ r
   }
 }
 
+// The thread mode of roi_align_backward on a buffer walked channels fastest
+// (channel_block <= 0: in blocks of -channel_block channels, or all), CPT
+// channels a thread through a ChannelScatter.
+template <int CPT, typename T, typename A>
+__device__ __forceinline__ void roi_align_backward_groups(const T* grad_output, const Strides4& go, const A* rois,
+                                                          index_t num_rois, int channels_out, int ph, int pw,
+                                                          A spatial_scale, int sampling_ratio, int aligned,
+                                                          int channel_block, const GradSink<A>& sink, int batch,
+                                                          int height, int width, const Strides4& gi,
+                                                          const int* order) {
+  const int block = channel_block < 0 ? -channel_block : channels_out;
+  ChannelScatter<CPT, A> scatter(sink, block / CPT * 4, gi.s1,
+                                 vector_layout<4>(sink.base, gi.s0, gi.s1, gi.s2, gi.s3));
+  const index_t total = num_rois * (channels_out / CPT) * ph * pw;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (index_t)blockDim.x * gridDim.x) {
+    BinPos p = decompose_group<CPT, true>(idx, num_rois, channels_out, ph, pw, channel_block);
+    if (order) p.k = order[p.k];
+    int b; A x1, y1, x2, y2;
+    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
+    AlignGrid<A> g;
+    g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
+    scatter.first = p.c / block * block + p.c % block / CPT * 4;
+#pragma unroll
+    for (int t = 0; t < CPT; ++t)
+      scatter.grad[t] = to_acc(grad_output[go.at(p.k, scatter.first + t / 4 * scatter.span + t % 4, p.i, p.j)]) *
+                        g.inv_count;
+    bin_scatter_axis_aligned<0>(scatter, (index_t)b * gi.s0, gi.s2, gi.s3, height, width, g, p.i, p.j, A(1));
+  }
+}
+
 // grad_input is a zero-filled accumulation buffer: of the accumulation type
 // (float for half types), or of long long when max_grad is given (the
-// deterministic backward, see GradSink).
+// deterministic backward, see GradSink). Three modes: a warp per RoI and
+// channels_per_warp channels (warp_scatter_roi), CPT > 1 channels a thread
+// (roi_align_backward_groups: plain RoIAlign on a buffer walked channels
+// fastest), else a thread per bin. order: null, or the order to walk the
+// RoIs in (roi_image_order).
 // At most 64 registers (4 blocks an SM; 76 left free): the warp mode's
 // backwards measured 5-12% faster so (FPN, small maps; H200, session 15),
 // Mask R-CNN's thread per bin within 1.5%. Likewise the multi-level backward.
-template <typename T, bool PS>
+template <typename T, bool PS, int CPT = 1>
 __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
@@ -637,12 +719,19 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
     typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
     int channel_block, int channels_per_warp,
     void* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad) {
+    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const T* __restrict__ max_grad,
+    const int* __restrict__ order) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
+  if (CPT > 1) {
+    roi_align_backward_groups<CPT>(grad_output, go_st, rois, num_rois, channels_out, ph, pw, spatial_scale,
+                                   sampling_ratio, aligned, channel_block, sink, batch, height, width,
+                                   make_strides(gi_s0, gi_s1, gi_s2, gi_s3), order);
+    return;
+  }
   if (!PS && channels_per_warp > 0) {
-    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp,
+    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp, order,
                       [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
       AlignGrid<A> g;
       g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
@@ -654,7 +743,8 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
+    BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
+    if (order) p.k = order[p.k];
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
     AlignGrid<A> g;
@@ -783,7 +873,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backwa
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink((void*)nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   if (!PS && channels_per_warp > 0) {
-    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp,
+    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp, nullptr,
                       [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
       const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
       if (l < 0 || l >= grads.count) return;

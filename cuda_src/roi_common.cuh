@@ -345,6 +345,18 @@ __device__ __forceinline__ bool run_atomic(float* p, int n, float v) {
 }
 __device__ __forceinline__ bool run_atomic(double*, int, double) { return false; }
 
+// v[e] added to p[e], e < 4, p 16-byte aligned: one 16-byte atomic (sm_90);
+// false (nothing added) where the hardware has none.
+__device__ __forceinline__ bool vector_atomic(float* p, const float (&v)[4]) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+  return true;
+#else
+  return false;
+#endif
+}
+__device__ __forceinline__ bool vector_atomic(double*, const double (&)[4]) { return false; }
+
 template <typename A>
 struct GradSink {
   void* base;
@@ -385,6 +397,13 @@ struct GradSink {
     for (int k = 0; k < 4; ++k)
       if (v[k] != A(0)) add(at + k, v[k]);
   }
+  // Adds v[e] to element at + e * step, e < 4: one 16-byte atomic where
+  // `vector` says step is 1 and at 16-byte aligned and vector_atomic can.
+  __device__ __forceinline__ void add_vector(index_t at, index_t step, const A (&v)[4], bool vector) const {
+    if (vector && !fixed && vector_atomic(static_cast<A*>(base) + at, v)) return;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) add(at + e * step, v[e]);
+  }
   // Adds v to the n adjacent elements from at on: a quarter of the atomic
   // operations where run_atomic can.
   __device__ __forceinline__ void add_run(index_t at, int n, A v) const {
@@ -417,16 +436,19 @@ constexpr int kWarpColumns = 32;
 
 // The warp-mode grid: each warp in turn takes one RoI and channels_per_warp
 // channels, in the order of channel_block (decompose) over groups of
-// channels, and runs body(p, b, x1, y1, x2, y2) on all its lanes for each
+// channels, the RoIs in the order `order` lists them (roi_image_order) where
+// it is given, and runs body(p, b, x1, y1, x2, y2) on all its lanes for each
 // valid RoI row (p.c: the group's first channel; b: the row's image).
 template <typename A, typename Body>
 __device__ __forceinline__ void for_each_warp_roi(const A* rois, index_t num_rois, int batch, int channels,
-                                                  int channel_block, int channels_per_warp, Body body) {
+                                                  int channel_block, int channels_per_warp, const int* order,
+                                                  Body body) {
   const index_t warps = num_rois * (channels / channels_per_warp);
   for (index_t w = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < warps;
        w += ((index_t)blockDim.x * gridDim.x) >> 5) {
     BinPos p = decompose(w, num_rois, channels / channels_per_warp, 1, 1, channel_block / channels_per_warp);
     p.c *= channels_per_warp;
+    if (order) p.k = order[p.k];
     int b; A x1, y1, x2, y2;
     if (load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) body(p, b, x1, y1, x2, y2);
   }

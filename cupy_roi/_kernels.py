@@ -46,8 +46,8 @@ PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward
 #: third template argument; plain variant, float types: see
 #: _rules.channels_per_thread). Each value adds to every family's compile
 #: time (a cold start, and CI's compile checks), so only the measured ones.
-GROUPED = frozenset(("roi_align_forward", "multi_scale_roi_align_forward", "roi_pool_forward",
-                     "prroi_pool_forward", "prroi_pool_coords"))
+GROUPED = frozenset(("roi_align_forward", "roi_align_backward", "multi_scale_roi_align_forward",
+                     "roi_pool_forward", "prroi_pool_forward", "prroi_pool_coords"))
 CHANNELS_PER_THREAD = (4, 8)
 
 #: C parameter list of every kernel, one letter a parameter: p pointer,
@@ -56,7 +56,7 @@ CHANNELS_PER_THREAD = (4, 8)
 #: Must follow the signatures in cuda_src/ (tests/test_nvrtc_compile.py checks).
 SIGNATURES = {
     "roi_align_forward": "piiiqqqq" "pqiii" "aiii" "pqqqq" "p",
-    "roi_align_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
+    "roi_align_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "pp",
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
     "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "multi_scale_roi_align_forward": "Li" "pqiii" "iaiii" "iii" "pqqqq",

@@ -186,14 +186,19 @@ def _as_dtype(t, dtype):
 def roi_align_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
                            sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
     out = _empty(_out_shape(input, rows, ph, pw, ps), input)
-    order_bytes = _rules.roi_order_bytes(input.device.index, _SCALAR[input.dtype], ps, tuple(input.shape),
-                                         rows.shape[0])
-    # freed on return: PyTorch's allocator hands it on in stream order
-    order = torch.empty(order_bytes, dtype=torch.uint8, device=input.device) if order_bytes else None
+    order = _order_workspace(input.device, _SCALAR[input.dtype], ps, tuple(input.shape), rows.shape[0])
     _launch(_rules.roi_align_forward, input.device.index, _SCALAR[input.dtype], ps, _view(input),
             tuple(input.shape), rows.data_ptr(), rows.shape[0], (ph, pw), scale, sampling_ratio, aligned, _view(out),
             0 if order is None else order.data_ptr())
     return out
+
+
+def _order_workspace(device, scalar, ps, shape, k):
+    """The RoIAlign kernels' RoI order workspace (_rules.roi_order_bytes), or
+    None. Freed on the caller's return: PyTorch's allocator hands it on in
+    stream order."""
+    size = _rules.roi_order_bytes(device.index, scalar, ps, shape, k)
+    return torch.empty(size, dtype=torch.uint8, device=device) if size else None
 
 
 def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
@@ -201,9 +206,10 @@ def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: i
                             deterministic: bool) -> torch.Tensor:
     sink = _GradientBuffer((n, c, h, w), grad, _layout_format(channels_last), deterministic_backward(deterministic))
     size = tuple(grad.shape[2:])
+    order = _order_workspace(grad.device, _SCALAR[grad.dtype], ps, (n, c, h, w), rows.shape[0])
     _launch(_rules.roi_align_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
             rows.data_ptr(), rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer),
-            sink.max_grad_ptr)
+            sink.max_grad_ptr, 0 if order is None else order.data_ptr())
     return sink.result(grad.dtype, "roi_align", rows.shape[0], size, ps)
 
 

@@ -72,7 +72,7 @@ def main():
     # pass: 4 per thread in RoI-major NCHW order, 8 in channels_last; 24 channels)
     from cupy_roi import _rules
 
-    # RoIAlign's forward also in channels-last blocks of 8 (3 blocks) and walking RoIs image by image
+    # RoIAlign's forward and backward also in channels-last blocks of 8 (3 blocks), walking RoIs image by image
     policy = _rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order
     for block, per_thread in ((1, 1), (4, 8)):
         _rules._channel_block = lambda channels, *rest: block

@@ -270,6 +270,45 @@ def test_roialign_forward_work_order_rules(monkeypatch):
     assert [name for name, _, _ in launched] == ["roi_align_forward"] and launched[0][1][-1] == 0
 
 
+def test_roialign_backward_work_order_rules(monkeypatch):
+    """The RoIAlign backward's modes, launches recorded instead of run. A
+    channels-last buffer: 8 channels a thread (cpt) where they divide the
+    channels, in channels-last blocks sized for the buffer's element (float
+    accumulation: 64 channels of Mask R-CNN's map; int64 fixed point for the
+    deterministic backward: 32), the order workspace filled first and passed
+    last; float64, or channels that 4 but not 8 divide: no blocks (they take
+    8 channels a thread). NCHW: the warp mode, with the order too."""
+    from cupy_roi import _kernels, _rules
+
+    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 * 2 ** 20)  # an H100's L2; no GPU asked
+    launched = []
+    monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
+                        launched.append((kernel, total, args, kw)))
+    grad = (11, (49 * 256, 49, 7, 1))
+
+    def backward(scalar, shape, layout, max_grad=0, order=0):
+        n, c, h, w = shape
+        strides = (c * h * w, 1, w * c, c) if layout == "nhwc" else (c * h * w, h * w, w, 1)
+        launched.clear()
+        _rules.roi_align_backward(0, 0, scalar, False, grad, shape, 22, 8192, (7, 7), 0.25, 2, False,
+                                  (44, strides), max_grad, order)
+        *first, (kernel, total, args, kw) = launched
+        assert kernel == "roi_align_backward" and args[-1] == order and args[-2] == max_grad
+        assert [f[0] for f in first] == (["roi_image_order"] if order else [])
+        return args[13], args[14], kw.get("cpt", 1), total  # channel block, channels per warp
+
+    mask_rcnn = (16, 256, 200, 272)
+    k = 8192
+    assert backward("float32", mask_rcnn, "nhwc", order=33) == (-64, 0, 8, k * 256 * 49)
+    assert backward("float16", mask_rcnn, "nhwc") == (-64, 0, 8, k * 256 * 49)  # float accumulation
+    assert backward("float32", mask_rcnn, "nhwc", max_grad=55, order=33) == (-32, 0, 8, k * 256 * 49)
+    assert backward("float64", mask_rcnn, "nhwc") == (0, 0, 1, k * 256 * 49)
+    assert backward("float32", (16, 12, 200, 272), "nhwc") == (0, 0, 4, k * 12 * 49)
+    assert backward("float32", (2, 256, 50, 68), "nhwc") == (0, 0, 8, k * 256 * 49)  # fits L2
+    block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", order=33)
+    assert block > 0 and per_warp == 4 and cpt == 1 and total == k * 256 // 4 * 32
+
+
 def test_prroi_backward_launches_by_mode(monkeypatch):
     """Which kernels PrRoIPool's backward launches (_rules.prroi_pool_backward,
     its launches recorded instead of run): with float atomics the box
