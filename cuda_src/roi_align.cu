@@ -618,13 +618,12 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
                                               out_at, false);
 }
 
-// The order the RoIAlign kernels walk the RoIs in, where their rows come in
+// The order roi_align_forward walks the RoIs in, where their rows come in
 // any order of images: order[0 .. num_rois) lists RoI indices image by image
 // (rows of an invalid batch index last), so that the RoIs running together
 // read one image's map, which L2 holds, instead of every image's
-// (benchmarks/NOTES.md, session 20); then order[num_rois + b], b <= batch,
-// is where image b's RoIs begin (b = batch: the invalid rows). Which thread
-// computes a RoI never changes its result. One block of kBlockThreads threads; batch at most
+// (benchmarks/NOTES.md, session 20). Which thread computes a RoI never
+// changes its result. One block of kBlockThreads threads; batch at most
 // kMaxOrderImages, num_rois below 2^31 (the host checks both). Lanes of a
 // warp on one image take their places with one shared-memory atomic.
 constexpr int kMaxOrderImages = 4096;
@@ -663,8 +662,6 @@ __global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ r
       start += count;
     }
   }
-  __syncthreads();
-  for (int b = threadIdx.x; b <= batch; b += blockDim.x) order[num_rois + b] = next[b];
   __syncthreads();
   for (index_t k = threadIdx.x; k < num_rois; k += blockDim.x) {
     int rank;
@@ -756,152 +753,6 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
     bin_scatter_axis_aligned<PS ? 2 : 1>(sink, plane, gi_s2, gi_s3, height, width, g, p.i, p.j, grad);
-  }
-}
-
-// Threads a block of roi_align_backward_bands, and channels it takes.
-constexpr int kBandThreads = 512;
-constexpr int kBandChannels = 8;
-
-// Pixel rows [first, last] that samples with y in [y, y + extent] (either
-// sign of extent) may reach; false where none lies on the map. A row of
-// margin on each side: a sample's position, rounded, may lie a little past
-// [y, y + extent] as rounded.
-template <typename A>
-__device__ __forceinline__ bool sample_rows(A y, A extent, int height, int& first, int& last) {
-  A lo = y, hi = y + extent;
-  if (lo > hi) { const A t = lo; lo = hi; hi = t; }
-  if (hi < A(-2) || lo > A(height + 1)) return false;
-  first = lo <= A(1) ? 0 : min((int)lo - 1, height - 1);
-  last = hi >= A(height - 2) ? height - 1 : max((int)hi + 2, 0);
-  return true;
-}
-
-// Adds grad[g] * w_lo to column lo and grad[g] * w_hi to column hi of one
-// row of each of the tile's kBandChannels planes (plane elements apart).
-template <typename A>
-__device__ __forceinline__ void band_add(A* row, int plane, int lo, int hi, A w_lo, A w_hi,
-                                         const A (&grad)[kBandChannels]) {
-#pragma unroll
-  for (int g = 0; g < kBandChannels; ++g) {
-    atomicAdd(row + g * plane + lo, grad[g] * w_lo);
-    atomicAdd(row + g * plane + hi, grad[g] * w_hi);
-  }
-}
-
-// A pixel's kBandChannels values v to p (channel stride 1, 16-byte aligned),
-// added to what p holds where accumulate is set.
-__device__ __forceinline__ void band_store(float* p, const float (&v)[kBandChannels], bool accumulate) {
-#pragma unroll
-  for (int h = 0; h < kBandChannels / 4; ++h) {
-    float4 q = make_float4(v[4 * h], v[4 * h + 1], v[4 * h + 2], v[4 * h + 3]);
-    if (accumulate) {
-      const float4 old = reinterpret_cast<const float4*>(p)[h];
-      q.x += old.x; q.y += old.y; q.z += old.z; q.w += old.w;
-    }
-    reinterpret_cast<float4*>(p)[h] = q;
-  }
-}
-__device__ __forceinline__ void band_store(double* p, const double (&v)[kBandChannels], bool accumulate) {
-#pragma unroll
-  for (int g = 0; g < kBandChannels; ++g) p[g] = accumulate ? p[g] + v[g] : v[g];
-}
-
-// Backward of plain RoIAlign in bands, for maps past L2, where float atomics
-// into the gradient were bound by L2's atomic operations (and fetched the
-// zero-filled buffer from DRAM): block (b, q, band) takes image b's channels
-// q * kBandChannels .. + kBandChannels - 1 over pixel rows [r0, r0 +
-// band_rows), sums every contribution of image b's RoIs (listed by
-// roi_image_order) to them in shared memory, then writes them: each element
-// of grad_input written once, by one block, added to what it holds where
-// accumulate is set (else the buffer need not be zeroed). A sample whose two
-// rows straddle two bands adds each row in its own band. Contributions are
-// those of bin_sample_scatter, grad * (Wy * Wx), summed in another order.
-// Shared memory: the tile, kBandChannels planes of band_rows x width
-// accumulation-type elements (dynamic), and the listed RoIs' grids.
-template <typename T, bool PS>
-__global__ void __launch_bounds__(kBandThreads, 2) roi_align_backward_bands(
-    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
-    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
-    int channels, int ph, int pw,
-    typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned, int band_rows, int accumulate,
-    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const int* __restrict__ order) {
-  typedef typename acc_type<T>::type A;
-  extern __shared__ __align__(16) unsigned char band_memory[];
-  A* tile = reinterpret_cast<A*>(band_memory);
-  __shared__ AlignGrid<A> grids[kBandThreads];
-  __shared__ int listed_roi[kBandThreads];
-  __shared__ int listed;
-  const int bands = (height + band_rows - 1) / band_rows;
-  const int band = blockIdx.x % bands;
-  const int c0 = blockIdx.x / bands % (channels / kBandChannels) * kBandChannels;
-  const int b = blockIdx.x / bands / (channels / kBandChannels);
-  const int r0 = band * band_rows, rows = min(band_rows, height - r0);
-  const int plane = band_rows * width;
-  for (int e = threadIdx.x; e < kBandChannels * plane; e += blockDim.x) tile[e] = A(0);
-  const Strides4 go = make_strides(go_s0, go_s1, go_s2, go_s3);
-  const int first = order[num_rois + b], last = order[num_rois + b + 1];
-  for (int base = first; base < last; base += blockDim.x) {
-    if (threadIdx.x == 0) listed = 0;
-    __syncthreads();
-    if (base + (int)threadIdx.x < last) {  // list the RoIs whose samples reach the band
-      const int k = order[base + threadIdx.x];
-      int bk; A x1, y1, x2, y2;
-      AlignGrid<A> g;
-      int lo, hi;
-      if (load_roi(rois, k, batch, bk, x1, y1, x2, y2)) {
-        g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
-        if (g.grid_h > 0 && g.grid_w > 0 && sample_rows(g.y_start, g.bin_h * ph, height, lo, hi) &&
-            lo < r0 + rows && hi >= r0) {
-          const int at = atomicAdd(&listed, 1);
-          grids[at] = g;
-          listed_roi[at] = k;
-        }
-      }
-    }
-    __syncthreads();
-    const int tasks = listed * ph * pw;
-    for (int t = threadIdx.x; t < tasks; t += blockDim.x) {  // a thread a bin, for kBandChannels channels
-      const int slot = t / (ph * pw), i = t % (ph * pw) / pw, j = t % pw;
-      const AlignGrid<A> g = grids[slot];
-      int lo, hi;
-      if (!sample_rows(g.y_start + i * g.bin_h, g.bin_h, height, lo, hi) || lo >= r0 + rows || hi < r0) continue;
-      const int k = listed_roi[slot];
-      A grad[kBandChannels];
-#pragma unroll
-      for (int c = 0; c < kBandChannels; ++c) grad[c] = to_acc(grad_output[go.at(k, c0 + c, i, j)]) * g.inv_count;
-      for (int iy = 0; iy < g.grid_h; ++iy) {
-        int y0, y1; A wy0, wy1;
-        if (!axis_weights(g.sample_y(i, iy), height, y0, y1, wy0, wy1)) continue;
-        const bool in0 = y0 >= r0 && y0 < r0 + rows, in1 = y1 >= r0 && y1 < r0 + rows;
-        if (!in0 && !in1) continue;
-        for (int ix = 0; ix < g.grid_w; ++ix) {
-          int x0, x1; A wx0, wx1;
-          if (!axis_weights(g.sample_x(j, ix), width, x0, x1, wx0, wx1)) continue;
-          if (in0) band_add(tile + (y0 - r0) * width, plane, x0, x1, wy0 * wx0, wy0 * wx1, grad);
-          if (in1) band_add(tile + (y1 - r0) * width, plane, x0, x1, wy1 * wx0, wy1 * wx1, grad);
-        }
-      }
-    }
-    __syncthreads();  // the slots are the next chunk's
-  }
-  A* out = grad_input + (index_t)b * gi_s0 + (index_t)c0 * gi_s1 + (index_t)r0 * gi_s2;
-  if (sizeof(A) == 4 && vector_layout<4>(grad_input, gi_s0, gi_s1, gi_s2, gi_s3)) {
-    for (int e = threadIdx.x; e < rows * width; e += blockDim.x) {
-      const int row = e / width, col = e % width;
-      A v[kBandChannels];
-#pragma unroll
-      for (int c = 0; c < kBandChannels; ++c) v[c] = tile[c * plane + row * width + col];
-      band_store(out + row * gi_s2 + col * gi_s3, v, accumulate != 0);
-    }
-    return;
-  }
-  for (int e = threadIdx.x; e < kBandChannels * rows * width; e += blockDim.x) {
-    const int c = e / (rows * width), row = e % (rows * width) / width, col = e % width;
-    A* p = out + c * gi_s1 + row * gi_s2 + col * gi_s3;
-    const A v = tile[c * plane + row * width + col];
-    *p = accumulate ? *p + v : v;
   }
 }
 

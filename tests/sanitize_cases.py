@@ -72,21 +72,17 @@ def main():
     # pass: 4 per thread in RoI-major NCHW order, 8 in channels_last; 24 channels)
     from cupy_roi import _rules
 
-    # RoIAlign's forward and backward also in channels-last blocks of 8 (3 blocks), walking RoIs image by
-    # image; the second pass's backward in bands of 3 rows (roi_align_backward_bands)
-    policy = (_rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order,
-              _rules._band_rows)
-    for block, per_thread, band_rows in ((1, 1, 0), (4, 8, 3)):
+    # RoIAlign's forward and backward also in channels-last blocks of 8 (3 blocks), walking RoIs image by image
+    policy = _rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order
+    for block, per_thread in ((1, 1), (4, 8)):
         _rules._channel_block = lambda channels, *rest: block
         _rules._group_target = lambda channels_fastest: per_thread
         _rules._channels_last_block = lambda channels, *rest: -8
         _rules._image_order = lambda *rest: True
-        _rules._band_rows = lambda *rest: band_rows
         try:
             count += torch_calls(rng)
         finally:
-            (_rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order,
-             _rules._band_rows) = policy
+            _rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order = policy
     count += wide_calls(rng)
     count += shifted_channels_last_calls(rng)
     array_api_calls(rng)

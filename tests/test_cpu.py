@@ -248,7 +248,7 @@ def test_roialign_forward_work_order_rules(monkeypatch):
             b = _channels_last_block(c, 10 ** 9, per_channel, l2, 8)
             assert b == 0 or (b < 0 and -b % 8 == 0 and c % b == 0 and -b < c)
     mask_rcnn = (16, 256, 200, 272)
-    assert _rules.roi_order_bytes(0, "float32", False, mask_rcnn, 8192) == 4 * (8192 + 17)
+    assert _rules.roi_order_bytes(0, "float32", False, mask_rcnn, 8192) == 4 * 8192
     assert _rules.roi_order_bytes(0, "float32", True, mask_rcnn, 8192) == 0  # position-sensitive
     assert _rules.roi_order_bytes(0, "float32", False, (2, 256, 50, 68), 1024) == 0  # fits L2
     assert _rules.roi_order_bytes(0, "float32", False, (1, 256, 800, 1088), 512) == 0  # one image
@@ -271,61 +271,41 @@ def test_roialign_forward_work_order_rules(monkeypatch):
 
 
 def test_roialign_backward_work_order_rules(monkeypatch):
-    """The RoIAlign backward's modes, launches recorded instead of run. With
-    the order workspace (large maps), the band backward: the order filled
-    first, then blocks of 512 threads over (image, 8 channels, band of rows),
-    bands of up to 96 KiB of shared memory (11 rows of Mask R-CNN's 272
-    columns), whether the buffer is added to passed on; not for the
-    deterministic backward, float64, position-sensitive pooling or channels
-    that 8 does not divide. Otherwise a channels-last buffer takes 8 channels
-    a thread (cpt) where they divide the channels, in channels-last blocks
-    sized for the buffer's element (float: 64 channels of Mask R-CNN's map;
-    int64 fixed point: 32), with the order where there is one; float64, or
-    channels that 4 but not 8 divide: no blocks. NCHW: the warp mode."""
+    """The RoIAlign backward's modes, launches recorded instead of run. A
+    channels-last buffer: 8 channels a thread (cpt) where they divide the
+    channels, in channels-last blocks sized for the buffer's element (float
+    accumulation: 64 channels of Mask R-CNN's map; int64 fixed point for the
+    deterministic backward: 32), the order workspace filled first and passed
+    last; float64, or channels that 4 but not 8 divide: no blocks (they take
+    8 channels a thread). NCHW: the warp mode, with the order too."""
     from cupy_roi import _kernels, _rules
 
-    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 * 2 ** 20)  # an H100's
-    monkeypatch.setitem(_kernels._shared_optin, 0, 227 * 1024)  # no GPU asked
+    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 * 2 ** 20)  # an H100's L2; no GPU asked
     launched = []
     monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
                         launched.append((kernel, total, args, kw)))
     grad = (11, (49 * 256, 49, 7, 1))
-    mask_rcnn = (16, 256, 200, 272)
-    k = 8192
 
-    def backward(scalar, shape, layout, max_grad=0, order=0, accumulate=False):
+    def backward(scalar, shape, layout, max_grad=0, order=0):
         n, c, h, w = shape
         strides = (c * h * w, 1, w * c, c) if layout == "nhwc" else (c * h * w, h * w, w, 1)
         launched.clear()
-        _rules.roi_align_backward(0, 0, scalar, False, grad, shape, 22, k, (7, 7), 0.25, 2, False,
-                                  (44, strides), max_grad, order, accumulate)
+        _rules.roi_align_backward(0, 0, scalar, False, grad, shape, 22, 8192, (7, 7), 0.25, 2, False,
+                                  (44, strides), max_grad, order)
         *first, (kernel, total, args, kw) = launched
-        assert args[-1] == order and [f[0] for f in first] == (["roi_image_order"] if order else [])
-        if kernel == "roi_align_backward_bands":
-            assert args[13:16] == (11, int(accumulate), 44)  # band rows, accumulate, grad_input
-            return kernel, kw["blocks"], kw["threads"], kw["shared"]
-        assert kernel == "roi_align_backward" and args[-2] == max_grad
+        assert kernel == "roi_align_backward" and args[-1] == order and args[-2] == max_grad
+        assert [f[0] for f in first] == (["roi_image_order"] if order else [])
         return args[13], args[14], kw.get("cpt", 1), total  # channel block, channels per warp
 
-    bands = ("roi_align_backward_bands", 16 * 32 * 19, 512, 8 * 11 * 272 * 4)
-    assert _rules.backward_band_rows(0, "float32", False, mask_rcnn, k, False) == 11
-    for layout in ("nhwc", "nchw"):
-        for scalar in ("float32", "float16", "bfloat16"):
-            for accumulate in (False, True):
-                assert backward(scalar, mask_rcnn, layout, order=33, accumulate=accumulate) == bands
-    assert _rules.backward_band_rows(0, "float32", False, mask_rcnn, k, True) == 0  # deterministic
-    assert _rules.backward_band_rows(0, "float64", False, mask_rcnn, k, False) == 0
-    assert _rules.backward_band_rows(0, "float32", True, mask_rcnn, k, False) == 0  # position-sensitive
-    assert _rules.backward_band_rows(0, "float32", False, (16, 12, 200, 272), k, False) == 0
-    assert _rules.backward_band_rows(0, "float32", False, (2, 256, 50, 68), k, False) == 0  # fits L2
-    assert _rules.backward_band_rows(0, "float32", False, (16, 8, 2000, 4000), k, False) == 0  # < 2 rows
-    assert backward("float32", mask_rcnn, "nhwc") == (-64, 0, 8, k * 256 * 49)
+    mask_rcnn = (16, 256, 200, 272)
+    k = 8192
+    assert backward("float32", mask_rcnn, "nhwc", order=33) == (-64, 0, 8, k * 256 * 49)
     assert backward("float16", mask_rcnn, "nhwc") == (-64, 0, 8, k * 256 * 49)  # float accumulation
     assert backward("float32", mask_rcnn, "nhwc", max_grad=55, order=33) == (-32, 0, 8, k * 256 * 49)
-    assert backward("float64", mask_rcnn, "nhwc", order=33) == (0, 0, 1, k * 256 * 49)
+    assert backward("float64", mask_rcnn, "nhwc") == (0, 0, 1, k * 256 * 49)
     assert backward("float32", (16, 12, 200, 272), "nhwc") == (0, 0, 4, k * 12 * 49)
     assert backward("float32", (2, 256, 50, 68), "nhwc") == (0, 0, 8, k * 256 * 49)  # fits L2
-    block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", max_grad=55, order=33)
+    block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", order=33)
     assert block > 0 and per_warp == 4 and cpt == 1 and total == k * 256 // 4 * 32
 
 
