@@ -232,6 +232,21 @@ def roi_order_bytes(device, scalar, ps, shape, k):
     return 4 * k
 
 
+def backward_channels_last(device, scalar, ps, shape, k, deterministic):
+    """Whether the RoIAlign backward of an NCHW map adds into a channels-last
+    buffer, copied to NCHW afterwards (PyTorch's copy, which the half types'
+    conversion to their dtype takes anyway): where the RoIs go image by image
+    (:func:`roi_order_bytes`: maps past a third of L2), with float atomics
+    (not the deterministic backward) in a float type but float64, channels a
+    multiple of 8 (:func:`channels_per_thread`). The channels-last backward
+    adds 16-byte vectors of 4 channels, 8 channels a thread; NCHW's warp mode
+    was bound by L2's atomic operations on scattered columns. Measured
+    (Mask R-CNN 7x7 float32, H100, session 21): ..."""
+    n, c, h, w = shape
+    return bool(not deterministic and scalar != "float64" and c % 8 == 0
+                and roi_order_bytes(device, scalar, ps, shape, k))
+
+
 def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out,
                       order=0):
     """``order``: 0, or the device pointer of the workspace of

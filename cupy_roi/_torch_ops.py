@@ -204,12 +204,17 @@ def _order_workspace(device, scalar, ps, shape, k):
 def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
                             sampling_ratio: int, aligned: bool, ps: bool, channels_last: bool,
                             deterministic: bool) -> torch.Tensor:
-    sink = _GradientBuffer((n, c, h, w), grad, _layout_format(channels_last), deterministic_backward(deterministic))
+    shape, scalar, det = (n, c, h, w), _SCALAR[grad.dtype], deterministic_backward(deterministic)
+    transposed = not channels_last and _rules.backward_channels_last(grad.device.index, scalar, ps, shape,
+                                                                     rows.shape[0], det)
+    sink = _GradientBuffer(shape, grad, _layout_format(channels_last or transposed), det)
     size = tuple(grad.shape[2:])
-    order = _order_workspace(grad.device, _SCALAR[grad.dtype], ps, (n, c, h, w), rows.shape[0])
-    _launch(_rules.roi_align_backward, grad.device.index, _SCALAR[grad.dtype], ps, _view(grad), (n, c, h, w),
-            rows.data_ptr(), rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer),
-            sink.max_grad_ptr, 0 if order is None else order.data_ptr())
+    order = _order_workspace(grad.device, scalar, ps, shape, rows.shape[0])
+    _launch(_rules.roi_align_backward, grad.device.index, scalar, ps, _view(grad), shape, rows.data_ptr(),
+            rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer), sink.max_grad_ptr,
+            0 if order is None else order.data_ptr())
+    if transposed:  # the input's layout and dtype, in one copy
+        return sink.buffer.to(grad.dtype, memory_format=torch.contiguous_format)
     return sink.result(grad.dtype, "roi_align", rows.shape[0], size, ps)
 
 

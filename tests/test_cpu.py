@@ -276,8 +276,10 @@ def test_roialign_backward_work_order_rules(monkeypatch):
     channels, in channels-last blocks sized for the buffer's element (float
     accumulation: 64 channels of Mask R-CNN's map; int64 fixed point for the
     deterministic backward: 32), the order workspace filled first and passed
-    last; float64, or channels that 4 but not 8 divide: no blocks (they take
-    8 channels a thread). NCHW: the warp mode, with the order too."""
+    last; float64 (one channel a thread) and channels that 4 but not 8
+    divide (4 a thread): no blocks. NCHW: the warp mode, with the order too;
+    the torch op's NCHW backward takes a channels-last buffer instead where
+    the RoIs go image by image (_rules.backward_channels_last)."""
     from cupy_roi import _kernels, _rules
 
     monkeypatch.setitem(_kernels._l2_bytes, 0, 50 * 2 ** 20)  # an H100's L2; no GPU asked
@@ -307,6 +309,14 @@ def test_roialign_backward_work_order_rules(monkeypatch):
     assert backward("float32", (2, 256, 50, 68), "nhwc") == (0, 0, 8, k * 256 * 49)  # fits L2
     block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", order=33)
     assert block > 0 and per_warp == 4 and cpt == 1 and total == k * 256 // 4 * 32
+    # the torch op's NCHW backward adds into a channels-last buffer where the RoIs go image by image
+    for scalar in ("float32", "float16", "bfloat16"):
+        assert _rules.backward_channels_last(0, scalar, False, mask_rcnn, k, False)
+    assert not _rules.backward_channels_last(0, "float32", False, mask_rcnn, k, True)  # deterministic
+    assert not _rules.backward_channels_last(0, "float64", False, mask_rcnn, k, False)
+    assert not _rules.backward_channels_last(0, "float32", True, mask_rcnn, k, False)  # position-sensitive
+    assert not _rules.backward_channels_last(0, "float32", False, (16, 12, 200, 272), k, False)
+    assert not _rules.backward_channels_last(0, "float32", False, (2, 256, 50, 68), k, False)  # fits L2
 
 
 def test_prroi_backward_launches_by_mode(monkeypatch):
