@@ -29,7 +29,8 @@ CUDA_TYPES = {
 FAMILIES = {
     "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
-                                   "multi_scale_roi_align_backward", "fixed_point_gradient", "roi_image_order")),
+                                   "multi_scale_roi_align_backward", "fixed_point_gradient", "roi_image_order",
+                                   "channels_last_to_nchw")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_backward_warp",
                                      "prroi_pool_coords", "prroi_pool_coords_sum", "fixed_point_gradient")),
@@ -40,7 +41,7 @@ FAMILIES = {
 PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
                         "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum",
-                        "roi_image_order"))
+                        "roi_image_order", "channels_last_to_nchw"))
 
 #: kernels also instantiated with 4 and 8 output channels per thread (a
 #: third template argument; plain variant, float types: see
@@ -70,6 +71,7 @@ SIGNATURES = {
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
     "roi_image_order": "pqip",
+    "channels_last_to_nchw": "piiqp",
 }
 
 #: kMaxLevels of roi_align.cu: the most pyramid levels one launch takes

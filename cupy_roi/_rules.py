@@ -234,8 +234,8 @@ def roi_order_bytes(device, scalar, ps, shape, k):
 
 def backward_channels_last(device, scalar, ps, shape, k, deterministic):
     """Whether the RoIAlign backward of an NCHW map adds into a channels-last
-    buffer, copied to NCHW afterwards (PyTorch's copy, which the half types'
-    conversion to their dtype takes anyway): where the RoIs go image by image
+    buffer, copied to NCHW afterwards (:func:`channels_last_to_nchw`, which
+    also does the half types' conversion to their dtype): where the RoIs go image by image
     (:func:`roi_order_bytes`: maps past a third of L2), with float atomics
     (not the deterministic backward) in a float type but float64, channels a
     multiple of 8 (:func:`channels_per_thread`). The channels-last backward
@@ -245,6 +245,16 @@ def backward_channels_last(device, scalar, ps, shape, k, deterministic):
     n, c, h, w = shape
     return bool(not deterministic and scalar != "float64" and c % 8 == 0
                 and roi_order_bytes(device, scalar, ps, shape, k))
+
+
+def channels_last_to_nchw(device, stream, scalar, src, shape, dst):
+    """The contiguous channels-last accumulation buffer at ``src`` (float, or
+    float64 for float64) of ``shape`` (N, C, H, W) as the contiguous NCHW
+    array of type ``scalar`` at ``dst``."""
+    n, c, h, w = shape
+    tiles = n * -(-c // 32) * -(-(h * w) // 32)
+    _run("roi_align", "channels_last_to_nchw", device, stream, scalar, False, tiles * _kernels.BLOCK,
+         (src, n, c, h * w, dst))
 
 
 def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out,

@@ -213,8 +213,11 @@ def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: i
     _launch(_rules.roi_align_backward, grad.device.index, scalar, ps, _view(grad), shape, rows.data_ptr(),
             rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer), sink.max_grad_ptr,
             0 if order is None else order.data_ptr())
-    if transposed:  # the input's layout and dtype, in one copy
-        return sink.buffer.to(grad.dtype, memory_format=torch.contiguous_format)
+    if transposed:  # the input's layout and dtype, in one pass
+        out = torch.empty(shape, dtype=grad.dtype, device=grad.device)
+        _launch(_rules.channels_last_to_nchw, grad.device.index, scalar, sink.buffer.data_ptr(), shape,
+                out.data_ptr())
+        return out
     return sink.result(grad.dtype, "roi_align", rows.shape[0], size, ps)
 
 
