@@ -763,27 +763,34 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
 // (along pixels) both coalesce. PyTorch's copy between the two layouts took
 // 1.8 ms for Mask R-CNN's float32 map (H100, session 21), three times the
 // DRAM floor.
-template <typename T, bool PS>
-__global__ void channels_last_to_nchw(const typename acc_type<T>::type* __restrict__ src, int batch, int channels,
-                                      index_t pixels, T* __restrict__ dst) {
-  typedef typename acc_type<T>::type A;
+template <typename I, typename A, typename T>
+__device__ __forceinline__ void transpose_tiles(const A* src, I batch, I channels, I pixels, T* dst) {
   __shared__ A tile[32][33];  // [pixel][channel], a word of padding against bank conflicts
-  const index_t pixel_tiles = (pixels + 31) / 32;
-  const int channel_tiles = (channels + 31) / 32;
-  const index_t tiles = (index_t)batch * channel_tiles * pixel_tiles;
+  const I pixel_tiles = (pixels + 31) / 32, channel_tiles = (channels + 31) / 32;
   const int lane = threadIdx.x & 31;
-  for (index_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const index_t p0 = t % pixel_tiles * 32;
-    const int c0 = (int)(t / pixel_tiles % channel_tiles) * 32;
-    const index_t b = t / pixel_tiles / channel_tiles;
+  for (I t = blockIdx.x; t < batch * channel_tiles * pixel_tiles; t += gridDim.x) {
+    const I p0 = t % pixel_tiles * 32, c0 = t / pixel_tiles % channel_tiles * 32;
+    const I b = t / pixel_tiles / channel_tiles;
     for (int r = threadIdx.x >> 5; r < 32; r += blockDim.x >> 5)
-      if (p0 + r < pixels && c0 + lane < channels) tile[r][lane] = src[(b * pixels + p0 + r) * channels + c0 + lane];
+      if (p0 + r < pixels && c0 + lane < channels)
+        tile[r][lane] = src[(b * pixels + p0 + r) * channels + c0 + lane];
     __syncthreads();
     for (int r = threadIdx.x >> 5; r < 32; r += blockDim.x >> 5)
       if (c0 + r < channels && p0 + lane < pixels)
         store(dst + (b * channels + c0 + r) * pixels + p0 + lane, tile[lane][r]);
     __syncthreads();
   }
+}
+
+// 64-bit division is a long software routine: 32-bit indices wherever the array allows.
+template <typename T, bool PS>
+__global__ void channels_last_to_nchw(const typename acc_type<T>::type* __restrict__ src, int batch, int channels,
+                                      index_t pixels, T* __restrict__ dst) {
+  if ((index_t)batch * channels * pixels <= (index_t)0xffffffffu)
+    transpose_tiles<unsigned>(src, (unsigned)batch, (unsigned)channels, (unsigned)pixels, dst);
+  else
+    transpose_tiles<unsigned long long>(src, (unsigned long long)batch, (unsigned long long)channels,
+                                        (unsigned long long)pixels, dst);
 }
 
 // Rotated RoIAlign, mmcv's semantics: rows (batch_index, cx, cy, w, h, theta),
