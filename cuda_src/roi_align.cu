@@ -670,34 +670,43 @@ __global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ r
   }
 }
 
-// The thread mode of roi_align_backward on a buffer walked channels fastest
-// (channel_block <= 0: in blocks of -channel_block channels, or all), CPT
-// channels a thread through a ChannelScatter.
-template <int CPT, typename T, typename A>
-__device__ __forceinline__ void roi_align_backward_groups(const T* grad_output, const Strides4& go, const A* rois,
-                                                          index_t num_rois, int channels_out, int ph, int pw,
-                                                          A spatial_scale, int sampling_ratio, int aligned,
-                                                          int channel_block, const GradSink<A>& sink, int batch,
-                                                          int height, int width, const Strides4& gi,
-                                                          const int* order) {
+// Where a RoI's gradient goes: the buffer, its strides and size, the
+// RoI's image plane (its channel 0) and sampling grid.
+template <typename A>
+struct GradTarget {
+  void* buffer;
+  Strides4 st;
+  int height, width;
+  index_t plane;
+  AlignGrid<A> g;
+};
+
+// The thread mode of the RoIAlign backwards on buffers walked channels
+// fastest (channel_block <= 0: in blocks of -channel_block channels, or
+// all), CPT channels a thread through a ChannelScatter; RoIs in the order
+// `order` lists them where it is given. target(k, t) sets t for RoI k, or
+// returns false where it adds nothing.
+template <int CPT, typename T, typename A, typename Target>
+__device__ __forceinline__ void backward_groups(const T* grad_output, const Strides4& go, index_t num_rois,
+                                                int channels_out, int ph, int pw, int channel_block,
+                                                const int* order, const GradSink<A>& sink, Target target) {
   const int block = channel_block < 0 ? -channel_block : channels_out;
-  ChannelScatter<CPT, A> scatter(sink, block / CPT * 4, gi.s1,
-                                 vector_layout<4>(sink.base, gi.s0, gi.s1, gi.s2, gi.s3));
   const index_t total = num_rois * (channels_out / CPT) * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
     BinPos p = decompose_group<CPT, true>(idx, num_rois, channels_out, ph, pw, channel_block);
     if (order) p.k = order[p.k];
-    int b; A x1, y1, x2, y2;
-    if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
-    AlignGrid<A> g;
-    g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
+    GradTarget<A> t;
+    if (!target(p.k, t)) continue;
+    const Strides4& gi = t.st;
+    ChannelScatter<CPT, A> scatter(sink.rebased(t.buffer), block / CPT * 4, gi.s1,
+                                   vector_layout<4>(t.buffer, gi.s0, gi.s1, gi.s2, gi.s3));
     scatter.first = p.c / block * block + p.c % block / CPT * 4;
 #pragma unroll
-    for (int t = 0; t < CPT; ++t)
-      scatter.grad[t] = to_acc(grad_output[go.at(p.k, scatter.first + t / 4 * scatter.span + t % 4, p.i, p.j)]) *
-                        g.inv_count;
-    bin_scatter_axis_aligned<0>(scatter, (index_t)b * gi.s0, gi.s2, gi.s3, height, width, g, p.i, p.j, A(1));
+    for (int c = 0; c < CPT; ++c)
+      scatter.grad[c] = to_acc(grad_output[go.at(p.k, scatter.first + c / 4 * scatter.span + c % 4, p.i, p.j)]) *
+                        t.g.inv_count;
+    bin_scatter_axis_aligned<0>(scatter, t.plane, gi.s2, gi.s3, t.height, t.width, t.g, p.i, p.j, A(1));
   }
 }
 
@@ -705,9 +714,9 @@ __device__ __forceinline__ void roi_align_backward_groups(const T* grad_output, 
 // (float for half types), or of long long when max_grad is given (the
 // deterministic backward, see GradSink). Three modes: a warp per RoI and
 // channels_per_warp channels (warp_scatter_roi), CPT > 1 channels a thread
-// (roi_align_backward_groups: plain RoIAlign on a buffer walked channels
-// fastest), else a thread per bin. order: null, or the order to walk the
-// RoIs in (roi_image_order).
+// (backward_groups: plain RoIAlign on a buffer walked channels fastest),
+// else a thread per bin. order: null, or the order to walk the RoIs in
+// (roi_image_order).
 // At most 64 registers (4 blocks an SM; 76 left free): the warp mode's
 // backwards measured 5-12% faster so (FPN, small maps; H200, session 15),
 // Mask R-CNN's thread per bin within 1.5%. Likewise the multi-level backward.
@@ -725,9 +734,14 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink(grad_input, max_grad, gradient_contributions(num_rois, ph, pw, PS));
   if (CPT > 1) {
-    roi_align_backward_groups<CPT>(grad_output, go_st, rois, num_rois, channels_out, ph, pw, spatial_scale,
-                                   sampling_ratio, aligned, channel_block, sink, batch, height, width,
-                                   make_strides(gi_s0, gi_s1, gi_s2, gi_s3), order);
+    backward_groups<CPT>(grad_output, go_st, num_rois, channels_out, ph, pw, channel_block, order, sink,
+                         [&](index_t k, GradTarget<A>& t) {
+      int b; A x1, y1, x2, y2;
+      if (!load_roi(rois, k, batch, b, x1, y1, x2, y2)) return false;
+      t = GradTarget<A>{grad_input, make_strides(gi_s0, gi_s1, gi_s2, gi_s3), height, width, (index_t)b * gi_s0, {}};
+      t.g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
+      return true;
+    });
     return;
   }
   if (!PS && channels_per_warp > 0) {
@@ -897,20 +911,37 @@ __global__ void multi_scale_roi_align_forward(
 }
 
 // grads: the levels' zero-filled accumulation buffers (float for half types;
-// long long when max_grad is given, see GradSink).
-template <typename T, bool PS>
+// long long when max_grad is given, see GradSink). The modes and order of
+// roi_align_backward.
+template <typename T, bool PS, int CPT = 1>
 __global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backward(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
     LevelTable grads, int batch,
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
     int channels_out, int ph, int pw,
     int mode, typename acc_type<T>::type canonical_scale, int canonical_level, int k_min, int k_max,
-    int sampling_ratio, int aligned, int channel_block, int channels_per_warp, const T* __restrict__ max_grad) {
+    int sampling_ratio, int aligned, int channel_block, int channels_per_warp, const T* __restrict__ max_grad,
+    const int* __restrict__ order) {
   typedef typename acc_type<T>::type A;
   const Strides4 go_st = make_strides(go_s0, go_s1, go_s2, go_s3);
   const GradSink<A> sink((void*)nullptr, max_grad, gradient_contributions(num_rois, ph, pw, PS));
+  if (CPT > 1) {
+    backward_groups<CPT>(grad_output, go_st, num_rois, channels_out, ph, pw, channel_block, order, sink,
+                         [&](index_t k, GradTarget<A>& t) {
+      int b; A x1, y1, x2, y2;
+      if (!load_roi(rois, k, batch, b, x1, y1, x2, y2)) return false;
+      const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
+      if (l < 0 || l >= grads.count) return false;
+      t = GradTarget<A>{reinterpret_cast<void*>(grads.data[l]),
+                        make_strides(grads.s0[l], grads.s1[l], grads.s2[l], grads.s3[l]), grads.height[l],
+                        grads.width[l], (index_t)b * grads.s0[l], {}};
+      t.g.set(x1, y1, x2, y2, (A)grads.scale[l], ph, pw, sampling_ratio, aligned != 0);
+      return true;
+    });
+    return;
+  }
   if (!PS && channels_per_warp > 0) {
-    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp, nullptr,
+    for_each_warp_roi(rois, num_rois, batch, channels_out, channel_block, channels_per_warp, order,
                       [&](const BinPos& p, int b, A x1, A y1, A x2, A y2) {
       const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);
       if (l < 0 || l >= grads.count) return;
@@ -926,7 +957,8 @@ __global__ void __launch_bounds__(kBlockThreads, 4) multi_scale_roi_align_backwa
   const index_t total = num_rois * channels_out * ph * pw;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (index_t)blockDim.x * gridDim.x) {
-    const BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
+    BinPos p = decompose(idx, num_rois, channels_out, ph, pw, channel_block);
+    if (order) p.k = order[p.k];
     int b; A x1, y1, x2, y2;
     if (!load_roi(rois, p.k, batch, b, x1, y1, x2, y2)) continue;
     const int l = pyramid_level(x1, y1, x2, y2, mode, canonical_scale, canonical_level, k_min, k_max);

@@ -48,7 +48,8 @@ PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward
 #: _rules.channels_per_thread). Each value adds to every family's compile
 #: time (a cold start, and CI's compile checks), so only the measured ones.
 GROUPED = frozenset(("roi_align_forward", "roi_align_backward", "multi_scale_roi_align_forward",
-                     "roi_pool_forward", "prroi_pool_forward", "prroi_pool_coords"))
+                     "multi_scale_roi_align_backward", "roi_pool_forward", "prroi_pool_forward",
+                     "prroi_pool_coords"))
 CHANNELS_PER_THREAD = (4, 8)
 
 #: C parameter list of every kernel, one letter a parameter: p pointer,
@@ -61,7 +62,7 @@ SIGNATURES = {
     "roi_align_rotated_forward": "piiiqqqq" "pqiii" "aiiii" "pqqqq",
     "roi_align_rotated_backward": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
     "multi_scale_roi_align_forward": "Li" "pqiii" "iaiii" "iii" "pqqqq",
-    "multi_scale_roi_align_backward": "pqqqq" "Li" "pqiii" "iaiii" "iiii" "p",
+    "multi_scale_roi_align_backward": "pqqqq" "Li" "pqiii" "iaiii" "iiii" "pp",
     "roi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq" "p",
     "roi_pool_backward": "pqqqq" "pqiii" "ai" "p" "piiiqqqq" "p",
     "prroi_pool_forward": "piiiqqqq" "pqiii" "ai" "pqqqq",

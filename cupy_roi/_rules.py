@@ -288,17 +288,27 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
     c_out = c // (ph * pw) if ps else c
     block, per_warp = backward_work_order("roi_align", device, ps, grad_input[1], size_in, size, c_out, scalar,
                                           max_grad)
-    cpt = 1
-    if block == 0 and not ps:
-        cpt = channels_per_thread(scalar, ps, c_out, 0)
-        if cpt > 1:
-            block = channels_last_block(device, size_in, c_out, _grad_itemsize(scalar, max_grad))
+    block, cpt = _backward_groups(device, scalar, ps, size_in, c_out, block, max_grad)
     total = _backward_threads(k, c_out, size, per_warp)
     if order and total:
         _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
     _run("roi_align", "roi_align_backward", device, stream, scalar, ps, total, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, per_warp,
         grad_input[0], n, h, w, *grad_input[1], max_grad, order), cpt=cpt)
+
+
+def _backward_groups(device, scalar, ps, shape, c_out, block, max_grad):
+    """(channel block, channels per thread) of a RoIAlign backward's thread
+    mode: on a buffer walked channels fastest (block 0), plain RoIAlign
+    takes :func:`channels_per_thread` channels a thread, in
+    :func:`channels_last_block` blocks of the buffer's elements where its map
+    exceeds a third of L2."""
+    if block != 0 or ps:
+        return block, 1
+    cpt = channels_per_thread(scalar, ps, c_out, 0)
+    if cpt > 1:
+        block = channels_last_block(device, shape, c_out, _grad_itemsize(scalar, max_grad))
+    return block, cpt
 
 
 def _backward_threads(k, c_out, size, per_warp):
@@ -392,15 +402,21 @@ def multi_scale_roi_align_forward(device, stream, scalar, views, shapes, scales,
 
 
 def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, shapes, scales, rows, k, size, mapping,
-                                   sampling_ratio, aligned, max_grad=0):
+                                   sampling_ratio, aligned, max_grad=0, order=0):
+    """``order``: 0, or the workspace of :func:`roi_order_bytes` for the
+    finest level's shape. Work order and modes as :func:`roi_align_backward`
+    gives them for the finest level."""
     n, c = shapes[0][:2]
     ph, pw = size
     block, per_warp = backward_work_order("roi_align", device, False, grad_views[0][1], shapes[0], size, c, scalar,
                                           max_grad)
-    _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False,
-         _backward_threads(k, c, size, per_warp), (
-             grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
-             sampling_ratio, aligned, block, per_warp, max_grad))
+    block, cpt = _backward_groups(device, scalar, False, shapes[0], c, block, max_grad)
+    total = _backward_threads(k, c, size, per_warp)
+    if order and total:
+        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
+    _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False, total, (
+        grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
+        sampling_ratio, aligned, block, per_warp, max_grad, order), cpt=cpt)
 
 
 def roi_pool_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, out, argmax):

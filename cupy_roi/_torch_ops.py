@@ -213,12 +213,17 @@ def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: i
     _launch(_rules.roi_align_backward, grad.device.index, scalar, ps, _view(grad), shape, rows.data_ptr(),
             rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer), sink.max_grad_ptr,
             0 if order is None else order.data_ptr())
-    if transposed:  # the input's layout and dtype, in one pass
-        out = torch.empty(shape, dtype=grad.dtype, device=grad.device)
-        _launch(_rules.channels_last_to_nchw, grad.device.index, scalar, sink.buffer.data_ptr(), shape,
-                out.data_ptr())
-        return out
+    if transposed:
+        return _to_nchw(sink.buffer, grad.dtype)
     return sink.result(grad.dtype, "roi_align", rows.shape[0], size, ps)
+
+
+def _to_nchw(buffer, dtype):
+    """A channels-last accumulation buffer as a contiguous NCHW tensor of ``dtype``, in one pass."""
+    out = torch.empty(buffer.shape, dtype=dtype, device=buffer.device)
+    _launch(_rules.channels_last_to_nchw, buffer.device.index, _SCALAR[dtype], buffer.data_ptr(),
+            tuple(buffer.shape), out.data_ptr())
+    return out
 
 
 def roi_pool_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
@@ -574,13 +579,19 @@ def multi_scale_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, flat_shape
                               sampling_ratio: int, aligned: bool, mode: int, s0: float, lvl0: int, lo: int, hi: int,
                               channels_last: bool, deterministic: bool) -> List[torch.Tensor]:
     shapes, size, k = _level_shapes(flat_shapes), tuple(grad.shape[2:]), rows.shape[0]
-    deterministic = deterministic_backward(deterministic)
-    sinks = [_GradientBuffer(shapes[0], grad, _layout_format(channels_last), deterministic)]
-    sinks += [_GradientBuffer(shape, grad, _layout_format(channels_last), deterministic, sinks[0].max_grad)
-              for shape in shapes[1:]]
-    _launch(_rules.multi_scale_roi_align_backward, grad.device.index, _SCALAR[grad.dtype], _view(grad),
+    scalar, deterministic = _SCALAR[grad.dtype], deterministic_backward(deterministic)
+    transposed = not channels_last and _rules.backward_channels_last(grad.device.index, scalar, False, shapes[0],
+                                                                     k, deterministic)
+    layout = _layout_format(channels_last or transposed)
+    sinks = [_GradientBuffer(shapes[0], grad, layout, deterministic)]
+    sinks += [_GradientBuffer(shape, grad, layout, deterministic, sinks[0].max_grad) for shape in shapes[1:]]
+    order = _order_workspace(grad.device, scalar, False, shapes[0], k)
+    _launch(_rules.multi_scale_roi_align_backward, grad.device.index, scalar, _view(grad),
             [_view(sink.buffer) for sink in sinks], shapes, scales, rows.data_ptr(), k, size,
-            (mode, s0, lvl0, lo, hi), sampling_ratio, aligned, sinks[0].max_grad_ptr)
+            (mode, s0, lvl0, lo, hi), sampling_ratio, aligned, sinks[0].max_grad_ptr,
+            0 if order is None else order.data_ptr())
+    if transposed:
+        return [_to_nchw(sink.buffer, grad.dtype) for sink in sinks]
     return [sink.result(grad.dtype, "roi_align", k, size, False) for sink in sinks]
 
 

@@ -444,12 +444,14 @@ def multi_scale_roi_align_backward(grad_output, rois, feature_shapes, output_siz
     sinks = [call.gradient_sink(grad_output, shapes[0], grad_output, deterministic)]
     max_grad = sinks[0][1]
     sinks += [call.gradient_sink(grad_output, s, grad_output, deterministic, max_grad) for s in shapes[1:]]
+    order = call.workspace(_rules.roi_order_bytes(call.device, call.scalar, False, shapes[0], call.k))
     with call.cupy.cuda.Device(call.device):
         _rules.multi_scale_roi_align_backward(call.device, call.stream.ptr, call.scalar, _view(grad_output),
                                               [_view(g if f is None else f) for g, (f, _) in zip(grads, sinks)],
                                               shapes, scales, _ptr(call.rows), call.k, call.output_size, level_map,
                                               int(sampling_ratio), bool(aligned),
-                                              0 if max_grad is None else _ptr(max_grad))
+                                              0 if max_grad is None else _ptr(max_grad),
+                                              0 if order is None else _ptr(order))
     if max_grad is None:
         return grads
     return [call.finish_gradient("roi_align", f, max_grad, g) for g, (f, _) in zip(grads, sinks)]

@@ -309,6 +309,18 @@ def test_roialign_backward_work_order_rules(monkeypatch):
     assert backward("float32", (2, 256, 50, 68), "nhwc") == (0, 0, 8, k * 256 * 49)  # fits L2
     block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", order=33)
     assert block > 0 and per_warp == 4 and cpt == 1 and total == k * 256 // 4 * 32
+    # the multi-level backward: the same modes, by the finest level
+    for layout, expect in (("nhwc", (-64, 0, 8)), ("nchw", (4, 4, 1))):
+        shapes = [mask_rcnn, (16, 256, 100, 136)]
+        views = [(44 + i, (c * h * w, 1, w * c, c) if layout == "nhwc" else (c * h * w, h * w, w, 1))
+                 for i, (n, c, h, w) in enumerate(shapes)]
+        launched.clear()
+        _rules.multi_scale_roi_align_backward(0, 0, "float32", grad, views, shapes, [0.25, 0.125], 22, k, (7, 7),
+                                              (1, 224.0, 4, 2, 3), 2, False, 0, 33)
+        (order, _, order_args, _), (kernel, total, args, kw) = launched
+        assert order == "roi_image_order" and order_args == (22, k, 16, 33)
+        assert kernel == "multi_scale_roi_align_backward" and args[-1] == 33
+        assert (args[-4], args[-3], kw["cpt"]) == expect  # channel block, channels per warp, per thread
     # the torch op's NCHW backward adds into a channels-last buffer where the RoIs go image by image
     for scalar in ("float32", "float16", "bfloat16"):
         assert _rules.backward_channels_last(0, scalar, False, mask_rcnn, k, False)
