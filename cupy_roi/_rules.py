@@ -217,15 +217,16 @@ def _image_order(map_bytes, l2_bytes, n, k):
 
 
 def roi_order_bytes(device, scalar, ps, shape, k):
-    """Bytes of the workspace the RoIAlign forward takes to walk its ``k``
-    RoIs image by image (``roi_image_order`` in cuda_src/roi_align.cu), or 0
-    where it walks them as given: plain RoIAlign on a map of several images
-    larger than a third of L2. Rows that come in any order of images make
-    the RoIs running together read every image's map, which L2 cannot hold:
-    Mask R-CNN 7x7 float32 (H100, session 20), channels-last 1.55 ms with
-    RoIs shuffled across images against 0.74 in image order. The front end
-    allocates the workspace (``int32[k]``) and passes it to
-    :func:`roi_align_forward`."""
+    """Bytes of the workspace the RoIAlign forward and backwards take to walk
+    their ``k`` RoIs image by image (``roi_image_order`` in
+    cuda_src/roi_align.cu), or 0 where they walk them as given: plain
+    RoIAlign on a map of several images larger than a third of L2. Rows that
+    come in any order of images make the RoIs running together read every
+    image's map, which L2 cannot hold: Mask R-CNN 7x7 float32 (H100, session
+    20), channels-last 1.55 ms with RoIs shuffled across images against 0.74
+    in image order. The front end allocates the workspace (``int32[k]``) and
+    passes it to :func:`roi_align_forward`, :func:`roi_align_backward` or
+    :func:`multi_scale_roi_align_backward` (for its finest level)."""
     n, c, h, w = shape
     if ps or not _image_order(n * c * h * w * _ITEMSIZE[scalar], _kernels.l2_cache_bytes(device), n, k):
         return 0
@@ -235,15 +236,17 @@ def roi_order_bytes(device, scalar, ps, shape, k):
 def backward_channels_last(device, scalar, ps, shape, k, deterministic):
     """Whether the RoIAlign backward of an NCHW map adds into a channels-last
     buffer, copied to NCHW afterwards (:func:`channels_last_to_nchw`, which
-    also does the half types' conversion to their dtype): where the RoIs go image by image
-    (:func:`roi_order_bytes`: maps past a third of L2), with float atomics
-    (not the deterministic backward) in a float type but float64, channels a
-    multiple of 8 (:func:`channels_per_thread`). The channels-last backward
-    adds 16-byte vectors of 4 channels, 8 channels a thread; NCHW's warp mode
-    was bound by L2's atomic operations on scattered columns. Measured
-    (Mask R-CNN 7x7 float32, H100, session 21, ncu): the warp mode's kernel
-    5.03 ms; the channels-last kernel 2.25 ms plus 0.85 ms for the copy;
-    forward+backward 8.37 -> 5.93 ms (graph replay)."""
+    also does the half types' conversion to their dtype): where the RoIs go
+    image by image (:func:`roi_order_bytes`: maps past a third of L2), with
+    float atomics (not the deterministic backward) in a float type but
+    float64, channels a multiple of 8 (:func:`channels_per_thread`). The
+    channels-last backward adds 16-byte vectors of 4 channels, 8 channels a
+    thread; NCHW's warp mode was bound by L2's atomic operations on scattered
+    columns. Measured (Mask R-CNN 7x7 float32, H100, session 21, ncu): the
+    warp mode's kernel 5.03 ms; the channels-last kernel 2.25 ms plus 0.85 ms
+    for the copy; forward+backward 8.37 -> 5.92 ms (graph replay). Peak
+    memory: the float buffer and the NCHW result live together (for float32,
+    one map's size more than adding into the result itself)."""
     n, c, h, w = shape
     return bool(not deterministic and scalar != "float64" and c % 8 == 0
                 and roi_order_bytes(device, scalar, ps, shape, k))
