@@ -618,13 +618,12 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
                                               out_at, false);
 }
 
-// The order the RoIAlign kernels walk the RoIs in, where their rows come in
+// The order roi_align_forward walks the RoIs in, where their rows come in
 // any order of images: order[0 .. num_rois) lists RoI indices image by image
 // (rows of an invalid batch index last), so that the RoIs running together
 // read one image's map, which L2 holds, instead of every image's
-// (benchmarks/NOTES.md, session 20); then order[num_rois + b], b <= batch,
-// is where image b's RoIs begin (b = batch: the invalid rows). Which thread
-// computes a RoI never changes its result. One block of kBlockThreads threads; batch at most
+// (benchmarks/NOTES.md, session 20). Which thread computes a RoI never
+// changes its result. One block of kBlockThreads threads; batch at most
 // kMaxOrderImages, num_rois below 2^31 (the host checks both). Lanes of a
 // warp on one image take their places with one shared-memory atomic.
 constexpr int kMaxOrderImages = 4096;
@@ -663,8 +662,6 @@ __global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ r
       start += count;
     }
   }
-  __syncthreads();
-  for (int b = threadIdx.x; b <= batch; b += blockDim.x) order[num_rois + b] = next[b];
   __syncthreads();
   for (index_t k = threadIdx.x; k < num_rois; k += blockDim.x) {
     int rank;
@@ -770,123 +767,6 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_backward(
     const int c_in = input_channel<PS>(p.c, p.i, p.j, ph, pw);
     const index_t plane = (index_t)b * gi_s0 + (index_t)c_in * gi_s1;
     bin_scatter_axis_aligned<PS ? 2 : 1>(sink, plane, gi_s2, gi_s3, height, width, g, p.i, p.j, grad);
-  }
-}
-
-// Pixel rows [first, last] that samples with y in [y, y + extent] (either
-// sign of extent) may reach; false where none lies on the map. A row of
-// margin on each side: a sample's position, rounded, may lie a little past
-// [y, y + extent] as rounded.
-template <typename A>
-__device__ __forceinline__ bool sample_rows(A y, A extent, int height, int& first, int& last) {
-  A lo = y, hi = y + extent;
-  if (lo > hi) { const A t = lo; lo = hi; hi = t; }
-  if (hi < A(-2) || lo > A(height + 1)) return false;
-  first = lo <= A(1) ? 0 : min((int)lo - 1, height - 1);
-  last = hi >= A(height - 2) ? height - 1 : max((int)hi + 2, 0);
-  return true;
-}
-
-// Backward of plain RoIAlign by tiles, for maps past L2 (where float atomics
-// in L2 bound the backward: 2.25 ms for Mask R-CNN's, session 21): block
-// (b, q, band) takes image b's channels kTileChannels * q .. + 31 over pixel
-// rows [r0, r0 + band_rows), sums every contribution of image b's RoIs
-// (listed by roi_image_order: order, then where each image's begin) in
-// shared memory, and writes each element once (added to what it holds where
-// accumulate is set; else the buffer needs no zero fill). A warp takes a RoI
-// and its samples whose rows reach the band; its lanes are the 32 channels,
-// so that a corner's adds are 32 consecutive words, one per bank: a shared
-// float add is a compare-and-swap loop, which lanes on one bank would retry
-// (a lane a bin did: 10 ms, session 21). A sample whose two rows straddle
-// two bands adds each row in its own band. Contributions are
-// bin_sample_scatter's, grad * (Wy * Wx), summed in another order.
-// Tile: band_rows x width pixels of kTileChannels accumulation-type words.
-constexpr int kTileThreads = 512;
-constexpr int kTileChannels = 32;
-
-// Four of a tile's words v to p (16-byte aligned), added to what p holds
-// where accumulate is set.
-__device__ __forceinline__ void tile_store(float* p, const float* v, bool accumulate) {
-  float4 q = *reinterpret_cast<const float4*>(v);
-  if (accumulate) {
-    const float4 old = *reinterpret_cast<const float4*>(p);
-    q.x += old.x; q.y += old.y; q.z += old.z; q.w += old.w;
-  }
-  *reinterpret_cast<float4*>(p) = q;
-}
-__device__ __forceinline__ void tile_store(double* p, const double* v, bool accumulate) {
-#pragma unroll
-  for (int e = 0; e < 4; ++e) p[e] = accumulate ? p[e] + v[e] : v[e];
-}
-
-template <typename T, bool PS>
-__global__ void __launch_bounds__(kTileThreads, 2) roi_align_backward_tiles(
-    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
-    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois,
-    int channels, int ph, int pw,
-    typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned, int band_rows, int accumulate,
-    typename acc_type<T>::type* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, const int* __restrict__ order) {
-  typedef typename acc_type<T>::type A;
-  extern __shared__ __align__(16) unsigned char tile_memory[];
-  A* tile = reinterpret_cast<A*>(tile_memory);
-  const int lane = threadIdx.x & 31;
-  const int bands = (height + band_rows - 1) / band_rows, groups = channels / kTileChannels;
-  const int r0 = blockIdx.x % bands * band_rows, rows = min(band_rows, height - r0);
-  const int c0 = blockIdx.x / bands % groups * kTileChannels;
-  const int b = blockIdx.x / bands / groups;
-  for (int e = threadIdx.x; e < rows * width * kTileChannels; e += blockDim.x) tile[e] = A(0);
-  __syncthreads();
-  const Strides4 go = make_strides(go_s0, go_s1, go_s2, go_s3);
-  const int last = order[num_rois + b + 1];
-  for (int s = order[num_rois + b] + (int)(threadIdx.x >> 5); s < last; s += (int)(blockDim.x >> 5)) {
-    const int k = order[s];
-    int bk; A x1, y1, x2, y2;
-    if (!load_roi(rois, k, batch, bk, x1, y1, x2, y2)) continue;
-    AlignGrid<A> g;
-    g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
-    int lo, hi;
-    if (g.grid_w <= 0 || !sample_rows(g.y_start, g.bin_h * ph, height, lo, hi) || lo >= r0 + rows || hi < r0)
-      continue;
-    for (int i = 0; i < ph; ++i)
-      for (int iy = 0; iy < g.grid_h; ++iy) {
-        int y0, y1; A wy0, wy1;
-        if (!axis_weights(g.sample_y(i, iy), height, y0, y1, wy0, wy1)) continue;
-        const bool in0 = y0 >= r0 && y0 < r0 + rows, in1 = y1 >= r0 && y1 < r0 + rows;
-        if (!in0 && !in1) continue;
-        A* row0 = tile + ((in0 ? y0 : y1) - r0) * width * kTileChannels + lane;
-        A* row1 = tile + ((in1 ? y1 : y0) - r0) * width * kTileChannels + lane;
-        for (int j = 0; j < pw; ++j) {
-          const A grad = to_acc(grad_output[go.at(k, c0 + lane, i, j)]) * g.inv_count;
-          for (int ix = 0; ix < g.grid_w; ++ix) {
-            int x0, x1; A wx0, wx1;
-            if (!axis_weights(g.sample_x(j, ix), width, x0, x1, wx0, wx1)) continue;
-            if (in0) {
-              atomicAdd(row0 + x0 * kTileChannels, grad * (wy0 * wx0));
-              atomicAdd(row0 + x1 * kTileChannels, grad * (wy0 * wx1));
-            }
-            if (in1) {
-              atomicAdd(row1 + x0 * kTileChannels, grad * (wy1 * wx0));
-              atomicAdd(row1 + x1 * kTileChannels, grad * (wy1 * wx1));
-            }
-          }
-        }
-      }
-  }
-  __syncthreads();
-  A* out = grad_input + (index_t)b * gi_s0 + (index_t)c0 * gi_s1 + (index_t)r0 * gi_s2;
-  if (sizeof(A) == 4 && vector_layout<4>(grad_input, gi_s0, gi_s1, gi_s2, gi_s3)) {
-    for (int e = threadIdx.x; e < rows * width * kTileChannels / 4; e += blockDim.x) {
-      const int pixel = e / (kTileChannels / 4), quad = e % (kTileChannels / 4);
-      tile_store(out + pixel / width * gi_s2 + pixel % width * gi_s3 + quad * 4, tile + e * 4, accumulate != 0);
-    }
-    return;
-  }
-  for (int e = threadIdx.x; e < rows * width * kTileChannels; e += blockDim.x) {
-    const int ch = e / (rows * width), pixel = e % (rows * width);
-    A* p = out + ch * gi_s1 + pixel / width * gi_s2 + pixel % width * gi_s3;
-    const A v = tile[pixel * kTileChannels + ch];
-    *p = accumulate ? *p + v : v;
   }
 }
 

@@ -30,7 +30,7 @@ FAMILIES = {
     "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
                                    "multi_scale_roi_align_backward", "fixed_point_gradient", "roi_image_order",
-                                   "channels_last_to_nchw", "roi_align_backward_tiles")),
+                                   "channels_last_to_nchw")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_backward_warp",
                                      "prroi_pool_coords", "prroi_pool_coords_sum", "fixed_point_gradient")),
@@ -41,7 +41,7 @@ FAMILIES = {
 PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
                         "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum",
-                        "roi_image_order", "channels_last_to_nchw", "roi_align_backward_tiles"))
+                        "roi_image_order", "channels_last_to_nchw"))
 
 #: kernels also instantiated with 4 and 8 output channels per thread (a
 #: third template argument; plain variant, float types: see
@@ -73,17 +73,12 @@ SIGNATURES = {
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
     "roi_image_order": "pqip",
     "channels_last_to_nchw": "piiqp",
-    "roi_align_backward_tiles": "pqqqq" "pqiii" "aiiii" "piiiqqqq" "p",
 }
 
 #: kMaxLevels of roi_align.cu: the most pyramid levels one launch takes
 MAX_LEVELS = 8
 #: kMaxOrderImages of roi_align.cu: the most images roi_image_order takes
 MAX_ORDER_IMAGES = 4096
-#: kTileThreads and kTileChannels of roi_align.cu: threads a block of
-#: roi_align_backward_tiles, and the channels it takes
-TILE_THREADS = 512
-TILE_CHANNELS = 32
 
 HEADER = "roi_common.cuh"
 BLOCK = 256
@@ -183,7 +178,7 @@ class ArgumentPacker:
 class Kernel:
     """One compiled kernel on one device: its CUfunction and argument packer."""
 
-    __slots__ = ("name", "device", "handle", "packer", "_function", "shared_limit")
+    __slots__ = ("name", "device", "handle", "packer", "_function")
 
     def __init__(self, name, device, function, acc_scalar):
         self.name = name
@@ -191,19 +186,6 @@ class Kernel:
         self._function = function  # keeps CuPy's module (and so the handle) alive
         self.handle = int(function.ptr)
         self.packer = ArgumentPacker(SIGNATURES[name], acc_scalar)
-        self.shared_limit = 48 * 1024  # dynamic shared memory a launch may ask for without opting in
-
-    def allow_shared(self, nbytes):
-        """Opt in to ``nbytes`` of dynamic shared memory (past 48 KiB a kernel
-        must: ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``)."""
-        if nbytes > self.shared_limit:
-            from cupy.cuda import driver
-
-            driver.funcSetAttribute(self.handle, _MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
-            self.shared_limit = nbytes
-
-
-_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
 
 
 def _accumulation(scalar_type):
@@ -256,38 +238,28 @@ def get_function(family, kernel, scalar_type, position_sensitive, device_id, cha
 
 
 _l2_bytes = {}
-_shared_optin = {}
-
-
-def _device_property(cache, device_id, name):
-    value = cache.get(device_id)
-    if value is None:
-        from . import _gpu
-
-        runtime = _gpu.import_cupy().cuda.runtime
-        value = cache[device_id] = int(runtime.getDeviceProperties(device_id)[name])
-    return value
 
 
 def l2_cache_bytes(device_id):
     """The device's L2 cache size in bytes (queried once per device)."""
-    return _device_property(_l2_bytes, device_id, "l2CacheSize")
+    size = _l2_bytes.get(device_id)
+    if size is None:
+        from . import _gpu
 
-
-def shared_bytes_optin(device_id):
-    """The most shared memory one block may opt in to, in bytes."""
-    return _device_property(_shared_optin, device_id, "sharedMemPerBlockOptin")
+        runtime = _gpu.import_cupy().cuda.runtime
+        size = _l2_bytes[device_id] = int(runtime.getDeviceProperties(device_id)["l2CacheSize"])
+    return size
 
 
 _launch_kernel = []
 
 
-def launch(kernel, blocks, stream, args, threads=BLOCK, shared=0):
-    """Launch ``kernel`` with ``blocks`` blocks of ``threads`` threads and
-    ``shared`` bytes of dynamic shared memory on the stream whose handle is
-    ``stream`` (an int; 0 is the legacy default stream). ``args`` follow the
-    kernel's C parameter list: device pointers and sizes as ints, the scale
-    as a float. The caller makes the kernel's device current."""
+def launch(kernel, blocks, stream, args):
+    """Launch ``kernel`` with ``blocks`` blocks of :data:`BLOCK` threads on the
+    stream whose handle is ``stream`` (an int; 0 is the legacy default
+    stream). ``args`` follow the kernel's C parameter list: device pointers
+    and sizes as ints, the scale as a float. The caller makes the kernel's
+    device current."""
     if not _launch_kernel:
         from cupy.cuda import driver, runtime
 
@@ -295,9 +267,7 @@ def launch(kernel, blocks, stream, args, threads=BLOCK, shared=0):
     launch_kernel, driver_error, set_device = _launch_kernel
     params = kernel.packer.pack(args)
     try:
-        if shared > kernel.shared_limit:
-            kernel.allow_shared(shared)
-        launch_kernel(kernel.handle, blocks, 1, 1, threads, 1, 1, shared, stream, params, 0)
+        launch_kernel(kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, params, 0)
     except driver_error as e:
         # A thread that has made no CUDA runtime call yet (a new Python thread,
         # say) has no current context for the driver API: bind the device's
@@ -305,6 +275,4 @@ def launch(kernel, blocks, stream, args, threads=BLOCK, shared=0):
         if "INVALID_CONTEXT" not in str(e):
             raise
         set_device(kernel.device)
-        if shared > kernel.shared_limit:
-            kernel.allow_shared(shared)
-        launch_kernel(kernel.handle, blocks, 1, 1, threads, 1, 1, shared, stream, params, 0)
+        launch_kernel(kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, params, 0)

@@ -203,13 +203,12 @@ def _grad_itemsize(scalar, max_grad):
 # fixed point (GradSink in cuda_src/roi_common.cuh) that fixed_point_gradient
 # then converts.
 
-def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, cpt=1, threads=_kernels.BLOCK,
-         shared=0):
+def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, cpt=1):
     """``total``: output elements; a grouped kernel runs ``total / cpt`` threads."""
     if total == 0:
         return
     fn = _kernels.get_function(family, kernel, scalar, ps, device, cpt)
-    _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args, threads, shared)
+    _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args)
 
 
 @functools.lru_cache(maxsize=256)
@@ -225,36 +224,13 @@ def roi_order_bytes(device, scalar, ps, shape, k):
     come in any order of images make the RoIs running together read every
     image's map, which L2 cannot hold: Mask R-CNN 7x7 float32 (H100, session
     20), channels-last 1.55 ms with RoIs shuffled across images against 0.74
-    in image order. The front end allocates the workspace (``int32[k + n +
-    1]``: the order, then where each image's RoIs begin) and passes it to
-    :func:`roi_align_forward`, :func:`roi_align_backward` or
+    in image order. The front end allocates the workspace (``int32[k]``) and
+    passes it to :func:`roi_align_forward`, :func:`roi_align_backward` or
     :func:`multi_scale_roi_align_backward` (for its finest level)."""
     n, c, h, w = shape
     if ps or not _image_order(n * c * h * w * _ITEMSIZE[scalar], _kernels.l2_cache_bytes(device), n, k):
         return 0
-    return 4 * (k + n + 1)
-
-
-@functools.lru_cache(maxsize=256)
-def _tile_rows(h, w, shared_optin):
-    rows = (shared_optin // 2 - 1024) // (w * _kernels.TILE_CHANNELS * 4)
-    return min(rows, h) if rows >= 2 else 0
-
-
-def backward_tile_rows(device, scalar, ps, shape, k, deterministic):
-    """Pixel rows a block of the tile backward (``roi_align_backward_tiles``
-    in cuda_src/roi_align.cu) takes, or 0 where the RoIAlign backward adds
-    with atomics in L2 instead: plain RoIAlign with float atomics (not the
-    deterministic backward) in a float type but float64, channels a multiple
-    of 32, where the RoIs go image by image (:func:`roi_order_bytes`), in
-    bands of at least two rows, two blocks' tiles an SM. It writes every
-    element of the gradient, whose buffer then needs no zero fill.
-    Measured: ..."""
-    n, c, h, w = shape
-    if (ps or deterministic or scalar == "float64" or c % _kernels.TILE_CHANNELS
-            or not roi_order_bytes(device, scalar, ps, shape, k)):
-        return 0
-    return _tile_rows(h, w, _kernels.shared_bytes_optin(device))
+    return 4 * k
 
 
 def backward_channels_last(device, scalar, ps, shape, k, deterministic):
@@ -305,29 +281,17 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
 
 
 def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, sampling_ratio, aligned,
-                       grad_input, max_grad=0, order=0, accumulate=True):
+                       grad_input, max_grad=0, order=0):
     """``order``: as for :func:`roi_align_forward` (the same
     :func:`roi_order_bytes`). A buffer walked channels fastest (channels-last)
     takes :func:`channels_per_thread` channels a thread, in
     :func:`channels_last_block` blocks where its map exceeds a third of L2
     (:func:`_backward_groups`): Mask R-CNN 7x7 float32 channels-last
     forward+backward 3.41 ms against 6.24 for a thread per bin over all
-    channels with RoIs as given (H100, session 21, graph replay). Where
-    :func:`backward_tile_rows` is not 0 (and ``order`` given), the tile
-    backward instead writes every element of ``grad_input``, added to what it
-    holds if ``accumulate`` (else it need not be zero-filled)."""
+    channels with RoIs as given (H100, session 21, graph replay)."""
     n, c, h, w = size_in
     ph, pw = size
     c_out = c // (ph * pw) if ps else c
-    tile_rows = backward_tile_rows(device, scalar, ps, size_in, k, max_grad) if order else 0
-    if tile_rows:
-        bands = -(-h // tile_rows)
-        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
-        _run("roi_align", "roi_align_backward_tiles", device, stream, scalar, False, 1, (
-            grad[0], *grad[1], rows, k, c, ph, pw, scale, sampling_ratio, aligned, tile_rows, int(bool(accumulate)),
-            grad_input[0], n, h, w, *grad_input[1], order), blocks=n * (c // _kernels.TILE_CHANNELS) * bands,
-            threads=_kernels.TILE_THREADS, shared=tile_rows * w * _kernels.TILE_CHANNELS * 4)
-        return
     block, per_warp = backward_work_order("roi_align", device, ps, grad_input[1], size_in, size, c_out, scalar,
                                           max_grad)
     block, cpt = _backward_groups(device, scalar, ps, size_in, c_out, block, max_grad)

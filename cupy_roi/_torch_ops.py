@@ -125,14 +125,11 @@ def _zeros(shape, dtype, device, memory_format):
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format).zero_()
 
 
-def _accumulator(shape, like, memory_format, zeroed=True):
+def _accumulator(shape, like, memory_format):
     """Zero-filled gradient buffer in the accumulation dtype (the kernels add
-    into it; not filled where ``zeroed`` is false: the kernel writes every
-    element), laid out as the forward's input was: autograd copies a gradient
+    into it), laid out as the forward's input was: autograd copies a gradient
     whose strides differ from its input's, and the gradient arriving from
     ``.sum()`` has all-zero strides, which say nothing about a layout."""
-    if not zeroed:
-        return torch.empty(shape, dtype=_acc(like.dtype), device=like.device, memory_format=memory_format)
     return _zeros(shape, _acc(like.dtype), like.device, memory_format)
 
 
@@ -152,7 +149,7 @@ class _GradientBuffer:
 
     __slots__ = ("buffer", "max_grad", "memory_format")
 
-    def __init__(self, shape, grad, memory_format, deterministic, max_grad=None, zeroed=True):
+    def __init__(self, shape, grad, memory_format, deterministic, max_grad=None):
         self.memory_format = memory_format
         if deterministic and grad.numel():
             self.buffer = _zeros(shape, torch.int64, grad.device, memory_format)
@@ -160,7 +157,7 @@ class _GradientBuffer:
             # several buffers of one backward share it
             self.max_grad = torch.linalg.vector_norm(grad, float("inf")) if max_grad is None else max_grad
         else:
-            self.buffer = _accumulator(shape, grad, memory_format, zeroed)
+            self.buffer = _accumulator(shape, grad, memory_format)
             self.max_grad = None
 
     @property
@@ -210,13 +207,12 @@ def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: i
     shape, scalar, det = (n, c, h, w), _SCALAR[grad.dtype], deterministic_backward(deterministic)
     transposed = not channels_last and _rules.backward_channels_last(grad.device.index, scalar, ps, shape,
                                                                      rows.shape[0], det)
-    tiles = _rules.backward_tile_rows(grad.device.index, scalar, ps, shape, rows.shape[0], det)
-    sink = _GradientBuffer(shape, grad, _layout_format(channels_last or transposed), det, zeroed=not tiles)
+    sink = _GradientBuffer(shape, grad, _layout_format(channels_last or transposed), det)
     size = tuple(grad.shape[2:])
     order = _order_workspace(grad.device, scalar, ps, shape, rows.shape[0])
     _launch(_rules.roi_align_backward, grad.device.index, scalar, ps, _view(grad), shape, rows.data_ptr(),
             rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer), sink.max_grad_ptr,
-            0 if order is None else order.data_ptr(), False)
+            0 if order is None else order.data_ptr())
     if transposed:
         return _to_nchw(sink.buffer, grad.dtype)
     return sink.result(grad.dtype, "roi_align", rows.shape[0], size, ps)

@@ -302,17 +302,13 @@ def roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scal
     call = _Call(grad_output, input_shape, rois, output_size, position_sensitive, stream, scalar_type,
                  "grad_output")
     call.check_grad_output(grad_output)
-    accumulate = grad_input is not None
-    if not accumulate and _rules.backward_tile_rows(call.device, call.scalar, call.ps, call.shape, call.k,
-                                                    deterministic):
-        grad_input = call.new_array(call.shape, call.acc, grad_output)  # the tile backward writes every element
     grad_input = call.grad_input(grad_input, grad_output)
     fixed, max_grad = call.gradient_sink(grad_output, call.shape, grad_input, deterministic)
     order = call.workspace(_rules.roi_order_bytes(call.device, call.scalar, call.ps, call.shape, call.k))
     call.run(_rules.roi_align_backward, _view(grad_output), call.shape, _ptr(call.rows), call.k,
              call.output_size, float(spatial_scale), int(sampling_ratio), bool(aligned),
              _view(grad_input if fixed is None else fixed), 0 if fixed is None else _ptr(max_grad),
-             0 if order is None else _ptr(order), accumulate)
+             0 if order is None else _ptr(order))
     return grad_input if fixed is None else call.finish_gradient("roi_align", fixed, max_grad, grad_input)
 
 

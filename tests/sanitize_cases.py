@@ -83,14 +83,14 @@ def main():
             count += torch_calls(rng)
         finally:
             _rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order = policy
-    count += tile_calls(rng)
     count += wide_calls(rng)
     count += shifted_channels_last_calls(rng)
     array_api_calls(rng)
     torch.cuda.synchronize()
     print(f"sanitize_cases: {count} torch forward+backward calls (2 backward modes, and 2 forced work orders, x 4 "
-          f"dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign); the tile backward; a wide "
-          "map; shifted channels-last maps), array API calls in both modes, unchecked invalid RoIs: done")
+          f"dtypes x 3 layouts x ({len(OPS)} ops + rotated and multi-level RoIAlign); a wide map; shifted "
+          "channels-last maps), array API "
+          "calls in both modes, unchecked invalid RoIs: done")
 
 
 def torch_calls(rng):
@@ -125,39 +125,6 @@ def torch_calls(rng):
                                                      finest_scale=2)
                 out.backward(torch.ones_like(out))
             count += 4
-    return count
-
-
-def tile_calls(rng):
-    """RoIAlign's tile backward (roi_align_backward_tiles), forced in bands of
-    2 rows on a map of 32 channels, every float type but float64 and layout,
-    the RoIs in image order; the array API's into its own buffer and added to
-    a caller's (NCHW, channels-last, and channels-last one element off 16
-    bytes)."""
-    import cupy
-    from cupy_roi import _rules
-
-    n, c, h, w = 2, 32, 7, 9
-    r = rois(rng, n, h, w)
-    policy = _rules._image_order, _rules._tile_rows
-    _rules._image_order, _rules._tile_rows = (lambda *rest: True), (lambda *rest: 2)
-    count = 0
-    try:
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            base = torch.tensor(rng.standard_normal((n, c, h, w)), dtype=dtype, device="cuda")
-            for layout, x in layouts(base):
-                xg = x.detach().requires_grad_(True)
-                out = OPS["roi_align"](xg, torch.tensor(r, device="cuda", dtype=torch.float32))
-                out.backward(torch.ones_like(out))
-                count += 1
-        go = cupy.asarray(rng.standard_normal((len(r), c, 2, 3)), dtype=cupy.float32)
-        rc = cupy.asarray(r, dtype=cupy.float32)
-        array_api.roi_align_backward(go, rc, (n, c, h, w), (2, 3), 0.5, 2, True)
-        for gi in (cupy.zeros((n, c, h, w), cupy.float32), cupy.zeros((n, h, w, c), cupy.float32).transpose(0, 3, 1, 2),
-                   cupy.zeros(n * h * w * c + 1, cupy.float32)[1:].reshape(n, h, w, c).transpose(0, 3, 1, 2)):
-            array_api.roi_align_backward(go, rc, (n, c, h, w), (2, 3), 0.5, 2, True, grad_input=gi)
-    finally:
-        _rules._image_order, _rules._tile_rows = policy
     return count
 
 

@@ -248,7 +248,7 @@ def test_roialign_forward_work_order_rules(monkeypatch):
             b = _channels_last_block(c, 10 ** 9, per_channel, l2, 8)
             assert b == 0 or (b < 0 and -b % 8 == 0 and c % b == 0 and -b < c)
     mask_rcnn = (16, 256, 200, 272)
-    assert _rules.roi_order_bytes(0, "float32", False, mask_rcnn, 8192) == 4 * (8192 + 17)
+    assert _rules.roi_order_bytes(0, "float32", False, mask_rcnn, 8192) == 4 * 8192
     assert _rules.roi_order_bytes(0, "float32", True, mask_rcnn, 8192) == 0  # position-sensitive
     assert _rules.roi_order_bytes(0, "float32", False, (2, 256, 50, 68), 1024) == 0  # fits L2
     assert _rules.roi_order_bytes(0, "float32", False, (1, 256, 800, 1088), 512) == 0  # one image
@@ -279,56 +279,35 @@ def test_roialign_backward_work_order_rules(monkeypatch):
     last; float64 (one channel a thread) and channels that 4 but not 8
     divide (4 a thread): no blocks. NCHW: the warp mode, with the order too;
     the torch op's NCHW backward takes a channels-last buffer instead where
-    the RoIs go image by image (_rules.backward_channels_last). With the
-    order workspace and channels a multiple of 32, in a float type but
-    float64, not deterministic: the tile backward, in either layout, after
-    the order: blocks of 512 threads over (image, 32 channels, band of rows),
-    bands of 3 rows of 272 pixels (two tiles an SM of an H100's 227 KiB), a
-    flag saying whether to add to the buffer."""
+    the RoIs go image by image (_rules.backward_channels_last)."""
     from cupy_roi import _kernels, _rules
 
-    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 * 2 ** 20)  # an H100's
-    monkeypatch.setitem(_kernels._shared_optin, 0, 227 * 1024)  # no GPU asked
+    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 * 2 ** 20)  # an H100's L2; no GPU asked
     launched = []
     monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
                         launched.append((kernel, total, args, kw)))
     grad = (11, (49 * 256, 49, 7, 1))
 
-    def backward(scalar, shape, layout, max_grad=0, order=0, accumulate=True):
+    def backward(scalar, shape, layout, max_grad=0, order=0):
         n, c, h, w = shape
         strides = (c * h * w, 1, w * c, c) if layout == "nhwc" else (c * h * w, h * w, w, 1)
         launched.clear()
         _rules.roi_align_backward(0, 0, scalar, False, grad, shape, 22, 8192, (7, 7), 0.25, 2, False,
-                                  (44, strides), max_grad, order, accumulate)
+                                  (44, strides), max_grad, order)
         *first, (kernel, total, args, kw) = launched
-        assert args[-1] == order and [f[0] for f in first] == (["roi_image_order"] if order else [])
-        if kernel == "roi_align_backward_tiles":
-            assert args[13:16] == (3, int(accumulate), 44)  # band rows, accumulate, grad_input
-            return kernel, kw["blocks"], kw["threads"], kw["shared"]
-        assert kernel == "roi_align_backward" and args[-2] == max_grad
+        assert kernel == "roi_align_backward" and args[-1] == order and args[-2] == max_grad
+        assert [f[0] for f in first] == (["roi_image_order"] if order else [])
         return args[13], args[14], kw.get("cpt", 1), total  # channel block, channels per warp
 
     mask_rcnn = (16, 256, 200, 272)
     k = 8192
-    tiles = ("roi_align_backward_tiles", 16 * 8 * 67, 512, 3 * 272 * 32 * 4)
-    assert _rules.backward_tile_rows(0, "float32", False, mask_rcnn, k, False) == 3
-    for layout in ("nhwc", "nchw"):
-        for scalar in ("float32", "float16", "bfloat16"):
-            for accumulate in (False, True):
-                assert backward(scalar, mask_rcnn, layout, order=33, accumulate=accumulate) == tiles
-    assert _rules.backward_tile_rows(0, "float32", False, mask_rcnn, k, True) == 0  # deterministic
-    assert _rules.backward_tile_rows(0, "float64", False, mask_rcnn, k, False) == 0
-    assert _rules.backward_tile_rows(0, "float32", True, mask_rcnn, k, False) == 0  # position-sensitive
-    assert _rules.backward_tile_rows(0, "float32", False, (16, 24, 200, 272), k, False) == 0  # 32 does not divide
-    assert _rules.backward_tile_rows(0, "float32", False, (2, 256, 50, 68), k, False) == 0  # fits L2
-    assert _rules.backward_tile_rows(0, "float32", False, (16, 32, 400, 1000), k, False) == 0  # < 2 rows a tile
-    assert backward("float32", mask_rcnn, "nhwc") == (-64, 0, 8, k * 256 * 49)
+    assert backward("float32", mask_rcnn, "nhwc", order=33) == (-64, 0, 8, k * 256 * 49)
     assert backward("float16", mask_rcnn, "nhwc") == (-64, 0, 8, k * 256 * 49)  # float accumulation
     assert backward("float32", mask_rcnn, "nhwc", max_grad=55, order=33) == (-32, 0, 8, k * 256 * 49)
-    assert backward("float64", mask_rcnn, "nhwc", order=33) == (0, 0, 1, k * 256 * 49)
+    assert backward("float64", mask_rcnn, "nhwc") == (0, 0, 1, k * 256 * 49)
     assert backward("float32", (16, 12, 200, 272), "nhwc") == (0, 0, 4, k * 12 * 49)
     assert backward("float32", (2, 256, 50, 68), "nhwc") == (0, 0, 8, k * 256 * 49)  # fits L2
-    block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", max_grad=55, order=33)
+    block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", order=33)
     assert block > 0 and per_warp == 4 and cpt == 1 and total == k * 256 // 4 * 32
     # the multi-level backward: the same modes, by the finest level
     for layout, expect in (("nhwc", (-64, 0, 8)), ("nchw", (4, 4, 1))):
