@@ -168,6 +168,17 @@ struct ChannelGroup {
 // channel in decompose_group's numbering) of the block starting at channel c0
 // holds channels c0 + (c - c0) / CPT * V + q * span + e, q < CPT / V, e < V,
 // span = block / CPT * V. The input's channel stride is 1.
+// vector_group_first and vector_group_span give that mapping (the backward's
+// ChannelScatter takes it too, with float's 4 a vector).
+template <int CPT, int V>
+__device__ __forceinline__ int vector_group_first(int c, int block) {
+  return c / block * block + c % block / CPT * V;
+}
+template <int CPT, int V>
+__device__ __forceinline__ int vector_group_span(int block) {
+  return block / CPT * V;
+}
+
 template <int CPT, typename T>
 struct ChannelGroup<CPT, T, true> {
   static constexpr int V = vector_width<T>::value;
@@ -175,7 +186,7 @@ struct ChannelGroup<CPT, T, true> {
   int first;
   index_t step;  // span
   __device__ __forceinline__ ChannelGroup(int c, int block, index_t)
-      : first(c / block * block + c % block / CPT * V), step(block / CPT * V) {}
+      : first(vector_group_first<CPT, V>(c, block)), step(vector_group_span<CPT, V>(block)) {}
 
   template <typename A>
   __device__ __forceinline__ void add(const T* plane, const Bilinear<A>& w, index_t a00, index_t a01, index_t a10,
@@ -699,9 +710,9 @@ __device__ __forceinline__ void backward_groups(const T* grad_output, const Stri
     GradTarget<A> t;
     if (!target(p.k, t)) continue;
     const Strides4& gi = t.st;
-    ChannelScatter<CPT, A> scatter(sink.rebased(t.buffer), block / CPT * 4, gi.s1,
+    ChannelScatter<CPT, A> scatter(sink.rebased(t.buffer), vector_group_span<CPT, 4>(block), gi.s1,
                                    vector_layout<4>(t.buffer, gi.s0, gi.s1, gi.s2, gi.s3));
-    scatter.first = p.c / block * block + p.c % block / CPT * 4;
+    scatter.first = vector_group_first<CPT, 4>(p.c, block);
 #pragma unroll
     for (int c = 0; c < CPT; ++c)
       scatter.grad[c] = to_acc(grad_output[go.at(p.k, scatter.first + c / 4 * scatter.span + c % 4, p.i, p.j)]) *

@@ -121,8 +121,9 @@ def _group_target(channels_fastest_order):
 
 def channels_per_thread(scalar, ps, c_out, block, target=None):
     """Output channels one thread of a grouped kernel (``_kernels.GROUPED``:
-    the RoIAlign, multi-level RoIAlign, RoIPool and PrRoIPool forwards, and
-    PrRoIPool's coordinate kernel) computes: the largest compiled value
+    the RoIAlign, multi-level RoIAlign, RoIPool and PrRoIPool forwards, the
+    RoIAlign backwards' thread mode on channels-last buffers, and PrRoIPool's
+    coordinate kernel) computes: the largest compiled value
     (``_kernels.CHANNELS_PER_THREAD``) up to ``target`` (default: the
     forwards' :func:`_group_target`) that divides ``c_out`` and the channel
     block ``block`` (0 or below: channels fastest), so that groups tile the work order
@@ -262,6 +263,13 @@ def channels_last_to_nchw(device, stream, scalar, src, shape, dst):
          (src, n, c, h * w, dst))
 
 
+def _fill_order(device, stream, scalar, rows, k, n, order, total):
+    """Lists the ``k`` RoIs image by image into the workspace ``order`` (0:
+    none) ahead of a RoIAlign launch of ``total`` threads (none: nothing)."""
+    if order and total:
+        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
+
+
 def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out,
                       order=0):
     """``order``: 0, or the device pointer of the workspace of
@@ -273,8 +281,7 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
     if block == 0 and not ps:
         block = channels_last_block(device, shape, c_out, _ITEMSIZE[scalar])
     total = k * c_out * ph * pw
-    if order and total:
-        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
+    _fill_order(device, stream, scalar, rows, k, n, order, total)
     _run("roi_align", "roi_align_forward", device, stream, scalar, ps, total, (
         x[0], n, h, w, *x[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, out[0], *out[1], order),
         cpt=channels_per_thread(scalar, ps, c_out, block))
@@ -296,8 +303,7 @@ def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size,
                                           max_grad)
     block, cpt = _backward_groups(device, scalar, ps, size_in, c_out, block, max_grad)
     total = _backward_threads(k, c_out, size, per_warp)
-    if order and total:
-        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
+    _fill_order(device, stream, scalar, rows, k, n, order, total)
     _run("roi_align", "roi_align_backward", device, stream, scalar, ps, total, (
         grad[0], *grad[1], rows, k, c_out, ph, pw, scale, sampling_ratio, aligned, block, per_warp,
         grad_input[0], n, h, w, *grad_input[1], max_grad, order), cpt=cpt)
@@ -418,8 +424,7 @@ def multi_scale_roi_align_backward(device, stream, scalar, grad, grad_views, sha
                                           max_grad)
     block, cpt = _backward_groups(device, scalar, False, shapes[0], c, block, max_grad)
     total = _backward_threads(k, c, size, per_warp)
-    if order and total:
-        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
+    _fill_order(device, stream, scalar, rows, k, n, order, total)
     _run("roi_align", "multi_scale_roi_align_backward", device, stream, scalar, False, total, (
         grad[0], *grad[1], *_level_table(grad_views, shapes, scales), n, rows, k, c, ph, pw, *mapping,
         sampling_ratio, aligned, block, per_warp, max_grad, order), cpt=cpt)
