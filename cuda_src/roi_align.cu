@@ -633,7 +633,8 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
 // any order of images: order[0 .. num_rois) lists RoI indices image by image
 // (rows of an invalid batch index last), so that the RoIs running together
 // read one image's map, which L2 holds, instead of every image's
-// (benchmarks/NOTES.md, session 20). Which thread computes a RoI never
+// (benchmarks/NOTES.md, session 20). Where starts is given, image b's RoIs
+// take places starts[b] .. starts[b + 1] (b = batch: the invalid rows). Which thread computes a RoI never
 // changes its result. One block of kBlockThreads threads; batch at most
 // kMaxOrderImages, num_rois below 2^31 (the host checks both). Lanes of a
 // warp on one image take their places with one shared-memory atomic.
@@ -641,7 +642,7 @@ constexpr int kMaxOrderImages = 4096;
 
 template <typename T, bool PS>
 __global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch,
-                                int* __restrict__ order) {
+                                int* __restrict__ order, int* __restrict__ starts) {
   typedef typename acc_type<T>::type A;
   __shared__ int next[kMaxOrderImages + 1];  // per image: its count, then its next free place
   const int lane = threadIdx.x & 31;
@@ -670,14 +671,199 @@ __global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ r
     for (int b = 0; b <= batch; ++b) {
       const int count = next[b];
       next[b] = start;
+      if (starts) starts[b] = start;
       start += count;
     }
+    if (starts) starts[batch + 1] = start;
   }
   __syncthreads();
   for (index_t k = threadIdx.x; k < num_rois; k += blockDim.x) {
     int rank;
     const int first = claim(image(k), rank);
     order[first + rank] = (int)k;
+  }
+}
+
+// Plane mode of the RoIAlign forward, for NCHW-like maps past L2: a block
+// per (image, channel) copies the channel's plane into shared memory once and
+// pools every RoI of the image from it. The flat grid reads each sample's
+// corners through L2 (two 32-byte sectors for 8 useful bytes), and on Mask
+// R-CNN's map, whose RoIs cover each cell ~40 times, that traffic bound it
+// (L2 throughput 97%, benchmarks/NOTES.md sessions 19-20); here L2 serves
+// each plane once. A RoI's sampling geometry is the same for every channel,
+// so roi_align_plane_geometry works it out once per call into a table
+// (PlaneRoi) that every channel's block reads. A warp takes a RoI; its lanes
+// take (bin column, x sample, corner column) and walk the bin rows: per y
+// sample two shared-memory reads in one row, so the lanes of one read fall in
+// different banks unless their columns are 32 apart. The lanes of a bin
+// column then add up by shuffles. The host's rule (_rules.forward_plane)
+// keeps to a fixed sampling grid of sampling_ratio (a power of two, at most
+// 16) and at most kPlaneSamples samples an axis.
+constexpr int kPlaneThreads = 1024;
+constexpr int kPlaneWarps = kPlaneThreads / 32;
+constexpr int kPlaneSamples = 32;
+
+// One sample's axis_weights: lo/hi are element offsets in the plane (rows
+// times the plane's row stride); lo < 0 where the sample lies off the map.
+template <typename A>
+struct __align__(16) PlaneAxis { int lo, hi; A w_lo, w_hi; };
+
+template <typename A>
+struct PlaneRoi {
+  A inv_count;
+  int valid;  // 0: a NaN or infinite coordinate (NaN outputs)
+  PlaneAxis<A> rows[kPlaneSamples];
+  PlaneAxis<A> cols[kPlaneSamples];
+};
+static_assert(sizeof(PlaneRoi<float>) == 1040, "_rules.PLANE_ROI_BYTES");
+
+template <typename A>
+__device__ __forceinline__ PlaneAxis<A> plane_axis(A v, int size, int scale) {
+  PlaneAxis<A> a;
+  if (axis_weights(v, size, a.lo, a.hi, a.w_lo, a.w_hi)) { a.lo *= scale; a.hi *= scale; }
+  else { a.lo = a.hi = -1; a.w_lo = a.w_hi = A(0); }
+  return a;
+}
+
+// A warp a RoI: table[k] for every RoI k (rows of an invalid batch index
+// too: the plane kernel never reads theirs).
+template <typename T, bool PS>
+__global__ void roi_align_plane_geometry(
+    const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
+    int plane_stride, int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
+    void* __restrict__ table) {
+  typedef typename acc_type<T>::type A;
+  PlaneRoi<A>* geo = reinterpret_cast<PlaneRoi<A>*>(table);
+  const int lane = threadIdx.x & 31;
+  for (index_t k = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; k < num_rois;
+       k += ((index_t)blockDim.x * gridDim.x) >> 5) {
+    PlaneRoi<A>& t = geo[k];
+    int b; A x1, y1, x2, y2;
+    const bool ok = load_roi(rois, k, batch, b, x1, y1, x2, y2);
+    AlignGrid<A> g;
+    g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
+    if (lane == 0) { t.inv_count = g.inv_count; t.valid = ok; }
+    if (!ok) continue;
+    const int n = sampling_ratio;
+    if (lane < ph * n) t.rows[lane] = plane_axis(g.sample_y(lane / n, lane % n), height, plane_stride);
+    if (lane < pw * n) t.cols[lane] = plane_axis(g.sample_x(lane / n, lane % n), width, 1);
+  }
+}
+
+// dst[0 .. 16 bytes) = src[0 .. 16 bytes), asynchronously where the device
+// can (plane_copy_wait waits for all of this thread's).
+__device__ __forceinline__ void plane_copy16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned at = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(at), "l"(src));
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void plane_copy_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
+// Copies the (height x width) plane at src (row stride s2, column stride s3)
+// into shared memory, rows plane_stride elements apart: 16 bytes a copy
+// where rows allow. With one block an SM nothing hides the copy's latency,
+// so the copies go out all at once.
+template <typename T>
+__device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* src, int height, int width,
+                                           index_t s2, index_t s3) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && plane_stride % kVec == 0 && aligned16(src)) {
+    const int per_row = width / kVec, total = height * per_row;
+    for (int e = threadIdx.x; e < total; e += kPlaneThreads) {
+      const int r = e / per_row, q = (e - r * per_row) * kVec;
+      plane_copy16(plane + r * plane_stride + q, src + r * s2 + q);
+    }
+    plane_copy_wait();
+    return;
+  }
+  const int total = height * width;
+  for (int e = threadIdx.x; e < total; e += 4 * kPlaneThreads) {
+    T v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int at = e + u * kPlaneThreads, r = at / width;
+      if (at < total) v[u] = src[r * s2 + (at - r * width) * s3];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int at = e + u * kPlaneThreads, r = at / width;
+      if (at < total) plane[r * plane_stride + (at - r * width)] = v[u];
+    }
+  }
+}
+
+// order: roi_image_order's list and starts (num_rois + batch + 2 ints);
+// table: roi_align_plane_geometry's. Blocks: batch * channels, images
+// fastest, so that the blocks running together read the table's RoIs of
+// every image.
+template <typename T, bool PS>
+__global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
+    const T* __restrict__ input, int batch, int height, int width,
+    index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
+    index_t num_rois, int ph, int pw, int sampling_ratio, int plane_stride,
+    const int* __restrict__ order, const void* __restrict__ table,
+    T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
+  typedef typename acc_type<T>::type A;
+  const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
+  const int* starts = order + num_rois;
+  extern __shared__ __align__(16) unsigned char plane_shared[];
+  T* plane = reinterpret_cast<T*>(plane_shared);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = (int)(blockIdx.x % (unsigned)batch), c = (int)(blockIdx.x / (unsigned)batch);
+  const auto nan_rows = [&](T* out) {
+    for (int bin = lane; bin < ph * pw; bin += 32) {
+      const int i = bin / pw, j = bin - i * pw;
+      store(out + i * out_s2 + j * out_s3, quiet_nan<A>());
+    }
+  };
+  if (b == 0)  // rows of an invalid batch index
+    for (int r = starts[batch] + warp; r < num_rois; r += kPlaneWarps)
+      nan_rows(output + (index_t)order[r] * out_s0 + (index_t)c * out_s1);
+  const int first = starts[b], last = starts[b + 1];
+  if (first >= last) return;
+  load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
+  __syncthreads();
+  const int n = sampling_ratio, lanes_per_bin = 2 * n, bins_per_pass = 32 / lanes_per_bin;
+  const int jj = lane / lanes_per_bin, ix = (lane >> 1) & (n - 1), corner = lane & 1;
+  for (int r = first + warp; r < last; r += kPlaneWarps) {
+    const index_t k = order[r];
+    const PlaneRoi<A>& t = geo[k];
+    T* out = output + k * out_s0 + (index_t)c * out_s1;
+    if (!t.valid) {
+      nan_rows(out);
+      continue;
+    }
+    const A inv_count = t.inv_count;
+    for (int j = jj; j - jj < pw; j += bins_per_pass) {
+      int col = -1;
+      A wx = A(0);
+      if (j < pw) {
+        const PlaneAxis<A> x = t.cols[j * n + ix];
+        if (x.lo >= 0) {
+          col = corner ? x.hi : x.lo;
+          wx = corner ? x.w_hi : x.w_lo;
+        }
+      }
+      for (int i = 0; i < ph; ++i) {
+        A sum = A(0);
+        if (col >= 0)
+          for (int iy = 0; iy < n; ++iy) {
+            const PlaneAxis<A> y = t.rows[i * n + iy];
+            if (y.lo < 0) continue;
+            sum = fused(wx, fused(y.w_lo, to_acc(plane[y.lo + col]), y.w_hi * to_acc(plane[y.hi + col])), sum);
+          }
+        for (int m = 1; m < lanes_per_bin; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+        if (j < pw && (lane & (lanes_per_bin - 1)) == 0) store(out + i * out_s2 + j * out_s3, sum * inv_count);
+      }
+    }
   }
 }
 

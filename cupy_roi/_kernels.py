@@ -30,7 +30,7 @@ FAMILIES = {
     "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
                                    "multi_scale_roi_align_backward", "fixed_point_gradient", "roi_image_order",
-                                   "channels_last_to_nchw")),
+                                   "channels_last_to_nchw", "roi_align_plane_geometry", "roi_align_forward_plane")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_backward_warp",
                                      "prroi_pool_coords", "prroi_pool_coords_sum", "fixed_point_gradient")),
@@ -41,7 +41,12 @@ FAMILIES = {
 PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward",
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
                         "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum",
-                        "roi_image_order", "channels_last_to_nchw"))
+                        "roi_image_order", "channels_last_to_nchw", "roi_align_plane_geometry",
+                        "roi_align_forward_plane"))
+
+#: kernels not instantiated for float64 (the RoIAlign forward's plane mode:
+#: a float64 plane of a map past L2 does not fit in shared memory)
+NOT_FLOAT64 = frozenset(("roi_align_plane_geometry", "roi_align_forward_plane"))
 
 #: kernels also instantiated with 4 and 8 output channels per thread (a
 #: third template argument; plain variant, float types: see
@@ -71,7 +76,9 @@ SIGNATURES = {
     "prroi_pool_coords": "pqqqq" "piiiqqqq" "pqiii" "a" "i" "p",
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
-    "roi_image_order": "pqip",
+    "roi_image_order": "pqipp",
+    "roi_align_plane_geometry": "pqiiiiii" "aii" "p",
+    "roi_align_forward_plane": "piiiqqqq" "qiiii" "pp" "pqqqq",
     "channels_last_to_nchw": "piiqp",
 }
 
@@ -117,6 +124,8 @@ def kernel_expression(kernel, scalar_type, position_sensitive, channels_per_thre
 def variants(kernel, scalar_type):
     """The (position_sensitive, channels per thread) pairs a kernel template
     is instantiated for."""
+    if kernel in NOT_FLOAT64 and scalar_type == "float64":
+        return []
     pairs = [(False, 1)] if kernel in PLAIN_ONLY else [(False, 1), (True, 1)]
     if kernel in GROUPED and scalar_type != "float64":
         pairs += [(False, cpt) for cpt in CHANNELS_PER_THREAD]
@@ -178,7 +187,7 @@ class ArgumentPacker:
 class Kernel:
     """One compiled kernel on one device: its CUfunction and argument packer."""
 
-    __slots__ = ("name", "device", "handle", "packer", "_function")
+    __slots__ = ("name", "device", "handle", "packer", "_function", "shared_limit")
 
     def __init__(self, name, device, function, acc_scalar):
         self.name = name
@@ -186,6 +195,19 @@ class Kernel:
         self._function = function  # keeps CuPy's module (and so the handle) alive
         self.handle = int(function.ptr)
         self.packer = ArgumentPacker(SIGNATURES[name], acc_scalar)
+        self.shared_limit = 48 * 1024  # dynamic shared memory a launch may take without opting in
+
+    def allow_shared(self, nbytes):
+        """Opt in to ``nbytes`` of dynamic shared memory: past 48 KiB a kernel
+        must ask (``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``)."""
+        if nbytes > self.shared_limit:
+            from cupy.cuda import driver
+
+            driver.funcSetAttribute(self.handle, _MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+            self.shared_limit = nbytes
+
+
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
 
 
 def _accumulation(scalar_type):
@@ -237,29 +259,40 @@ def get_function(family, kernel, scalar_type, position_sensitive, device_id, cha
     return kernels[(kernel, bool(position_sensitive), channels_per_thread)]
 
 
-_l2_bytes = {}
+_properties = {}
+
+
+def _device_property(device_id, name):
+    key = (device_id, name)
+    value = _properties.get(key)
+    if value is None:
+        from . import _gpu
+
+        runtime = _gpu.import_cupy().cuda.runtime
+        value = _properties[key] = int(runtime.getDeviceProperties(device_id)[name])
+    return value
 
 
 def l2_cache_bytes(device_id):
     """The device's L2 cache size in bytes (queried once per device)."""
-    size = _l2_bytes.get(device_id)
-    if size is None:
-        from . import _gpu
+    return _device_property(device_id, "l2CacheSize")
 
-        runtime = _gpu.import_cupy().cuda.runtime
-        size = _l2_bytes[device_id] = int(runtime.getDeviceProperties(device_id)["l2CacheSize"])
-    return size
+
+def shared_bytes_optin(device_id):
+    """The most dynamic shared memory one block may opt in to, in bytes."""
+    return _device_property(device_id, "sharedMemPerBlockOptin")
 
 
 _launch_kernel = []
 
 
-def launch(kernel, blocks, stream, args):
-    """Launch ``kernel`` with ``blocks`` blocks of :data:`BLOCK` threads on the
-    stream whose handle is ``stream`` (an int; 0 is the legacy default
-    stream). ``args`` follow the kernel's C parameter list: device pointers
-    and sizes as ints, the scale as a float. The caller makes the kernel's
-    device current."""
+def launch(kernel, blocks, stream, args, threads=BLOCK, shared=0):
+    """Launch ``kernel`` with ``blocks`` blocks of ``threads`` threads
+    (:data:`BLOCK` unless the kernel says otherwise) and ``shared`` bytes of
+    dynamic shared memory on the stream whose handle is ``stream`` (an int; 0
+    is the legacy default stream). ``args`` follow the kernel's C parameter
+    list: device pointers and sizes as ints, the scale as a float. The caller
+    makes the kernel's device current."""
     if not _launch_kernel:
         from cupy.cuda import driver, runtime
 
@@ -267,7 +300,9 @@ def launch(kernel, blocks, stream, args):
     launch_kernel, driver_error, set_device = _launch_kernel
     params = kernel.packer.pack(args)
     try:
-        launch_kernel(kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, params, 0)
+        if shared > kernel.shared_limit:
+            kernel.allow_shared(shared)
+        launch_kernel(kernel.handle, blocks, 1, 1, threads, 1, 1, shared, stream, params, 0)
     except driver_error as e:
         # A thread that has made no CUDA runtime call yet (a new Python thread,
         # say) has no current context for the driver API: bind the device's
@@ -275,4 +310,6 @@ def launch(kernel, blocks, stream, args):
         if "INVALID_CONTEXT" not in str(e):
             raise
         set_device(kernel.device)
-        launch_kernel(kernel.handle, blocks, 1, 1, BLOCK, 1, 1, 0, stream, params, 0)
+        if shared > kernel.shared_limit:
+            kernel.allow_shared(shared)
+        launch_kernel(kernel.handle, blocks, 1, 1, threads, 1, 1, shared, stream, params, 0)

@@ -263,19 +263,99 @@ def channels_last_to_nchw(device, stream, scalar, src, shape, dst):
          (src, n, c, h * w, dst))
 
 
-def _fill_order(device, stream, scalar, rows, k, n, order, total):
+def _fill_order(device, stream, scalar, rows, k, n, order, total, starts=0):
     """Lists the ``k`` RoIs image by image into the workspace ``order`` (0:
-    none) ahead of a RoIAlign launch of ``total`` threads (none: nothing)."""
+    none) ahead of a RoIAlign launch of ``total`` threads (none: nothing),
+    and where each image's begin into ``starts`` (0: not)."""
     if order and total:
-        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order), blocks=1)
+        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order, starts), blocks=1)
+
+
+#: roi_align.cu's plane mode: kPlaneThreads, kPlaneSamples, sizeof(PlaneRoi<float>)
+PLANE_THREADS, PLANE_SAMPLES, PLANE_ROI_BYTES = 1024, 32, 1040
+#: samples (RoIs x bins x sampling grid) a map cell, at least, for the plane mode
+PLANE_MIN_SAMPLES_PER_CELL = 0.25
+
+
+def plane_stride(w, scalar):
+    """Elements between the plane's rows in shared memory: whole 16-byte
+    vectors, so that rows copy 16 bytes at a time."""
+    v = 16 // _ITEMSIZE[scalar]
+    return -(-w // v) * v
+
+
+@functools.lru_cache(maxsize=256)
+def _plane_bytes(scalar, ps, column_stride, fastest, shape, size, sampling_ratio, k):
+    n, c, h, w = shape
+    ph, pw = size
+    if ps or scalar == "float64" or k == 0 or column_stride != 1 or fastest or n > _kernels.MAX_ORDER_IMAGES:
+        return 0
+    if not 0 < sampling_ratio <= 16 or sampling_ratio & (sampling_ratio - 1):
+        return 0
+    if max(ph, pw) * sampling_ratio > PLANE_SAMPLES or k >= 2 ** 31 // 8:
+        return 0
+    return h * plane_stride(w, scalar) * _ITEMSIZE[scalar]
+
+
+@functools.lru_cache(maxsize=256)
+def _plane_pays(map_bytes, l2_bytes, samples, cells):
+    return map_bytes > l2_bytes // 3 and samples >= PLANE_MIN_SAMPLES_PER_CELL * cells
+
+
+def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
+    """Shared memory of the RoIAlign forward's plane mode
+    (``roi_align_forward_plane``: a block per image and channel pools every
+    RoI of the image from the plane in shared memory), or 0 for the flat
+    grid. For NCHW-like maps (unit column stride) too large for a third of
+    L2, where the flat grid's reads of overlapping RoIs through L2 bound it:
+    plain RoIAlign in a float type but float64, a fixed sampling grid of a
+    power of two (at most 16) with at most 32 samples an axis, a plane that
+    fits the device's shared memory, and enough samples per map cell that
+    copying whole planes pays."""
+    shared = _plane_bytes(scalar, ps, strides[3], channels_fastest(strides, shape), tuple(shape), tuple(size),
+                          sampling_ratio, k)
+    if not shared or shared > _kernels.shared_bytes_optin(device):
+        return 0
+    n, c, h, w = shape
+    samples = k * size[0] * size[1] * sampling_ratio ** 2
+    return shared if _plane_pays(n * c * h * w * _ITEMSIZE[scalar], _kernels.l2_cache_bytes(device), samples,
+                                 n * h * w) else 0
+
+
+def _plane_workspace(k, n):
+    """(bytes, table offset) of the plane mode's workspace: the RoI order
+    and where each image's RoIs begin (int32[k + n + 2]), then the geometry
+    table (16-byte aligned)."""
+    table = -(-4 * (k + n + 2) // 16) * 16
+    return table + PLANE_ROI_BYTES * k, table
+
+
+def roi_align_forward_workspace(device, scalar, ps, strides, shape, size, sampling_ratio, k):
+    """Bytes of the workspace :func:`roi_align_forward` takes (``order``):
+    the plane mode's (:func:`forward_plane`), or :func:`roi_order_bytes`."""
+    if forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
+        return _plane_workspace(k, shape[0])[0]
+    return roi_order_bytes(device, scalar, ps, shape, k)
 
 
 def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale, sampling_ratio, aligned, out,
                       order=0):
     """``order``: 0, or the device pointer of the workspace of
-    :func:`roi_order_bytes` bytes, which it fills first."""
+    :func:`roi_align_forward_workspace` bytes, which it fills first."""
     n, c, h, w = shape
     ph, pw = size
+    shared = forward_plane(device, scalar, ps, x[1], shape, size, sampling_ratio, k) if order else 0
+    if shared:
+        stride = plane_stride(w, scalar)
+        table = order + _plane_workspace(k, n)[1]
+        _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
+        geometry = _kernels.get_function("roi_align", "roi_align_plane_geometry", scalar, False, device)
+        _kernels.launch(geometry, _kernels.blocks_for(32 * k), stream,
+                        (rows, k, n, h, w, stride, ph, pw, scale, sampling_ratio, aligned, table))
+        fn = _kernels.get_function("roi_align", "roi_align_forward_plane", scalar, False, device)
+        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], k, ph, pw, sampling_ratio, stride, order, table,
+                                            out[0], *out[1]), threads=PLANE_THREADS, shared=shared)
+        return
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
     if block == 0 and not ps:

@@ -186,10 +186,11 @@ def _as_dtype(t, dtype):
 def roi_align_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw: int, scale: float,
                            sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
     out = _empty(_out_shape(input, rows, ph, pw, ps), input)
-    order = _order_workspace(input.device, _SCALAR[input.dtype], ps, tuple(input.shape), rows.shape[0])
-    _launch(_rules.roi_align_forward, input.device.index, _SCALAR[input.dtype], ps, _view(input),
-            tuple(input.shape), rows.data_ptr(), rows.shape[0], (ph, pw), scale, sampling_ratio, aligned, _view(out),
-            0 if order is None else order.data_ptr())
+    device, scalar, shape, k = input.device.index, _SCALAR[input.dtype], tuple(input.shape), rows.shape[0]
+    size = _rules.roi_align_forward_workspace(device, scalar, ps, input.stride(), shape, (ph, pw), sampling_ratio, k)
+    order = torch.empty(size, dtype=torch.uint8, device=input.device) if size else None
+    _launch(_rules.roi_align_forward, device, scalar, ps, _view(input), shape, rows.data_ptr(), k, (ph, pw), scale,
+            sampling_ratio, aligned, _view(out), 0 if order is None else order.data_ptr())
     return out
 
 

@@ -284,7 +284,9 @@ def roi_align_forward(input, rois, output_size, spatial_scale=1.0, sampling_rati
                             int(sampling_ratio), bool(aligned), bool(position_sensitive))
     call = _Call(input, input.shape, rois, output_size, position_sensitive, stream, scalar_type, "input")
     out = call.output(out, input)
-    order = call.workspace(_rules.roi_order_bytes(call.device, call.scalar, call.ps, call.shape, call.k))
+    order = call.workspace(_rules.roi_align_forward_workspace(call.device, call.scalar, call.ps, _view(input)[1],
+                                                              call.shape, call.output_size, int(sampling_ratio),
+                                                              call.k))
     call.run(_rules.roi_align_forward, _view(input), call.shape, _ptr(call.rows), call.k, call.output_size,
              float(spatial_scale), int(sampling_ratio), bool(aligned), _view(out), 0 if order is None else _ptr(order))
     return out

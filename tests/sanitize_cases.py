@@ -73,16 +73,21 @@ def main():
     from cupy_roi import _rules
 
     # RoIAlign's forward and backward also in channels-last blocks of 8 (3 blocks), walking RoIs image by image
-    policy = _rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order
+    # and the forward's plane mode (its NCHW and strided-view calls; a map of 16 columns: 16-byte copies)
+    policy = (_rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order,
+              _rules._plane_pays)
     for block, per_thread in ((1, 1), (4, 8)):
         _rules._channel_block = lambda channels, *rest: block
         _rules._group_target = lambda channels_fastest: per_thread
         _rules._channels_last_block = lambda channels, *rest: -8
         _rules._image_order = lambda *rest: True
+        _rules._plane_pays = lambda *rest: True
         try:
             count += torch_calls(rng)
+            count += plane_calls(rng)
         finally:
-            _rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order = policy
+            (_rules._channel_block, _rules._group_target, _rules._channels_last_block, _rules._image_order,
+             _rules._plane_pays) = policy
     count += wide_calls(rng)
     count += shifted_channels_last_calls(rng)
     array_api_calls(rng)
@@ -157,6 +162,28 @@ def wide_calls(rng):
                     count += 6
         finally:
             torch.use_deterministic_algorithms(False)
+    return count
+
+
+def plane_calls(rng):
+    """The RoIAlign forward's plane mode (forced by the caller) on a map whose
+    rows copy 16 bytes at a time in every dtype, through the torch op and
+    the array API, sampling grids of 2 (14x14: two passes over the bin
+    columns) and 16."""
+    import cupy
+
+    n, c, h, w = 3, 4, 6, 16
+    r = rois(rng, n - 1, h, w)  # image n - 1: no RoI
+    count = 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.tensor(rng.standard_normal((n, c, h, w)), dtype=dtype, device="cuda").requires_grad_(True)
+        rt = torch.tensor(r, device="cuda", dtype=torch.float32)
+        for size, sr in (((14, 14), 2), ((2, 2), 16)):
+            out = cupy_roi.roi_align(x, rt, size, 0.5, sr, False)
+            out.backward(torch.ones_like(out))
+            if dtype != torch.bfloat16:
+                array_api.roi_align_forward(cupy.from_dlpack(x.detach()), cupy.from_dlpack(rt), size, 0.5, sr)
+            count += 1
     return count
 
 

@@ -237,7 +237,7 @@ def test_roialign_forward_work_order_rules(monkeypatch):
     from cupy_roi._rules import _channels_last_block
 
     l2 = 50 * 2 ** 20
-    monkeypatch.setitem(_kernels._l2_bytes, 0, l2)  # an H100's L2; no GPU asked
+    monkeypatch.setitem(_kernels._properties, (0, "l2CacheSize"), l2)  # an H100's L2; no GPU asked
     plane = 200 * 272 * 4  # one float32 Mask R-CNN plane of one image
     assert _channels_last_block(256, 16 * 256 * plane, plane, l2, 8) == -64
     assert _channels_last_block(256, 16 * 256 * plane // 2, plane // 2, l2, 8) == -128  # half types
@@ -263,11 +263,68 @@ def test_roialign_forward_work_order_rules(monkeypatch):
     _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out,
                              33)
     (order, order_args, order_kw), (forward, args, kw) = launched
-    assert order == "roi_image_order" and order_args == (22, 8192, n, 33) and order_kw == {"blocks": 1}
+    assert order == "roi_image_order" and order_args == (22, 8192, n, 33, 0) and order_kw == {"blocks": 1}
     assert forward == "roi_align_forward" and args[-1] == 33 and args[16] == -64 and kw["cpt"] == 8
     launched.clear()
     _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out)
     assert [name for name, _, _ in launched] == ["roi_align_forward"] and launched[0][1][-1] == 0
+
+
+def test_roialign_forward_plane_rule(monkeypatch):
+    """Where the RoIAlign forward takes its plane mode (_rules.forward_plane:
+    a block per image and channel, the plane in shared memory): plain
+    RoIAlign on an NCHW-like map past a third of L2 in a float type but
+    float64, a fixed sampling grid of a power of two with at most 32 samples
+    an axis, a plane within the device's shared memory, enough samples a map
+    cell; its workspace (order, image starts, geometry table) and its three
+    launches, recorded instead of run. test_cuda checks its results."""
+    from cupy_roi import _kernels, _rules
+
+    monkeypatch.setitem(_kernels._properties, (0, "l2CacheSize"), 50 << 20)  # an H100's; no GPU asked
+    monkeypatch.setitem(_kernels._properties, (0, "sharedMemPerBlockOptin"), 227 << 10)
+    mask_rcnn, k = (16, 256, 200, 272), 8192
+    n, c, h, w = mask_rcnn
+    nchw, nhwc = (c * h * w, h * w, w, 1), (c * h * w, 1, w * c, c)
+
+    def plane(scalar="float32", ps=False, strides=nchw, shape=mask_rcnn, size=(7, 7), sr=2, rois=k):
+        return _rules.forward_plane(0, scalar, ps, strides, shape, size, sr, rois)
+
+    assert plane() == 200 * 272 * 4 and plane("float16") == plane("bfloat16") == 200 * 272 * 2
+    assert plane(size=(14, 14)) and plane(sr=1) and plane(sr=4, size=(8, 8)) and plane(sr=16, size=(2, 2))
+    assert plane(strides=(c * h * 300, h * 300, 300, 1)) == 200 * 272 * 4  # a view of wider rows
+    assert plane(shape=(16, 256, 200, 270)) == 200 * 272 * 4  # rows padded to 16 bytes
+    assert not plane("float64")
+    assert not plane(ps=True, size=(7, 7))
+    assert not plane(strides=nhwc)  # channels-last: the flat grid's vectors
+    assert not plane(strides=(c * h * w * 2, h * w * 2, w * 2, 2))  # columns not adjacent
+    assert not plane(sr=0) and not plane(sr=-1) and not plane(sr=3)  # adaptive, or not a power of two
+    assert not plane(sr=4, size=(9, 9))  # 36 samples an axis
+    assert not plane(shape=(2, 256, 50, 68), rois=1024)  # fits L2
+    assert not plane(rois=100)  # few samples a cell: the copies would not pay
+    assert not plane(rois=0)
+    assert not plane(shape=(2, 256, 300, 272))  # a plane past shared memory
+    assert not plane(shape=(5000, 4, 200, 272))  # more images than roi_image_order takes
+    assert _rules.roi_align_forward_workspace(0, "float32", False, nchw, mask_rcnn, (7, 7), 2, k) == (
+        -(-4 * (k + n + 2) // 16) * 16 + 1040 * k)
+    assert _rules.roi_align_forward_workspace(0, "float32", False, nhwc, mask_rcnn, (7, 7), 2, k) == 4 * k
+
+    runs, launches = [], []
+    monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
+                        runs.append((kernel, args, kw)))
+    monkeypatch.setattr(_kernels, "get_function", lambda family, kernel, *rest: kernel)
+    monkeypatch.setattr(_kernels, "launch", lambda fn, blocks, stream, args, **kw:
+                        launches.append((fn, blocks, args, kw)))
+    out = (7, (49 * c, 49, 7, 1))
+    work = 1 << 20
+    _rules.roi_align_forward(0, 0, "float32", False, (11, nchw), mask_rcnn, 22, k, (7, 7), 0.25, 2, False, out, work)
+    table = work + -(-4 * (k + n + 2) // 16) * 16
+    assert runs == [("roi_image_order", (22, k, n, work, work + 4 * k), {"blocks": 1})]
+    (geometry, _, geometry_args, _), (forward, blocks, args, kw) = launches
+    assert geometry == "roi_align_plane_geometry" and geometry_args == (22, k, n, h, w, 272, 7, 7, 0.25, 2, False,
+                                                                        table)
+    assert forward == "roi_align_forward_plane" and blocks == n * c
+    assert args == (11, n, h, w, *nchw, k, 7, 7, 2, 272, work, table, 7, *out[1])
+    assert kw == {"threads": 1024, "shared": 200 * 272 * 4}
 
 
 def test_roialign_backward_work_order_rules(monkeypatch):
@@ -282,7 +339,7 @@ def test_roialign_backward_work_order_rules(monkeypatch):
     the RoIs go image by image (_rules.backward_channels_last)."""
     from cupy_roi import _kernels, _rules
 
-    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 * 2 ** 20)  # an H100's L2; no GPU asked
+    monkeypatch.setitem(_kernels._properties, (0, "l2CacheSize"), 50 * 2 ** 20)  # an H100's L2; no GPU asked
     launched = []
     monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
                         launched.append((kernel, total, args, kw)))
@@ -318,7 +375,7 @@ def test_roialign_backward_work_order_rules(monkeypatch):
         _rules.multi_scale_roi_align_backward(0, 0, "float32", grad, views, shapes, [0.25, 0.125], 22, k, (7, 7),
                                               (1, 224.0, 4, 2, 3), 2, False, 0, 33)
         (order, _, order_args, _), (kernel, total, args, kw) = launched
-        assert order == "roi_image_order" and order_args == (22, k, 16, 33)
+        assert order == "roi_image_order" and order_args == (22, k, 16, 33, 0)
         assert kernel == "multi_scale_roi_align_backward" and args[-1] == 33
         assert (args[-4], args[-3], kw["cpt"]) == expect  # channel block, channels per warp, per thread
     # the torch op's NCHW backward adds into a channels-last buffer where the RoIs go image by image
@@ -340,7 +397,7 @@ def test_prroi_backward_launches_by_mode(monkeypatch):
     sums per warp or block and adds the parts in order (prroi_pool_coords_sum)."""
     from cupy_roi import _kernels, _rules
 
-    monkeypatch.setitem(_kernels._l2_bytes, 0, 50 << 20)  # an H100's L2; no GPU asked
+    monkeypatch.setitem(_kernels._properties, (0, "l2CacheSize"), 50 << 20)  # an H100's L2; no GPU asked
     launched = []
     monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
                         launched.append((kernel, args, kw)))
