@@ -697,14 +697,16 @@ __global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ r
 // sample two shared-memory reads in one row, so the lanes of one read fall in
 // different banks unless their columns are 32 apart. The lanes of a bin
 // column then add up by shuffles. The host's rule (_rules.forward_plane)
-// keeps to a fixed sampling grid of sampling_ratio (a power of two, at most
-// 16) and at most kPlaneSamples samples an axis.
+// keeps to a fixed sampling grid of 1, 2 or 4 and at most kPlaneSamples
+// samples an axis.
 constexpr int kPlaneThreads = 1024;
 constexpr int kPlaneWarps = kPlaneThreads / 32;
 constexpr int kPlaneSamples = 32;
 
 // One sample's axis_weights: lo/hi are element offsets in the plane (rows
-// times the plane's row stride); lo < 0 where the sample lies off the map.
+// times the plane's row stride). A column off the map has lo < 0; a row off
+// the map points at the zero row below the plane with zero weights, so that
+// the lanes read and add zeros instead of branching.
 template <typename A>
 struct __align__(16) PlaneAxis { int lo, hi; A w_lo, w_hi; };
 
@@ -718,10 +720,10 @@ struct PlaneRoi {
 static_assert(sizeof(PlaneRoi<float>) == 1040, "_rules.PLANE_ROI_BYTES");
 
 template <typename A>
-__device__ __forceinline__ PlaneAxis<A> plane_axis(A v, int size, int scale) {
+__device__ __forceinline__ PlaneAxis<A> plane_axis(A v, int size, int scale, int off_map) {
   PlaneAxis<A> a;
   if (axis_weights(v, size, a.lo, a.hi, a.w_lo, a.w_hi)) { a.lo *= scale; a.hi *= scale; }
-  else { a.lo = a.hi = -1; a.w_lo = a.w_hi = A(0); }
+  else { a.lo = a.hi = off_map; a.w_lo = a.w_hi = A(0); }
   return a;
 }
 
@@ -745,8 +747,9 @@ __global__ void roi_align_plane_geometry(
     if (lane == 0) { t.inv_count = g.inv_count; t.valid = ok; }
     if (!ok) continue;
     const int n = sampling_ratio;
-    if (lane < ph * n) t.rows[lane] = plane_axis(g.sample_y(lane / n, lane % n), height, plane_stride);
-    if (lane < pw * n) t.cols[lane] = plane_axis(g.sample_x(lane / n, lane % n), width, 1);
+    if (lane < ph * n)
+      t.rows[lane] = plane_axis(g.sample_y(lane / n, lane % n), height, plane_stride, height * plane_stride);
+    if (lane < pw * n) t.cols[lane] = plane_axis(g.sample_x(lane / n, lane % n), width, 1, -1);
   }
 }
 
@@ -768,13 +771,14 @@ __device__ __forceinline__ void plane_copy_wait() {
 }
 
 // Copies the (height x width) plane at src (row stride s2, column stride s3)
-// into shared memory, rows plane_stride elements apart: 16 bytes a copy
-// where rows allow. With one block an SM nothing hides the copy's latency,
-// so the copies go out all at once.
+// into shared memory, rows plane_stride elements apart, and zeros the row
+// below it: 16 bytes a copy where rows allow. With one block an SM nothing
+// hides the copy's latency, so the copies go out all at once.
 template <typename T>
 __device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* src, int height, int width,
                                            index_t s2, index_t s3) {
   constexpr int kVec = 16 / sizeof(T);
+  for (int e = threadIdx.x; e < plane_stride; e += kPlaneThreads) plane[height * plane_stride + e] = T();
   if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && plane_stride % kVec == 0 && aligned16(src)) {
     const int per_row = width / kVec, total = height * per_row;
     for (int e = threadIdx.x; e < total; e += kPlaneThreads) {
@@ -800,10 +804,58 @@ __device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* 
   }
 }
 
+// The RoIs order[first .. last) of the block's plane, N x N samples a bin.
+template <int N, typename T, typename A>
+__device__ __forceinline__ void plane_pool(const T* plane, const int* order, int first, int last,
+                                           const PlaneRoi<A>* geo, int ph, int pw, T* output, index_t out_s0,
+                                           index_t out_s2, index_t out_s3) {
+  constexpr int kLanesPerBin = 2 * N, kBinsPerPass = 32 / kLanesPerBin;
+  const int lane = threadIdx.x & 31;
+  const int jj = lane / kLanesPerBin, ix = (lane >> 1) & (N - 1), corner = lane & 1;
+  const bool writer = (lane & (kLanesPerBin - 1)) == 0;
+  for (int r = first + (threadIdx.x >> 5); r < last; r += kPlaneWarps) {
+    const index_t k = order[r];
+    const PlaneRoi<A>* t = geo + k;
+    T* out = output + k * out_s0;
+    if (!t->valid) {
+      for (int bin = lane; bin < ph * pw; bin += 32) {
+        const int i = bin / pw, j = bin - i * pw;
+        store(out + i * out_s2 + j * out_s3, quiet_nan<A>());
+      }
+      continue;
+    }
+    const A inv_count = t->inv_count;
+    for (int j0 = 0; j0 < pw; j0 += kBinsPerPass) {
+      const int j = j0 + jj;
+      PlaneAxis<A> x;
+      x.lo = -1;
+      if (j < pw) x = t->cols[j * N + ix];
+      // a column off the map adds nothing (its lanes' sums are dropped: read column 0)
+      const bool on_map = x.lo >= 0;
+      const T* column = plane + (on_map ? (corner ? x.hi : x.lo) : 0);
+      const A wx = corner ? x.w_hi : x.w_lo;
+      T* o = out + j * out_s3;
+      const PlaneAxis<A>* y = t->rows;
+      for (int i = 0; i < ph; ++i, y += N, o += out_s2) {
+        A sum = A(0);
+#pragma unroll
+        for (int iy = 0; iy < N; ++iy) {
+          const PlaneAxis<A> row = y[iy];
+          sum = fused(wx, fused(row.w_lo, to_acc(column[row.lo]), row.w_hi * to_acc(column[row.hi])), sum);
+        }
+        if (!on_map) sum = A(0);
+#pragma unroll
+        for (int m = 1; m < kLanesPerBin; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+        if (writer && j < pw) store(o, sum * inv_count);
+      }
+    }
+  }
+}
+
 // order: roi_image_order's list and starts (num_rois + batch + 2 ints);
 // table: roi_align_plane_geometry's. Blocks: batch * channels, images
 // fastest, so that the blocks running together read the table's RoIs of
-// every image.
+// every image. Shared memory: (height + 1) x plane_stride elements.
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     const T* __restrict__ input, int batch, int height, int width,
@@ -816,55 +868,21 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
   const int* starts = order + num_rois;
   extern __shared__ __align__(16) unsigned char plane_shared[];
   T* plane = reinterpret_cast<T*>(plane_shared);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = (int)(blockIdx.x % (unsigned)batch), c = (int)(blockIdx.x / (unsigned)batch);
-  const auto nan_rows = [&](T* out) {
-    for (int bin = lane; bin < ph * pw; bin += 32) {
-      const int i = bin / pw, j = bin - i * pw;
-      store(out + i * out_s2 + j * out_s3, quiet_nan<A>());
-    }
-  };
+  output += (index_t)c * out_s1;
   if (b == 0)  // rows of an invalid batch index
-    for (int r = starts[batch] + warp; r < num_rois; r += kPlaneWarps)
-      nan_rows(output + (index_t)order[r] * out_s0 + (index_t)c * out_s1);
+    for (int r = starts[batch] + (threadIdx.x >> 5); r < num_rois; r += kPlaneWarps)
+      for (int bin = threadIdx.x & 31; bin < ph * pw; bin += 32) {
+        const int i = bin / pw, j = bin - i * pw;
+        store(output + order[r] * out_s0 + i * out_s2 + j * out_s3, quiet_nan<A>());
+      }
   const int first = starts[b], last = starts[b + 1];
   if (first >= last) return;
   load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
   __syncthreads();
-  const int n = sampling_ratio, lanes_per_bin = 2 * n, bins_per_pass = 32 / lanes_per_bin;
-  const int jj = lane / lanes_per_bin, ix = (lane >> 1) & (n - 1), corner = lane & 1;
-  for (int r = first + warp; r < last; r += kPlaneWarps) {
-    const index_t k = order[r];
-    const PlaneRoi<A>& t = geo[k];
-    T* out = output + k * out_s0 + (index_t)c * out_s1;
-    if (!t.valid) {
-      nan_rows(out);
-      continue;
-    }
-    const A inv_count = t.inv_count;
-    for (int j = jj; j - jj < pw; j += bins_per_pass) {
-      int col = -1;
-      A wx = A(0);
-      if (j < pw) {
-        const PlaneAxis<A> x = t.cols[j * n + ix];
-        if (x.lo >= 0) {
-          col = corner ? x.hi : x.lo;
-          wx = corner ? x.w_hi : x.w_lo;
-        }
-      }
-      for (int i = 0; i < ph; ++i) {
-        A sum = A(0);
-        if (col >= 0)
-          for (int iy = 0; iy < n; ++iy) {
-            const PlaneAxis<A> y = t.rows[i * n + iy];
-            if (y.lo < 0) continue;
-            sum = fused(wx, fused(y.w_lo, to_acc(plane[y.lo + col]), y.w_hi * to_acc(plane[y.hi + col])), sum);
-          }
-        for (int m = 1; m < lanes_per_bin; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
-        if (j < pw && (lane & (lanes_per_bin - 1)) == 0) store(out + i * out_s2 + j * out_s3, sum * inv_count);
-      }
-    }
-  }
+  if (sampling_ratio == 1) plane_pool<1>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  else if (sampling_ratio == 2) plane_pool<2>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  else plane_pool<4>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
 }
 
 // Where a RoI's gradient goes: the buffer, its strides and size, the

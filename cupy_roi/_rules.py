@@ -290,11 +290,11 @@ def _plane_bytes(scalar, ps, column_stride, fastest, shape, size, sampling_ratio
     ph, pw = size
     if ps or scalar == "float64" or k == 0 or column_stride != 1 or fastest or n > _kernels.MAX_ORDER_IMAGES:
         return 0
-    if not 0 < sampling_ratio <= 16 or sampling_ratio & (sampling_ratio - 1):
+    if sampling_ratio not in (1, 2, 4):
         return 0
     if max(ph, pw) * sampling_ratio > PLANE_SAMPLES or k >= 2 ** 31 // 8:
         return 0
-    return h * plane_stride(w, scalar) * _ITEMSIZE[scalar]
+    return (h + 1) * plane_stride(w, scalar) * _ITEMSIZE[scalar]  # and a zero row
 
 
 @functools.lru_cache(maxsize=256)
@@ -308,8 +308,8 @@ def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
     RoI of the image from the plane in shared memory), or 0 for the flat
     grid. For NCHW-like maps (unit column stride) too large for a third of
     L2, where the flat grid's reads of overlapping RoIs through L2 bound it:
-    plain RoIAlign in a float type but float64, a fixed sampling grid of a
-    power of two (at most 16) with at most 32 samples an axis, a plane that
+    plain RoIAlign in a float type but float64, a fixed sampling grid of 1,
+    2 or 4 with at most 32 samples an axis, a plane (and a row of zeros) that
     fits the device's shared memory, and enough samples per map cell that
     copying whole planes pays."""
     shared = _plane_bytes(scalar, ps, strides[3], channels_fastest(strides, shape), tuple(shape), tuple(size),

@@ -274,10 +274,11 @@ def test_roialign_forward_plane_rule(monkeypatch):
     """Where the RoIAlign forward takes its plane mode (_rules.forward_plane:
     a block per image and channel, the plane in shared memory): plain
     RoIAlign on an NCHW-like map past a third of L2 in a float type but
-    float64, a fixed sampling grid of a power of two with at most 32 samples
-    an axis, a plane within the device's shared memory, enough samples a map
-    cell; its workspace (order, image starts, geometry table) and its three
-    launches, recorded instead of run. test_cuda checks its results."""
+    float64, a fixed sampling grid of 1, 2 or 4 with at most 32 samples an
+    axis, a plane and a zero row within the device's shared memory, enough
+    samples a map cell; its workspace (order, image starts, geometry table)
+    and its three launches, recorded instead of run. test_cuda checks its
+    results."""
     from cupy_roi import _kernels, _rules
 
     monkeypatch.setitem(_kernels._properties, (0, "l2CacheSize"), 50 << 20)  # an H100's; no GPU asked
@@ -289,15 +290,15 @@ def test_roialign_forward_plane_rule(monkeypatch):
     def plane(scalar="float32", ps=False, strides=nchw, shape=mask_rcnn, size=(7, 7), sr=2, rois=k):
         return _rules.forward_plane(0, scalar, ps, strides, shape, size, sr, rois)
 
-    assert plane() == 200 * 272 * 4 and plane("float16") == plane("bfloat16") == 200 * 272 * 2
-    assert plane(size=(14, 14)) and plane(sr=1) and plane(sr=4, size=(8, 8)) and plane(sr=16, size=(2, 2))
-    assert plane(strides=(c * h * 300, h * 300, 300, 1)) == 200 * 272 * 4  # a view of wider rows
-    assert plane(shape=(16, 256, 200, 270)) == 200 * 272 * 4  # rows padded to 16 bytes
+    assert plane() == 201 * 272 * 4 and plane("float16") == plane("bfloat16") == 201 * 272 * 2
+    assert plane(size=(14, 14)) and plane(sr=1) and plane(sr=4, size=(8, 8))
+    assert plane(strides=(c * h * 300, h * 300, 300, 1)) == 201 * 272 * 4  # a view of wider rows
+    assert plane(shape=(16, 256, 200, 270)) == 201 * 272 * 4  # rows padded to 16 bytes
     assert not plane("float64")
     assert not plane(ps=True, size=(7, 7))
     assert not plane(strides=nhwc)  # channels-last: the flat grid's vectors
     assert not plane(strides=(c * h * w * 2, h * w * 2, w * 2, 2))  # columns not adjacent
-    assert not plane(sr=0) and not plane(sr=-1) and not plane(sr=3)  # adaptive, or not a power of two
+    assert not plane(sr=0) and not plane(sr=-1) and not plane(sr=3) and not plane(sr=8, size=(2, 2))
     assert not plane(sr=4, size=(9, 9))  # 36 samples an axis
     assert not plane(shape=(2, 256, 50, 68), rois=1024)  # fits L2
     assert not plane(rois=100)  # few samples a cell: the copies would not pay
@@ -324,7 +325,7 @@ def test_roialign_forward_plane_rule(monkeypatch):
                                                                         table)
     assert forward == "roi_align_forward_plane" and blocks == n * c
     assert args == (11, n, h, w, *nchw, k, 7, 7, 2, 272, work, table, 7, *out[1])
-    assert kw == {"threads": 1024, "shared": 200 * 272 * 4}
+    assert kw == {"threads": 1024, "shared": 201 * 272 * 4}
 
 
 def test_roialign_backward_work_order_rules(monkeypatch):
