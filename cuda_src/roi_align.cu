@@ -805,6 +805,10 @@ __device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* 
 }
 
 // The RoIs order[first .. last) of the block's plane, N x N samples a bin.
+// A RoI's table comes in one round trip to L2, not one a sample: lane l
+// reads row sample l (then shuffled to every lane as the rows are walked),
+// its own column sample, and the header; and each warp reads the RoI indices
+// of its next 32 RoIs at once.
 template <int N, typename T, typename A>
 __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int first, int last,
                                            const PlaneRoi<A>* geo, int ph, int pw, T* output, index_t out_s0,
@@ -813,40 +817,50 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
   const int lane = threadIdx.x & 31;
   const int jj = lane / kLanesPerBin, ix = (lane >> 1) & (N - 1), corner = lane & 1;
   const bool writer = (lane & (kLanesPerBin - 1)) == 0;
-  for (int r = first + (threadIdx.x >> 5); r < last; r += kPlaneWarps) {
-    const index_t k = order[r];
-    const PlaneRoi<A>* t = geo + k;
-    T* out = output + k * out_s0;
-    if (!t->valid) {
-      for (int bin = lane; bin < ph * pw; bin += 32) {
-        const int i = bin / pw, j = bin - i * pw;
-        store(out + i * out_s2 + j * out_s3, quiet_nan<A>());
-      }
-      continue;
-    }
-    const A inv_count = t->inv_count;
-    for (int j0 = 0; j0 < pw; j0 += kBinsPerPass) {
-      const int j = j0 + jj;
-      PlaneAxis<A> x;
-      x.lo = -1;
-      if (j < pw) x = t->cols[j * N + ix];
-      // a column off the map adds nothing (its lanes' sums are dropped: read column 0)
-      const bool on_map = x.lo >= 0;
-      const T* column = plane + (on_map ? (corner ? x.hi : x.lo) : 0);
-      const A wx = corner ? x.w_hi : x.w_lo;
-      T* o = out + j * out_s3;
-      const PlaneAxis<A>* y = t->rows;
-      for (int i = 0; i < ph; ++i, y += N, o += out_s2) {
-        A sum = A(0);
-#pragma unroll
-        for (int iy = 0; iy < N; ++iy) {
-          const PlaneAxis<A> row = y[iy];
-          sum = fused(wx, fused(row.w_lo, to_acc(column[row.lo]), row.w_hi * to_acc(column[row.hi])), sum);
+  const int rows = ph * N;
+  for (int batch0 = first + (threadIdx.x >> 5); batch0 < last; batch0 += 32 * kPlaneWarps) {
+    const int mine = batch0 + lane * kPlaneWarps;
+    const int ks = mine < last ? order[mine] : 0;
+    for (int m = 0; m < 32 && batch0 + m * kPlaneWarps < last; ++m) {
+      const index_t k = __shfl_sync(0xffffffffu, ks, m);
+      const PlaneRoi<A>* t = geo + k;
+      const int valid = t->valid;
+      const A inv_count = t->inv_count;
+      PlaneAxis<A> row;
+      if (lane < rows) row = t->rows[lane];
+      T* out = output + k * out_s0;
+      if (!valid) {
+        for (int bin = lane; bin < ph * pw; bin += 32) {
+          const int i = bin / pw, j = bin - i * pw;
+          store(out + i * out_s2 + j * out_s3, quiet_nan<A>());
         }
-        if (!on_map) sum = A(0);
+        continue;
+      }
+      for (int j0 = 0; j0 < pw; j0 += kBinsPerPass) {
+        const int j = j0 + jj;
+        PlaneAxis<A> x;
+        x.lo = -1;
+        if (j < pw) x = t->cols[j * N + ix];
+        // a column off the map adds nothing (its lanes' sums are dropped: read column 0)
+        const bool on_map = x.lo >= 0;
+        const T* column = plane + (on_map ? (corner ? x.hi : x.lo) : 0);
+        const A wx = corner ? x.w_hi : x.w_lo;
+        T* o = out + j * out_s3;
+        for (int i = 0; i < ph; ++i, o += out_s2) {
+          A sum = A(0);
 #pragma unroll
-        for (int m = 1; m < kLanesPerBin; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
-        if (writer && j < pw) store(o, sum * inv_count);
+          for (int iy = 0; iy < N; ++iy) {
+            const int at = i * N + iy;
+            const int lo = __shfl_sync(0xffffffffu, row.lo, at), hi = __shfl_sync(0xffffffffu, row.hi, at);
+            const A w_hi = __shfl_sync(0xffffffffu, row.w_hi, at);
+            const A w_lo = A(1) - w_hi;  // as axis_weights has it (a row off the map: 1, on zeros)
+            sum = fused(wx, fused(w_lo, to_acc(column[lo]), w_hi * to_acc(column[hi])), sum);
+          }
+          if (!on_map) sum = A(0);
+#pragma unroll
+          for (int mask = 1; mask < kLanesPerBin; mask <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
+          if (writer && j < pw) store(o, sum * inv_count);
+        }
       }
     }
   }
