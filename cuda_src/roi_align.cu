@@ -692,21 +692,22 @@ __global__ void roi_image_order(const typename acc_type<T>::type* __restrict__ r
 // (L2 throughput 97%, benchmarks/NOTES.md sessions 19-20); here L2 serves
 // each plane once. A RoI's sampling geometry is the same for every channel,
 // so roi_align_plane_geometry works it out once per call into a table
-// (PlaneRoi) that every channel's block reads. A warp takes a RoI; its lanes
-// take (bin column, x sample, corner column) and walk the bin rows: per y
-// sample two shared-memory reads in one row, so the lanes of one read fall in
-// different banks unless their columns are 32 apart. The lanes of a bin
-// column then add up by shuffles. The host's rule (_rules.forward_plane)
-// keeps to a fixed sampling grid of 1, 2 or 4 and at most kPlaneSamples
-// samples an axis.
+// (PlaneRoi) that every channel's block reads. A warp takes as many RoIs as
+// fit in 32 lanes of one x sample each (2 at 7x7 with 2 x 2 samples a bin)
+// and walks their bin rows: a lane reads its sample's four corners (lanes of
+// one RoI read one row, so their reads fall in different banks unless their
+// columns are 32 apart) and the lanes of a bin add up by shuffles. The
+// host's rule (_rules.forward_plane) keeps to a fixed sampling grid of 1, 2
+// or 4 and at most kPlaneSamples samples an axis.
 constexpr int kPlaneThreads = 1024;
 constexpr int kPlaneWarps = kPlaneThreads / 32;
 constexpr int kPlaneSamples = 32;
 
-// One sample's axis_weights: lo/hi are element offsets in the plane (rows
-// times the plane's row stride). A column off the map has lo < 0; a row off
-// the map points at the zero row below the plane with zero weights, so that
-// the lanes read and add zeros instead of branching.
+// One sample's axis_weights: lo/hi are byte offsets in the plane (rows times
+// the plane's row stride). A column off the map has lo < 0; a row off the map
+// points at the zero row below the plane with zero weights, so that the lanes
+// read and add zeros instead of branching. A RoI with a NaN or infinite
+// coordinate has all its samples off the map.
 template <typename A>
 struct __align__(16) PlaneAxis { int lo, hi; A w_lo, w_hi; };
 
@@ -728,7 +729,7 @@ __device__ __forceinline__ PlaneAxis<A> plane_axis(A v, int size, int scale, int
 }
 
 // A warp a RoI: table[k] for every RoI k (rows of an invalid batch index
-// too: the plane kernel never reads theirs).
+// too, though the plane kernel reads none of theirs).
 template <typename T, bool PS>
 __global__ void roi_align_plane_geometry(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
@@ -745,11 +746,12 @@ __global__ void roi_align_plane_geometry(
     AlignGrid<A> g;
     g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
     if (lane == 0) { t.inv_count = g.inv_count; t.valid = ok; }
-    if (!ok) continue;
-    const int n = sampling_ratio;
+    const int n = sampling_ratio, item = sizeof(T);
+    const A off_map = A(-2);  // any position axis_weights drops
     if (lane < ph * n)
-      t.rows[lane] = plane_axis(g.sample_y(lane / n, lane % n), height, plane_stride, height * plane_stride);
-    if (lane < pw * n) t.cols[lane] = plane_axis(g.sample_x(lane / n, lane % n), width, 1, -1);
+      t.rows[lane] = plane_axis(ok ? g.sample_y(lane / n, lane % n) : off_map, height, plane_stride * item,
+                                height * plane_stride * item);
+    if (lane < pw * n) t.cols[lane] = plane_axis(ok ? g.sample_x(lane / n, lane % n) : off_map, width, item, -1);
   }
 }
 
@@ -804,64 +806,68 @@ __device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* 
   }
 }
 
+__device__ __forceinline__ float shared_value(const float*, unsigned at) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(at));
+  return v;
+}
+__device__ __forceinline__ float shared_value(const __half*, unsigned at) {
+  unsigned short v;
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(v) : "r"(at));
+  return __half2float(__ushort_as_half(v));
+}
+__device__ __forceinline__ float shared_value(const __nv_bfloat16*, unsigned at) {
+  unsigned short v;
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(v) : "r"(at));
+  return __bfloat162float(__ushort_as_bfloat16(v));
+}
+
 // The RoIs order[first .. last) of the block's plane, N x N samples a bin.
-// A RoI's table comes in one round trip to L2, not one a sample: lane l
-// reads row sample l (then shuffled to every lane as the rows are walked),
-// its own column sample, and the header; and each warp reads the RoI indices
-// of its next 32 RoIs at once.
+// The warp's lanes make slots of a power of two lanes, at least the RoI's x
+// samples and y samples, a RoI a slot; lane l of a slot takes x sample l and
+// reads the RoI's row sample l, shuffled to the slot's lanes as the rows are
+// walked: a RoI's table comes in one round trip to L2, not one a row.
 template <int N, typename T, typename A>
 __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int first, int last,
                                            const PlaneRoi<A>* geo, int ph, int pw, T* output, index_t out_s0,
                                            index_t out_s2, index_t out_s3) {
-  constexpr int kLanesPerBin = 2 * N, kBinsPerPass = 32 / kLanesPerBin;
   const int lane = threadIdx.x & 31;
-  const int jj = lane / kLanesPerBin, ix = (lane >> 1) & (N - 1), corner = lane & 1;
-  const bool writer = (lane & (kLanesPerBin - 1)) == 0;
-  const int rows = ph * N;
-  for (int batch0 = first + (threadIdx.x >> 5); batch0 < last; batch0 += 32 * kPlaneWarps) {
-    const int mine = batch0 + lane * kPlaneWarps;
-    const int ks = mine < last ? order[mine] : 0;
-    for (int m = 0; m < 32 && batch0 + m * kPlaneWarps < last; ++m) {
-      const index_t k = __shfl_sync(0xffffffffu, ks, m);
-      const PlaneRoi<A>* t = geo + k;
-      const int valid = t->valid;
-      const A inv_count = t->inv_count;
-      PlaneAxis<A> row;
-      if (lane < rows) row = t->rows[lane];
-      T* out = output + k * out_s0;
-      if (!valid) {
-        for (int bin = lane; bin < ph * pw; bin += 32) {
-          const int i = bin / pw, j = bin - i * pw;
-          store(out + i * out_s2 + j * out_s3, quiet_nan<A>());
-        }
-        continue;
-      }
-      for (int j0 = 0; j0 < pw; j0 += kBinsPerPass) {
-        const int j = j0 + jj;
-        PlaneAxis<A> x;
-        x.lo = -1;
-        if (j < pw) x = t->cols[j * N + ix];
-        // a column off the map adds nothing (its lanes' sums are dropped: read column 0)
-        const bool on_map = x.lo >= 0;
-        const T* column = plane + (on_map ? (corner ? x.hi : x.lo) : 0);
-        const A wx = corner ? x.w_hi : x.w_lo;
-        T* o = out + j * out_s3;
-        for (int i = 0; i < ph; ++i, o += out_s2) {
-          A sum = A(0);
+  const int slot_bits = 32 - __clz(max(ph, pw) * N - 1), per_warp = 32 >> slot_bits;
+  const int q = lane >> slot_bits, l = lane & ((1 << slot_bits) - 1), slot = q << slot_bits;
+  const int j = l / N;
+  const bool writer = j < pw && (l & (N - 1)) == 0;
+  const unsigned base = (unsigned)__cvta_generic_to_shared(plane);
+  for (int r0 = first + (threadIdx.x >> 5) * per_warp; r0 < last; r0 += kPlaneWarps * per_warp) {
+    const int r = r0 + q;
+    const bool live = r < last;
+    const index_t k = order[live ? r : first];  // a slot past the last reads the first RoI, writes nothing
+    const PlaneRoi<A>* t = geo + k;
+    const bool valid = t->valid;
+    const A inv_count = t->inv_count;
+    PlaneAxis<A> row, x;
+    if (l < ph * N) row = t->rows[l];
+    x.lo = -1;
+    if (j < pw) x = t->cols[l];
+    const bool on_map = x.lo >= 0;  // a column off the map adds nothing: its lanes read column 0, sum 0
+    const unsigned col_lo = base + (on_map ? x.lo : 0), col_hi = base + (on_map ? x.hi : 0);
+    const A hx = x.w_lo, lx = x.w_hi;
+    T* o = output + k * out_s0 + j * out_s3;
+    for (int i = 0; i < ph; ++i, o += out_s2) {
+      A sum = A(0);
 #pragma unroll
-          for (int iy = 0; iy < N; ++iy) {
-            const int at = i * N + iy;
-            const int lo = __shfl_sync(0xffffffffu, row.lo, at), hi = __shfl_sync(0xffffffffu, row.hi, at);
-            const A w_hi = __shfl_sync(0xffffffffu, row.w_hi, at);
-            const A w_lo = A(1) - w_hi;  // as axis_weights has it (a row off the map: 1, on zeros)
-            sum = fused(wx, fused(w_lo, to_acc(column[lo]), w_hi * to_acc(column[hi])), sum);
-          }
-          if (!on_map) sum = A(0);
-#pragma unroll
-          for (int mask = 1; mask < kLanesPerBin; mask <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
-          if (writer && j < pw) store(o, sum * inv_count);
-        }
+      for (int iy = 0; iy < N; ++iy) {
+        const int at = slot + i * N + iy;
+        const unsigned lo = __shfl_sync(0xffffffffu, row.lo, at), hi = __shfl_sync(0xffffffffu, row.hi, at);
+        const A w_hi = __shfl_sync(0xffffffffu, row.w_hi, at);
+        const A w_lo = A(1) - w_hi;  // as axis_weights has it (a row off the map: 1, on zeros)
+        const A top = fused(lx, shared_value(plane, col_hi + lo), hx * shared_value(plane, col_lo + lo));
+        const A bottom = fused(lx, shared_value(plane, col_hi + hi), hx * shared_value(plane, col_lo + hi));
+        sum = fused(w_hi, bottom, fused(w_lo, top, sum));
       }
+      if (!on_map) sum = A(0);
+#pragma unroll
+      for (int m = 1; m < N; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+      if (writer && live) store(o, valid ? sum * inv_count : quiet_nan<A>());
     }
   }
 }
