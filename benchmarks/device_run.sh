@@ -11,8 +11,7 @@
 #   L: Nsight Compute of the RoIAlign forwards (Mask R-CNN 7x7 float32, both layouts, beside
 #      torchvision's): what bounds them, L2 and L1 throughput and sector counts included (CSV)
 #      (WORK_ORDER_ARGS=--grouped: RoIs in image order; NCU_KERNELS=roi_align_backward: the
-#      backwards, their atomics' L2 sectors and requests too; stalls at barriers, on MIO and
-#      shared memory, shared-memory bank conflicts)
+#      backwards, their atomics' L2 sectors and requests too)
 # Several stages in one call: `for s in A F; do bash benchmarks/device_run.sh $s; done`.
 # The suite runs with the larger hypothesis profile. The device has no nbclient/ipykernel: carry
 # wheels in .whl/ (made here with `pip download nbclient nbformat ipykernel --python-version 3.12
@@ -96,10 +95,7 @@ lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_hit_rate.pct,l1tex__t_secto
 l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,\
 l1tex__data_pipe_lsu_wavefronts_mem_lg_cmd_read.sum,\
 smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,\
-smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,lts__t_sectors_op_red.sum,lts__t_requests_op_red.sum,\
-smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,\
-smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,\
-l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum
+smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,lts__t_sectors_op_red.sum,lts__t_requests_op_red.sum
   kernels=${NCU_KERNELS:-roi_align_forward}
   log ncu, $kernels
   timeout 200 ncu --csv --metrics "$m" -k regex:$kernels python3 benchmarks/work_order.py --once ${WORK_ORDER_ARGS:-} \

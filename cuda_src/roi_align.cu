@@ -822,73 +822,44 @@ __device__ __forceinline__ float shared_value(const __nv_bfloat16*, unsigned at)
   return __bfloat162float(__ushort_as_bfloat16(v));
 }
 
-// What a slot's lanes read of their RoI's table: the header, the row sample
-// of the lane's index and its own column sample.
-template <typename A>
-struct PlaneSlot {
-  int valid;
-  A inv_count;
-  PlaneAxis<A> row, x;
-
-  __device__ __forceinline__ void load(const PlaneRoi<A>* t, int l, int rows, bool x_lane) {
-    valid = t->valid;
-    inv_count = t->inv_count;
-    if (l < rows) row = t->rows[l];
-    x.lo = -1;
-    if (x_lane) x = t->cols[l];
-  }
-};
-
-// Each warp's row samples in shared memory (after the plane and its zero
-// row): kPlaneStage entries {byte offset of the lower row | 1 where the upper
-// row is another, w_hi}, slot q's from q * (slot lanes + 1), so that the
-// slots' reads of one step fall in different banks.
-constexpr int kPlaneStage = 48;
-constexpr int kPlaneMaxSlots = 16;
-
 // The RoIs order[first .. last) of the block's plane, N x N samples a bin.
-// The warp's lanes make slots of a power of two lanes (at least 2), at least
-// the RoI's x samples and y samples, a RoI a slot; lane l of a slot takes x
-// sample l, and the slot's row samples go to shared memory, where its lanes
-// read them as the rows are walked. The next RoIs' tables are read while
-// the warp pools these (and their indices one step earlier still), so that
-// the warp waits for L2 once, not per RoI.
+// The warp's lanes make slots of a power of two lanes, at least the RoI's x
+// samples and y samples, a RoI a slot; lane l of a slot takes x sample l and
+// reads the RoI's row sample l, shuffled to the slot's lanes as the rows are
+// walked: a RoI's table comes in one round trip to L2, not one a row.
 template <int N, typename T, typename A>
-__device__ __forceinline__ void plane_pool(const T* plane, uint2* stage, int row_bytes, const int* order, int first,
-                                           int last, const PlaneRoi<A>* geo, int ph, int pw, T* output,
-                                           index_t out_s0, index_t out_s2, index_t out_s3) {
+__device__ __forceinline__ void plane_pool(const T* plane, const int* order, int first, int last,
+                                           const PlaneRoi<A>* geo, int ph, int pw, T* output, index_t out_s0,
+                                           index_t out_s2, index_t out_s3) {
   const int lane = threadIdx.x & 31;
-  const int slot_bits = max(32 - __clz(max(ph, pw) * N - 1), 1), per_warp = 32 >> slot_bits;
-  const int q = lane >> slot_bits, l = lane & ((1 << slot_bits) - 1);
-  const int j = l / N, rows = ph * N;
-  const bool writer = j < pw && (l & (N - 1)) == 0, x_lane = j < pw;
+  const int slot_bits = 32 - __clz(max(ph, pw) * N - 1), per_warp = 32 >> slot_bits;
+  const int q = lane >> slot_bits, l = lane & ((1 << slot_bits) - 1), slot = q << slot_bits;
+  const int j = l / N;
+  const bool writer = j < pw && (l & (N - 1)) == 0;
   const unsigned base = (unsigned)__cvta_generic_to_shared(plane);
-  stage += (threadIdx.x >> 5) * kPlaneStage + q * ((1 << slot_bits) + 1);
-  const int step = kPlaneWarps * per_warp;
-  int r = first + (threadIdx.x >> 5) * per_warp + q;
-  int k = order[r < last ? r : first];  // a slot past the last reads the first RoI, writes nothing
-  int k_next = order[r + step < last ? r + step : first];
-  PlaneSlot<A> now;
-  now.load(geo + k, l, rows, x_lane);
-  for (; r - q < last; r += step) {
-    // the next step's table and the one after's RoI index, in flight while this step pools
-    PlaneSlot<A> next;
-    next.load(geo + k_next, l, rows, x_lane);
-    const int k_after = order[r + 2 * step < last ? r + 2 * step : first];
-    if (l < rows)
-      stage[l] = make_uint2((unsigned)now.row.lo | (now.row.hi != now.row.lo ? 1u : 0u), __float_as_uint(now.row.w_hi));
-    __syncwarp();
-    const bool on_map = now.x.lo >= 0;  // a column off the map adds nothing: its lanes read column 0, sum 0
-    const unsigned col_lo = base + (on_map ? now.x.lo : 0), col_hi = base + (on_map ? now.x.hi : 0);
-    const A hx = now.x.w_lo, lx = now.x.w_hi;
-    T* o = output + (index_t)k * out_s0 + j * out_s3;
+  for (int r0 = first + (threadIdx.x >> 5) * per_warp; r0 < last; r0 += kPlaneWarps * per_warp) {
+    const int r = r0 + q;
+    const bool live = r < last;
+    const index_t k = order[live ? r : first];  // a slot past the last reads the first RoI, writes nothing
+    const PlaneRoi<A>* t = geo + k;
+    const bool valid = t->valid;
+    const A inv_count = t->inv_count;
+    PlaneAxis<A> row, x;
+    if (l < ph * N) row = t->rows[l];
+    x.lo = -1;
+    if (j < pw) x = t->cols[l];
+    const bool on_map = x.lo >= 0;  // a column off the map adds nothing: its lanes read column 0, sum 0
+    const unsigned col_lo = base + (on_map ? x.lo : 0), col_hi = base + (on_map ? x.hi : 0);
+    const A hx = x.w_lo, lx = x.w_hi;
+    T* o = output + k * out_s0 + j * out_s3;
     for (int i = 0; i < ph; ++i, o += out_s2) {
       A sum = A(0);
 #pragma unroll
       for (int iy = 0; iy < N; ++iy) {
-        const uint2 e = stage[i * N + iy];
-        const unsigned lo = e.x & ~1u, hi = lo + (e.x & 1u ? (unsigned)row_bytes : 0u);
-        const A w_hi = __uint_as_float(e.y), w_lo = A(1) - w_hi;  // as axis_weights has it
+        const int at = slot + i * N + iy;
+        const unsigned lo = __shfl_sync(0xffffffffu, row.lo, at), hi = __shfl_sync(0xffffffffu, row.hi, at);
+        const A w_hi = __shfl_sync(0xffffffffu, row.w_hi, at);
+        const A w_lo = A(1) - w_hi;  // as axis_weights has it (a row off the map: 1, on zeros)
         const A top = fused(lx, shared_value(plane, col_hi + lo), hx * shared_value(plane, col_lo + lo));
         const A bottom = fused(lx, shared_value(plane, col_hi + hi), hx * shared_value(plane, col_lo + hi));
         sum = fused(w_hi, bottom, fused(w_lo, top, sum));
@@ -896,20 +867,15 @@ __device__ __forceinline__ void plane_pool(const T* plane, uint2* stage, int row
       if (!on_map) sum = A(0);
 #pragma unroll
       for (int m = 1; m < N; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
-      if (writer && r < last) store(o, now.valid ? sum * now.inv_count : quiet_nan<A>());
+      if (writer && live) store(o, valid ? sum * inv_count : quiet_nan<A>());
     }
-    __syncwarp();  // the stage is read before the next step writes it
-    now = next;
-    k = k_next;
-    k_next = k_after;
   }
 }
 
 // order: roi_image_order's list and starts (num_rois + batch + 2 ints);
 // table: roi_align_plane_geometry's. Blocks: batch * channels, images
 // fastest, so that the blocks running together read the table's RoIs of
-// every image. Shared memory: (height + 1) x plane_stride elements, then
-// kPlaneWarps x kPlaneStage row samples (uint2).
+// every image. Shared memory: (height + 1) x plane_stride elements.
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     const T* __restrict__ input, int batch, int height, int width,
@@ -934,14 +900,9 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
   if (first >= last) return;
   load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
   __syncthreads();
-  uint2* stage = reinterpret_cast<uint2*>(plane + (height + 1) * plane_stride);
-  const int row_bytes = plane_stride * (int)sizeof(T);
-  if (sampling_ratio == 1)
-    plane_pool<1>(plane, stage, row_bytes, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
-  else if (sampling_ratio == 2)
-    plane_pool<2>(plane, stage, row_bytes, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
-  else
-    plane_pool<4>(plane, stage, row_bytes, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  if (sampling_ratio == 1) plane_pool<1>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  else if (sampling_ratio == 2) plane_pool<2>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  else plane_pool<4>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
 }
 
 // Where a RoI's gradient goes: the buffer, its strides and size, the

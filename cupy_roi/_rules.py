@@ -271,9 +271,8 @@ def _fill_order(device, stream, scalar, rows, k, n, order, total, starts=0):
         _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order, starts), blocks=1)
 
 
-#: roi_align.cu's plane mode: kPlaneThreads, kPlaneSamples, sizeof(PlaneRoi<float>), and its
-#: warps' row samples in shared memory (kPlaneWarps x kPlaneStage x sizeof(uint2))
-PLANE_THREADS, PLANE_SAMPLES, PLANE_ROI_BYTES, PLANE_STAGE_BYTES = 1024, 32, 1040, 32 * 48 * 8
+#: roi_align.cu's plane mode: kPlaneThreads, kPlaneSamples, sizeof(PlaneRoi<float>)
+PLANE_THREADS, PLANE_SAMPLES, PLANE_ROI_BYTES = 1024, 32, 1040
 #: samples (RoIs x bins x sampling grid) a map cell, at least, for the plane mode
 PLANE_MIN_SAMPLES_PER_CELL = 0.25
 
@@ -295,7 +294,7 @@ def _plane_bytes(scalar, ps, column_stride, fastest, shape, size, sampling_ratio
         return 0
     if max(ph, pw) * sampling_ratio > PLANE_SAMPLES or k >= 2 ** 31 // 8:
         return 0
-    return (h + 1) * plane_stride(w, scalar) * _ITEMSIZE[scalar] + PLANE_STAGE_BYTES  # and a zero row
+    return (h + 1) * plane_stride(w, scalar) * _ITEMSIZE[scalar]  # and a zero row
 
 
 @functools.lru_cache(maxsize=256)

@@ -290,11 +290,10 @@ def test_roialign_forward_plane_rule(monkeypatch):
     def plane(scalar="float32", ps=False, strides=nchw, shape=mask_rcnn, size=(7, 7), sr=2, rois=k):
         return _rules.forward_plane(0, scalar, ps, strides, shape, size, sr, rois)
 
-    stage = _rules.PLANE_STAGE_BYTES  # the warps' row samples
-    assert plane() == 201 * 272 * 4 + stage and plane("float16") == plane("bfloat16") == 201 * 272 * 2 + stage
+    assert plane() == 201 * 272 * 4 and plane("float16") == plane("bfloat16") == 201 * 272 * 2
     assert plane(size=(14, 14)) and plane(sr=1) and plane(sr=4, size=(8, 8))
-    assert plane(strides=(c * h * 300, h * 300, 300, 1)) == 201 * 272 * 4 + stage  # a view of wider rows
-    assert plane(shape=(16, 256, 200, 270)) == 201 * 272 * 4 + stage  # rows padded to 16 bytes
+    assert plane(strides=(c * h * 300, h * 300, 300, 1)) == 201 * 272 * 4  # a view of wider rows
+    assert plane(shape=(16, 256, 200, 270)) == 201 * 272 * 4  # rows padded to 16 bytes
     assert not plane("float64")
     assert not plane(ps=True, size=(7, 7))
     assert not plane(strides=nhwc)  # channels-last: the flat grid's vectors
@@ -326,7 +325,7 @@ def test_roialign_forward_plane_rule(monkeypatch):
                                                                         table)
     assert forward == "roi_align_forward_plane" and blocks == n * c
     assert args == (11, n, h, w, *nchw, k, 7, 7, 2, 272, work, table, 7, *out[1])
-    assert kw == {"threads": 1024, "shared": 201 * 272 * 4 + stage}
+    assert kw == {"threads": 1024, "shared": 201 * 272 * 4}
 
 
 def test_roialign_backward_work_order_rules(monkeypatch):
