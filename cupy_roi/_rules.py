@@ -273,8 +273,13 @@ def _fill_order(device, stream, scalar, rows, k, n, order, total, starts=0):
 
 #: roi_align.cu's plane mode: kPlaneThreads, kPlaneSamples, sizeof(PlaneRoi<float>)
 PLANE_THREADS, PLANE_SAMPLES, PLANE_ROI_BYTES = 1024, 32, 1040
-#: samples (RoIs x bins x sampling grid) a map cell, at least, for the plane mode
-PLANE_MIN_SAMPLES_PER_CELL = 0.25
+#: samples (RoIs x bins x sampling grid) a map cell, at least, for the plane mode, by (item size,
+#: more than 196 samples a RoI): where the plane's copy and constant cost a sample beat the flat
+#: grid's L2 reads, whose cost a sample falls as a RoI's samples crowd (14x14 bins on the same
+#: boxes). Measured on the Mask R-CNN map, detector-like boxes (benchmarks/plane_rule.py, H100,
+#: session 22): break-even near 0.3 (float32, 7x7), 1.8 (float32, 14x14), 0.9 (float16, 7x7),
+#: 0.8 (float16, 14x14) samples a cell.
+PLANE_MIN_SAMPLES_PER_CELL = {(4, False): 0.4, (4, True): 2.0, (2, False): 1.0, (2, True): 0.9}
 
 
 def plane_stride(w, scalar):
@@ -298,8 +303,9 @@ def _plane_bytes(scalar, ps, column_stride, fastest, shape, size, sampling_ratio
 
 
 @functools.lru_cache(maxsize=256)
-def _plane_pays(map_bytes, l2_bytes, samples, cells):
-    return map_bytes > l2_bytes // 3 and samples >= PLANE_MIN_SAMPLES_PER_CELL * cells
+def _plane_pays(map_bytes, l2_bytes, itemsize, roi_samples, k, cells):
+    least = PLANE_MIN_SAMPLES_PER_CELL[itemsize, roi_samples > 196]
+    return map_bytes > l2_bytes // 3 and k * roi_samples >= least * cells
 
 
 def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
@@ -311,15 +317,18 @@ def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
     plain RoIAlign in a float type but float64, a fixed sampling grid of 1,
     2 or 4 with at most 32 samples an axis, a plane (and a row of zeros) that
     fits the device's shared memory, and enough samples per map cell that
-    copying whole planes pays."""
+    copying whole planes pays (:data:`PLANE_MIN_SAMPLES_PER_CELL`). Mask
+    R-CNN's map with 512 RoIs an image (float32, H100, kernel time): 7x7
+    2.47 -> 1.41 ms, 14x14 (128 RoIs an image) left to the flat grid
+    (1.06 against 1.05)."""
     shared = _plane_bytes(scalar, ps, strides[3], channels_fastest(strides, shape), tuple(shape), tuple(size),
                           sampling_ratio, k)
     if not shared or shared > _kernels.shared_bytes_optin(device):
         return 0
     n, c, h, w = shape
-    samples = k * size[0] * size[1] * sampling_ratio ** 2
-    return shared if _plane_pays(n * c * h * w * _ITEMSIZE[scalar], _kernels.l2_cache_bytes(device), samples,
-                                 n * h * w) else 0
+    item = _ITEMSIZE[scalar]
+    return shared if _plane_pays(n * c * h * w * item, _kernels.l2_cache_bytes(device), item,
+                                 size[0] * size[1] * sampling_ratio ** 2, k, n * h * w) else 0
 
 
 def _plane_workspace(k, n):

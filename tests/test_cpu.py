@@ -302,6 +302,10 @@ def test_roialign_forward_plane_rule(monkeypatch):
     assert not plane(sr=4, size=(9, 9))  # 36 samples an axis
     assert not plane(shape=(2, 256, 50, 68), rois=1024)  # fits L2
     assert not plane(rois=100)  # few samples a cell: the copies would not pay
+    # _rules.PLANE_MIN_SAMPLES_PER_CELL, as measured: 512 RoIs an image at 7x7 (1.84 samples a
+    # cell) in both float types; 256 in float32 only; 128 at 14x14 (1.84) in float16 only
+    assert plane(rois=4096) and not plane("float16", rois=4096)
+    assert plane("float16", size=(14, 14), rois=2048) and not plane(size=(14, 14), rois=2048)
     assert not plane(rois=0)
     assert not plane(shape=(2, 256, 300, 272))  # a plane past shared memory
     assert not plane(shape=(5000, 4, 200, 272))  # more images than roi_image_order takes
