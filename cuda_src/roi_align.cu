@@ -872,28 +872,15 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
   }
 }
 
-// Asks L2 for the (height x width) plane at src (row stride s2 elements of
-// item bytes, unit column stride) ahead of its copy.
-__device__ __forceinline__ void prefetch_plane(const void* src, int height, int width, index_t s2, int item) {
-  const int lines = (width * item + 127) / 128 + 1;  // a row's 128-byte lines, however it is aligned
-  for (int e = threadIdx.x; e < height * lines; e += kPlaneThreads) {
-    const int r = e / lines, at = min((e - r * lines) * 128, width * item - 1);
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(src) + r * s2 * item + at));
-  }
-}
-
 // order: roi_image_order's list and starts (num_rois + batch + 2 ints);
-// table: roi_align_plane_geometry's. A block an SM (the plane fills its
-// shared memory) walks the (image, channel) planes, images fastest, so that
-// the blocks running together read the table's RoIs of every image; while it
-// pools one plane, L2 fetches its next, which the SMs would otherwise copy
-// from DRAM all at once, as their blocks start together and take about as
-// long. Shared memory: (height + 1) x plane_stride elements.
+// table: roi_align_plane_geometry's. Blocks: batch * channels, images
+// fastest, so that the blocks running together read the table's RoIs of
+// every image. Shared memory: (height + 1) x plane_stride elements.
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
-    index_t num_rois, int channels, int ph, int pw, int sampling_ratio, int plane_stride,
+    index_t num_rois, int ph, int pw, int sampling_ratio, int plane_stride,
     const int* __restrict__ order, const void* __restrict__ table,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
@@ -901,29 +888,21 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
   const int* starts = order + num_rois;
   extern __shared__ __align__(16) unsigned char plane_shared[];
   T* plane = reinterpret_cast<T*>(plane_shared);
-  const int planes = batch * channels;
-  for (int task = blockIdx.x; task < planes; task += gridDim.x) {
-    const int b = task % batch, c = task / batch;
-    T* out = output + (index_t)c * out_s1;
-    if (b == 0)  // rows of an invalid batch index
-      for (int r = starts[batch] + (threadIdx.x >> 5); r < num_rois; r += kPlaneWarps)
-        for (int bin = threadIdx.x & 31; bin < ph * pw; bin += 32) {
-          const int i = bin / pw, j = bin - i * pw;
-          store(out + order[r] * out_s0 + i * out_s2 + j * out_s3, quiet_nan<A>());
-        }
-    const int first = starts[b], last = starts[b + 1];
-    if (first >= last) continue;
-    load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
-    __syncthreads();
-    const int next = task + gridDim.x;
-    if (next < planes && starts[next % batch] < starts[next % batch + 1])
-      prefetch_plane(input + (index_t)(next % batch) * in_s0 + (index_t)(next / batch) * in_s1, height, width, in_s2,
-                     sizeof(T));
-    if (sampling_ratio == 1) plane_pool<1>(plane, order, first, last, geo, ph, pw, out, out_s0, out_s2, out_s3);
-    else if (sampling_ratio == 2) plane_pool<2>(plane, order, first, last, geo, ph, pw, out, out_s0, out_s2, out_s3);
-    else plane_pool<4>(plane, order, first, last, geo, ph, pw, out, out_s0, out_s2, out_s3);
-    __syncthreads();  // the plane is read before the next is copied over it
-  }
+  const int b = (int)(blockIdx.x % (unsigned)batch), c = (int)(blockIdx.x / (unsigned)batch);
+  output += (index_t)c * out_s1;
+  if (b == 0)  // rows of an invalid batch index
+    for (int r = starts[batch] + (threadIdx.x >> 5); r < num_rois; r += kPlaneWarps)
+      for (int bin = threadIdx.x & 31; bin < ph * pw; bin += 32) {
+        const int i = bin / pw, j = bin - i * pw;
+        store(output + order[r] * out_s0 + i * out_s2 + j * out_s3, quiet_nan<A>());
+      }
+  const int first = starts[b], last = starts[b + 1];
+  if (first >= last) return;
+  load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
+  __syncthreads();
+  if (sampling_ratio == 1) plane_pool<1>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  else if (sampling_ratio == 2) plane_pool<2>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  else plane_pool<4>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
 }
 
 // Where a RoI's gradient goes: the buffer, its strides and size, the

@@ -78,7 +78,7 @@ SIGNATURES = {
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
     "roi_image_order": "pqipp",
     "roi_align_plane_geometry": "pqiiiiii" "aii" "p",
-    "roi_align_forward_plane": "piiiqqqq" "qiiiii" "pp" "pqqqq",
+    "roi_align_forward_plane": "piiiqqqq" "qiiii" "pp" "pqqqq",
     "channels_last_to_nchw": "piiqp",
 }
 
@@ -281,11 +281,6 @@ def l2_cache_bytes(device_id):
 def shared_bytes_optin(device_id):
     """The most dynamic shared memory one block may opt in to, in bytes."""
     return _device_property(device_id, "sharedMemPerBlockOptin")
-
-
-def multiprocessors(device_id):
-    """The device's SM count."""
-    return _device_property(device_id, "multiProcessorCount")
 
 
 _launch_kernel = []

@@ -362,9 +362,8 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
         _kernels.launch(geometry, _kernels.blocks_for(32 * k), stream,
                         (rows, k, n, h, w, stride, ph, pw, scale, sampling_ratio, aligned, table))
         fn = _kernels.get_function("roi_align", "roi_align_forward_plane", scalar, False, device)
-        _kernels.launch(fn, min(n * c, _kernels.multiprocessors(device)), stream,
-                        (x[0], n, h, w, *x[1], k, c, ph, pw, sampling_ratio, stride, order, table, out[0], *out[1]),
-                        threads=PLANE_THREADS, shared=shared)
+        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], k, ph, pw, sampling_ratio, stride, order, table,
+                                            out[0], *out[1]), threads=PLANE_THREADS, shared=shared)
         return
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])
