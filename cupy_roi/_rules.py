@@ -304,8 +304,8 @@ def _plane_bytes(scalar, ps, column_stride, fastest, shape, size, sampling_ratio
 
 @functools.lru_cache(maxsize=256)
 def _plane_pays(map_bytes, l2_bytes, itemsize, roi_samples, k, cells):
-    least = PLANE_MIN_SAMPLES_PER_CELL[itemsize, roi_samples > 196]
-    return map_bytes > l2_bytes // 3 and k * roi_samples >= least * cells
+    least = PLANE_MIN_SAMPLES_PER_CELL.get((itemsize, roi_samples > 196))  # none for float64
+    return least is not None and map_bytes > l2_bytes // 3 and k * roi_samples >= least * cells
 
 
 def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
@@ -321,14 +321,14 @@ def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
     R-CNN's map with 512 RoIs an image (float32, H100, kernel time): 7x7
     2.47 -> 1.41 ms, 14x14 (128 RoIs an image) left to the flat grid
     (1.06 against 1.05)."""
-    shared = _plane_bytes(scalar, ps, strides[3], channels_fastest(strides, shape), tuple(shape), tuple(size),
-                          sampling_ratio, k)
-    if not shared or shared > _kernels.shared_bytes_optin(device):
-        return 0
     n, c, h, w = shape
     item = _ITEMSIZE[scalar]
-    return shared if _plane_pays(n * c * h * w * item, _kernels.l2_cache_bytes(device), item,
-                                 size[0] * size[1] * sampling_ratio ** 2, k, n * h * w) else 0
+    if not _plane_pays(n * c * h * w * item, _kernels.l2_cache_bytes(device), item,
+                       size[0] * size[1] * sampling_ratio ** 2, k, n * h * w):
+        return 0
+    shared = _plane_bytes(scalar, ps, strides[3], channels_fastest(strides, shape), tuple(shape), tuple(size),
+                          sampling_ratio, k)
+    return shared if shared and shared <= _kernels.shared_bytes_optin(device) else 0
 
 
 def _plane_workspace(k, n):
