@@ -755,14 +755,14 @@ __global__ void roi_align_plane_geometry(
   }
 }
 
-// dst[0 .. 4 bytes) = src[0 .. 4 bytes), asynchronously where the device
+// dst[0 .. 16 bytes) = src[0 .. 16 bytes), asynchronously where the device
 // can (plane_copy_wait waits for all of this thread's).
-__device__ __forceinline__ void plane_copy4(void* dst, const void* src) {
+__device__ __forceinline__ void plane_copy16(void* dst, const void* src) {
 #if __CUDA_ARCH__ >= 800
   const unsigned at = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(at), "l"(src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(at), "l"(src));
 #else
-  *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(src);
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #endif
 }
 
@@ -773,20 +773,19 @@ __device__ __forceinline__ void plane_copy_wait() {
 }
 
 // Copies the (height x width) plane at src (row stride s2, column stride s3)
-// into shared memory, rows plane_stride elements apart (an odd number of
-// 4-byte words, so rows fall in different banks), and zeros the row below it:
-// 4 bytes a copy where rows allow. With one block an SM nothing hides the
-// copy's latency, so the copies go out all at once.
+// into shared memory, rows plane_stride elements apart, and zeros the row
+// below it: 16 bytes a copy where rows allow. With one block an SM nothing
+// hides the copy's latency, so the copies go out all at once.
 template <typename T>
 __device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* src, int height, int width,
                                            index_t s2, index_t s3) {
-  constexpr int kVec = 4 / sizeof(T);
+  constexpr int kVec = 16 / sizeof(T);
   for (int e = threadIdx.x; e < plane_stride; e += kPlaneThreads) plane[height * plane_stride + e] = T();
-  if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && reinterpret_cast<size_t>(src) % 4 == 0) {
+  if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && plane_stride % kVec == 0 && aligned16(src)) {
     const int per_row = width / kVec, total = height * per_row;
     for (int e = threadIdx.x; e < total; e += kPlaneThreads) {
       const int r = e / per_row, q = (e - r * per_row) * kVec;
-      plane_copy4(plane + r * plane_stride + q, src + r * s2 + q);
+      plane_copy16(plane + r * plane_stride + q, src + r * s2 + q);
     }
     plane_copy_wait();
     return;
@@ -823,63 +822,52 @@ __device__ __forceinline__ float shared_value(const __nv_bfloat16*, unsigned at)
   return __bfloat162float(__ushort_as_bfloat16(v));
 }
 
-// Lanes a slot of a RoI: twice its row samples (at most 16 a pass), a power
-// of two. _rules.plane_stage_entries mirrors this.
-__device__ __forceinline__ int plane_slot_bits(int rows) { return 32 - __clz(2 * min(rows, 16) - 1); }
-
 // The RoIs order[first .. last) of the block's plane, N x N samples a bin.
-// The warp's lanes make slots (plane_slot_bits), a RoI a slot; lane (t, q)
-// of a slot takes row sample t's lower (q = 0) or upper pixel row and walks
-// the RoI's x samples, which the slot's lanes put in the warp's stage in
-// shared memory and read by broadcast. One read of the lanes is then one
-// column of up to 32 pixel rows, in different banks unless 32 rows apart
-// (plane rows an odd number of words apart); lanes over x samples instead
-// read ~14 columns of a ~70-pixel box in one row, 2.8 wavefronts a read
-// (Nsight Compute, session 22). The lanes of a bin add up by shuffles.
+// The warp's lanes make slots of a power of two lanes, at least the RoI's x
+// samples and y samples, a RoI a slot; lane l of a slot takes x sample l and
+// reads the RoI's row sample l, shuffled to the slot's lanes as the rows are
+// walked: a RoI's table comes in one round trip to L2, not one a row.
 template <int N, typename T, typename A>
-__device__ __forceinline__ void plane_pool(const T* plane, int zero_row, PlaneAxis<A>* stage, const int* order,
-                                           int first, int last, const PlaneRoi<A>* geo, int ph, int pw, T* output,
-                                           index_t out_s0, index_t out_s2, index_t out_s3) {
-  const int lane = threadIdx.x & 31, rows = ph * N, cols = pw * N;
-  const int slot_bits = plane_slot_bits(rows), per_warp = 32 >> slot_bits, pass_rows = 1 << (slot_bits - 1);
-  const int q = lane >> slot_bits, l = lane & ((1 << slot_bits) - 1), t = l >> 1, upper = l & 1;
-  const bool head = (l & (2 * N - 1)) == 0;  // the lane that writes its bin
-  stage += ((threadIdx.x >> 5) * per_warp + q) * cols;
+__device__ __forceinline__ void plane_pool(const T* plane, const int* order, int first, int last,
+                                           const PlaneRoi<A>* geo, int ph, int pw, T* output, index_t out_s0,
+                                           index_t out_s2, index_t out_s3) {
+  const int lane = threadIdx.x & 31;
+  const int slot_bits = 32 - __clz(max(ph, pw) * N - 1), per_warp = 32 >> slot_bits;
+  const int q = lane >> slot_bits, l = lane & ((1 << slot_bits) - 1), slot = q << slot_bits;
+  const int j = l / N;
+  const bool writer = j < pw && (l & (N - 1)) == 0;
   const unsigned base = (unsigned)__cvta_generic_to_shared(plane);
   for (int r0 = first + (threadIdx.x >> 5) * per_warp; r0 < last; r0 += kPlaneWarps * per_warp) {
     const int r = r0 + q;
     const bool live = r < last;
     const index_t k = order[live ? r : first];  // a slot past the last reads the first RoI, writes nothing
-    const PlaneRoi<A>* g = geo + k;
-    const bool valid = g->valid;
-    const A inv_count = g->inv_count;
-    __syncwarp();  // the stage is read before it takes these RoIs' x samples
-    for (int s = l; s < cols; s += 1 << slot_bits) stage[s] = g->cols[s];
-    __syncwarp();
-    const T* out = output + k * out_s0;
-    for (int p = 0; p < rows; p += pass_rows) {
-      const int ys = p + t;
-      PlaneAxis<A> y;
-      y.lo = y.hi = zero_row;
-      y.w_lo = y.w_hi = A(0);
-      if (ys < rows) y = g->rows[ys];
-      const unsigned row = base + (upper ? y.hi : y.lo);
-      const A wy = upper ? y.w_hi : y.w_lo;
-      const bool writer = live && head && ys < rows;
-      T* o = const_cast<T*>(out) + (ys / N) * out_s2;
-      for (int j = 0; j < pw; ++j, o += out_s3) {
-        A sum = A(0);
+    const PlaneRoi<A>* t = geo + k;
+    const bool valid = t->valid;
+    const A inv_count = t->inv_count;
+    PlaneAxis<A> row, x;
+    if (l < ph * N) row = t->rows[l];
+    x.lo = -1;
+    if (j < pw) x = t->cols[l];
+    const bool on_map = x.lo >= 0;  // a column off the map adds nothing: its lanes read column 0, sum 0
+    const unsigned col_lo = base + (on_map ? x.lo : 0), col_hi = base + (on_map ? x.hi : 0);
+    const A hx = x.w_lo, lx = x.w_hi;
+    T* o = output + k * out_s0 + j * out_s3;
+    for (int i = 0; i < ph; ++i, o += out_s2) {
+      A sum = A(0);
 #pragma unroll
-        for (int ix = 0; ix < N; ++ix) {
-          const PlaneAxis<A> x = stage[j * N + ix];
-          if (x.lo < 0) continue;  // a sample off the map adds nothing
-          sum = fused(x.w_hi, shared_value(plane, row + x.hi), fused(x.w_lo, shared_value(plane, row + x.lo), sum));
-        }
-        sum *= wy;
-#pragma unroll
-        for (int m = 1; m < 2 * N; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
-        if (writer) store(o, valid ? sum * inv_count : quiet_nan<A>());
+      for (int iy = 0; iy < N; ++iy) {
+        const int at = slot + i * N + iy;
+        const unsigned lo = __shfl_sync(0xffffffffu, row.lo, at), hi = __shfl_sync(0xffffffffu, row.hi, at);
+        const A w_hi = __shfl_sync(0xffffffffu, row.w_hi, at);
+        const A w_lo = A(1) - w_hi;  // as axis_weights has it (a row off the map: 1, on zeros)
+        const A top = fused(lx, shared_value(plane, col_hi + lo), hx * shared_value(plane, col_lo + lo));
+        const A bottom = fused(lx, shared_value(plane, col_hi + hi), hx * shared_value(plane, col_lo + hi));
+        sum = fused(w_hi, bottom, fused(w_lo, top, sum));
       }
+      if (!on_map) sum = A(0);
+#pragma unroll
+      for (int m = 1; m < N; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+      if (writer && live) store(o, valid ? sum * inv_count : quiet_nan<A>());
     }
   }
 }
@@ -887,8 +875,7 @@ __device__ __forceinline__ void plane_pool(const T* plane, int zero_row, PlaneAx
 // order: roi_image_order's list and starts (num_rois + batch + 2 ints);
 // table: roi_align_plane_geometry's. Blocks: batch * channels, images
 // fastest, so that the blocks running together read the table's RoIs of
-// every image. Shared memory: (height + 1) x plane_stride elements, then
-// (16-byte aligned) the warps' stages of x samples (PlaneAxis).
+// every image. Shared memory: (height + 1) x plane_stride elements.
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     const T* __restrict__ input, int batch, int height, int width,
@@ -913,14 +900,9 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
   if (first >= last) return;
   load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
   __syncthreads();
-  const int zero_row = height * plane_stride * (int)sizeof(T);
-  PlaneAxis<A>* stage = reinterpret_cast<PlaneAxis<A>*>(plane_shared + (zero_row + plane_stride * sizeof(T) + 15) / 16 * 16);
-  if (sampling_ratio == 1)
-    plane_pool<1>(plane, zero_row, stage, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
-  else if (sampling_ratio == 2)
-    plane_pool<2>(plane, zero_row, stage, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
-  else
-    plane_pool<4>(plane, zero_row, stage, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  if (sampling_ratio == 1) plane_pool<1>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  else if (sampling_ratio == 2) plane_pool<2>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
+  else plane_pool<4>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
 }
 
 // Where a RoI's gradient goes: the buffer, its strides and size, the

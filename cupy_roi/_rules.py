@@ -272,7 +272,7 @@ def _fill_order(device, stream, scalar, rows, k, n, order, total, starts=0):
 
 
 #: roi_align.cu's plane mode: kPlaneThreads, kPlaneSamples, sizeof(PlaneRoi<float>)
-PLANE_THREADS, PLANE_SAMPLES, PLANE_ROI_BYTES, PLANE_AXIS_BYTES = 1024, 32, 1040, 16
+PLANE_THREADS, PLANE_SAMPLES, PLANE_ROI_BYTES = 1024, 32, 1040
 #: samples (RoIs x bins x sampling grid) a map cell, at least, for the plane mode, by (item size,
 #: more than 196 samples a RoI): where the plane's copy and constant cost a sample beat the flat
 #: grid's L2 reads, whose cost a sample falls as a RoI's samples crowd (14x14 bins on the same
@@ -283,21 +283,10 @@ PLANE_MIN_SAMPLES_PER_CELL = {(4, False): 0.4, (4, True): 2.0, (2, False): 1.0, 
 
 
 def plane_stride(w, scalar):
-    """Elements between the plane's rows in shared memory: an odd number of
-    4-byte words, so that the pixel rows a warp reads in one column fall in
-    different banks."""
-    per_word = 4 // _ITEMSIZE[scalar]
-    return (-(-w // per_word) | 1) * per_word
-
-
-def plane_stage_entries(size, sampling_ratio):
-    """x samples the plane mode's warps stage in shared memory, each: a RoI's
-    (``pw * sampling_ratio``) a slot of ``2 * min(ph * sampling_ratio, 16)``
-    lanes rounded up to a power of two (``plane_slot_bits`` in
-    cuda_src/roi_align.cu)."""
-    rows = size[0] * sampling_ratio
-    slot = 1 << (2 * min(rows, 16) - 1).bit_length()
-    return 32 // slot * size[1] * sampling_ratio
+    """Elements between the plane's rows in shared memory: whole 16-byte
+    vectors, so that rows copy 16 bytes at a time."""
+    v = 16 // _ITEMSIZE[scalar]
+    return -(-w // v) * v
 
 
 @functools.lru_cache(maxsize=256)
@@ -310,8 +299,7 @@ def _plane_bytes(scalar, ps, column_stride, fastest, shape, size, sampling_ratio
         return 0
     if max(ph, pw) * sampling_ratio > PLANE_SAMPLES or k >= 2 ** 31 // 8:
         return 0
-    plane = -(-(h + 1) * plane_stride(w, scalar) * _ITEMSIZE[scalar] // 16) * 16  # and a zero row
-    return plane + (PLANE_THREADS // 32) * plane_stage_entries(size, sampling_ratio) * PLANE_AXIS_BYTES
+    return (h + 1) * plane_stride(w, scalar) * _ITEMSIZE[scalar]  # and a zero row
 
 
 @functools.lru_cache(maxsize=256)
