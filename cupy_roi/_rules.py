@@ -204,12 +204,13 @@ def _grad_itemsize(scalar, max_grad):
 # fixed point (GradSink in cuda_src/roi_common.cuh) that fixed_point_gradient
 # then converts.
 
-def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, cpt=1):
-    """``total``: output elements; a grouped kernel runs ``total / cpt`` threads."""
+def _run(family, kernel, device, stream, scalar, ps, total, args, blocks=None, cpt=1, **launch):
+    """``total``: output elements; a grouped kernel runs ``total / cpt`` threads.
+    ``launch``: :func:`_kernels.launch`'s block size and shared memory."""
     if total == 0:
         return
     fn = _kernels.get_function(family, kernel, scalar, ps, device, cpt)
-    _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args)
+    _kernels.launch(fn, blocks or _kernels.blocks_for(total // cpt), stream, args, **launch)
 
 
 @functools.lru_cache(maxsize=256)
@@ -290,14 +291,14 @@ def plane_stride(w, scalar):
 
 
 @functools.lru_cache(maxsize=256)
-def _plane_bytes(scalar, ps, column_stride, fastest, shape, size, sampling_ratio, k):
+def _plane_bytes(scalar, ps, column_stride, fastest, shape, size, sampling_ratio):
     n, c, h, w = shape
     ph, pw = size
-    if ps or scalar == "float64" or k == 0 or column_stride != 1 or fastest or n > _kernels.MAX_ORDER_IMAGES:
+    if ps or scalar == "float64" or column_stride != 1 or fastest or n > _kernels.MAX_ORDER_IMAGES:
         return 0
     if sampling_ratio not in (1, 2, 4):
         return 0
-    if max(ph, pw) * sampling_ratio > PLANE_SAMPLES or k >= 2 ** 31 // 8:
+    if max(ph, pw) * sampling_ratio > PLANE_SAMPLES:
         return 0
     return (h + 1) * plane_stride(w, scalar) * _ITEMSIZE[scalar]  # and a zero row
 
@@ -326,8 +327,10 @@ def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
     if not _plane_pays(n * c * h * w * item, _kernels.l2_cache_bytes(device), item,
                        size[0] * size[1] * sampling_ratio ** 2, k, n * h * w):
         return 0
+    if not 0 < k < 2 ** 31 // 8:
+        return 0
     shared = _plane_bytes(scalar, ps, strides[3], channels_fastest(strides, shape), tuple(shape), tuple(size),
-                          sampling_ratio, k)
+                          sampling_ratio)
     return shared if shared and shared <= _kernels.shared_bytes_optin(device) else 0
 
 
@@ -358,12 +361,11 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
         stride = plane_stride(w, scalar)
         table = order + _plane_workspace(k, n)[1]
         _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
-        geometry = _kernels.get_function("roi_align", "roi_align_plane_geometry", scalar, False, device)
-        _kernels.launch(geometry, _kernels.blocks_for(32 * k), stream,
-                        (rows, k, n, h, w, stride, ph, pw, scale, sampling_ratio, aligned, table))
-        fn = _kernels.get_function("roi_align", "roi_align_forward_plane", scalar, False, device)
-        _kernels.launch(fn, n * c, stream, (x[0], n, h, w, *x[1], k, ph, pw, sampling_ratio, stride, order, table,
-                                            out[0], *out[1]), threads=PLANE_THREADS, shared=shared)
+        _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
+             (rows, k, n, h, w, stride, ph, pw, scale, sampling_ratio, aligned, table))
+        _run("roi_align", "roi_align_forward_plane", device, stream, scalar, False, n * c * PLANE_THREADS,
+             (x[0], n, h, w, *x[1], k, ph, pw, sampling_ratio, stride, order, table, out[0], *out[1]),
+             blocks=n * c, threads=PLANE_THREADS, shared=shared)
         return
     c_out = c // (ph * pw) if ps else c
     block = channel_block(device, x[1], shape, size, c_out, _ITEMSIZE[scalar])

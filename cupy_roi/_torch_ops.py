@@ -187,19 +187,19 @@ def roi_align_forward_cuda(input: torch.Tensor, rows: torch.Tensor, ph: int, pw:
                            sampling_ratio: int, aligned: bool, ps: bool) -> torch.Tensor:
     out = _empty(_out_shape(input, rows, ph, pw, ps), input)
     device, scalar, shape, k = input.device.index, _SCALAR[input.dtype], tuple(input.shape), rows.shape[0]
-    size = _rules.roi_align_forward_workspace(device, scalar, ps, input.stride(), shape, (ph, pw), sampling_ratio, k)
-    order = torch.empty(size, dtype=torch.uint8, device=input.device) if size else None
+    order = _workspace(input.device, _rules.roi_align_forward_workspace(device, scalar, ps, input.stride(), shape,
+                                                                        (ph, pw), sampling_ratio, k))
     _launch(_rules.roi_align_forward, device, scalar, ps, _view(input), shape, rows.data_ptr(), k, (ph, pw), scale,
             sampling_ratio, aligned, _view(out), 0 if order is None else order.data_ptr())
     return out
 
 
-def _order_workspace(device, scalar, ps, shape, k):
-    """The RoIAlign kernels' RoI order workspace (_rules.roi_order_bytes), or
-    None. Freed on the caller's return: PyTorch's allocator hands it on in
-    stream order."""
-    size = _rules.roi_order_bytes(device.index, scalar, ps, shape, k)
-    return torch.empty(size, dtype=torch.uint8, device=device) if size else None
+def _workspace(device, nbytes):
+    """A scratch buffer of ``nbytes`` bytes for the kernels of one call (the
+    RoIAlign kernels' RoI order: _rules.roi_order_bytes and
+    roi_align_forward_workspace), or None for 0. Freed on the caller's
+    return: PyTorch's allocator hands it on in stream order."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
 
 
 def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: int, h: int, w: int, scale: float,
@@ -210,7 +210,7 @@ def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: i
                                                                      rows.shape[0], det)
     sink = _GradientBuffer(shape, grad, _layout_format(channels_last or transposed), det)
     size = tuple(grad.shape[2:])
-    order = _order_workspace(grad.device, scalar, ps, shape, rows.shape[0])
+    order = _workspace(grad.device, _rules.roi_order_bytes(grad.device.index, scalar, ps, shape, rows.shape[0]))
     _launch(_rules.roi_align_backward, grad.device.index, scalar, ps, _view(grad), shape, rows.data_ptr(),
             rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer), sink.max_grad_ptr,
             0 if order is None else order.data_ptr())
@@ -586,7 +586,7 @@ def multi_scale_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, flat_shape
     layout = _layout_format(channels_last or transposed)
     sinks = [_GradientBuffer(shapes[0], grad, layout, deterministic)]
     sinks += [_GradientBuffer(shape, grad, layout, deterministic, sinks[0].max_grad) for shape in shapes[1:]]
-    order = _order_workspace(grad.device, scalar, False, shapes[0], k)
+    order = _workspace(grad.device, _rules.roi_order_bytes(grad.device.index, scalar, False, shapes[0], k))
     _launch(_rules.multi_scale_roi_align_backward, grad.device.index, scalar, _view(grad),
             [_view(sink.buffer) for sink in sinks], shapes, scales, rows.data_ptr(), k, size,
             (mode, s0, lvl0, lo, hi), sampling_ratio, aligned, sinks[0].max_grad_ptr,

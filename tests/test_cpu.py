@@ -313,9 +313,7 @@ def test_roialign_forward_plane_rule(monkeypatch):
         -(-4 * (k + n + 2) // 16) * 16 + 1040 * k)
     assert _rules.roi_align_forward_workspace(0, "float32", False, nhwc, mask_rcnn, (7, 7), 2, k) == 4 * k
 
-    runs, launches = [], []
-    monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
-                        runs.append((kernel, args, kw)))
+    launches = []
     monkeypatch.setattr(_kernels, "get_function", lambda family, kernel, *rest: kernel)
     monkeypatch.setattr(_kernels, "launch", lambda fn, blocks, stream, args, **kw:
                         launches.append((fn, blocks, args, kw)))
@@ -323,10 +321,10 @@ def test_roialign_forward_plane_rule(monkeypatch):
     work = 1 << 20
     _rules.roi_align_forward(0, 0, "float32", False, (11, nchw), mask_rcnn, 22, k, (7, 7), 0.25, 2, False, out, work)
     table = work + -(-4 * (k + n + 2) // 16) * 16
-    assert runs == [("roi_image_order", (22, k, n, work, work + 4 * k), {"blocks": 1})]
-    (geometry, _, geometry_args, _), (forward, blocks, args, kw) = launches
-    assert geometry == "roi_align_plane_geometry" and geometry_args == (22, k, n, h, w, 272, 7, 7, 0.25, 2, False,
-                                                                        table)
+    order, geometry, (forward, blocks, args, kw) = launches
+    assert order == ("roi_image_order", 1, (22, k, n, work, work + 4 * k), {})
+    assert geometry == ("roi_align_plane_geometry", 32 * k // 256,
+                        (22, k, n, h, w, 272, 7, 7, 0.25, 2, False, table), {})  # a warp a RoI
     assert forward == "roi_align_forward_plane" and blocks == n * c
     assert args == (11, n, h, w, *nchw, k, 7, 7, 2, 272, work, table, 7, *out[1])
     assert kw == {"threads": 1024, "shared": 201 * 272 * 4}
