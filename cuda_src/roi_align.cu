@@ -715,9 +715,6 @@ template <typename A>
 struct PlaneRoi {
   A inv_count;
   int valid;  // 0: a NaN or infinite coordinate (NaN outputs)
-  // first and last pixel row, first and last column that its samples reach
-  // (first > last: none); the tile backward's test of which RoIs reach a tile
-  short reach[4];
   PlaneAxis<A> rows[kPlaneSamples];
   PlaneAxis<A> cols[kPlaneSamples];
 };
@@ -749,17 +746,22 @@ __device__ __forceinline__ void warp_reach(bool on, int lo, int hi, short& first
 // A warp a RoI: table[k] for every RoI k (rows of an invalid batch index
 // too, though the plane kernels read none of theirs). Rows lo/hi are in
 // units of row_bytes, columns of item bytes: the forward's byte offsets in
-// its plane, or pixel indices (1, 1) for the tile backward.
+// its plane, or pixel indices (1, 1) for the tile backward. Where reach is
+// given (the tile backward), reach[r] (4 shorts) is the first and last pixel
+// row, first and last column that the samples of RoI order[r] reach (first
+// > last: none), in the order's places: the tile kernel's test of which RoIs
+// reach a tile reads them 32 places at a time.
 template <typename T, bool PS>
 __global__ void roi_align_plane_geometry(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
     int row_bytes, int item, int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio,
-    int aligned, void* __restrict__ table) {
+    int aligned, void* __restrict__ table, const int* __restrict__ order, void* __restrict__ reach) {
   typedef typename acc_type<T>::type A;
   PlaneRoi<A>* geo = reinterpret_cast<PlaneRoi<A>*>(table);
   const int lane = threadIdx.x & 31;
-  for (index_t k = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; k < num_rois;
-       k += ((index_t)blockDim.x * gridDim.x) >> 5) {
+  for (index_t r = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < num_rois;
+       r += ((index_t)blockDim.x * gridDim.x) >> 5) {
+    const index_t k = order ? order[r] : r;
     PlaneRoi<A>& t = geo[k];
     int b; A x1, y1, x2, y2;
     const bool ok = load_roi(rois, k, batch, b, x1, y1, x2, y2);
@@ -769,22 +771,21 @@ __global__ void roi_align_plane_geometry(
     const A off_map = A(-2);  // any position axis_weights drops
     int lo, hi;
     A w_lo, w_hi;
-    short reach[4];
+    short reach_of[4];
     const bool row_on = lane < ph * n && axis_weights(ok ? g.sample_y(lane / n, lane % n) : off_map, height, lo,
                                                       hi, w_lo, w_hi);
-    warp_reach(row_on, lo, hi, reach[0], reach[1]);
+    warp_reach(row_on, lo, hi, reach_of[0], reach_of[1]);
     if (lane < ph * n)
       t.rows[lane] = plane_axis(ok ? g.sample_y(lane / n, lane % n) : off_map, height, row_bytes,
                                 height * row_bytes);
     const bool col_on = lane < pw * n && axis_weights(ok ? g.sample_x(lane / n, lane % n) : off_map, width, lo,
                                                       hi, w_lo, w_hi);
-    warp_reach(col_on, lo, hi, reach[2], reach[3]);
+    warp_reach(col_on, lo, hi, reach_of[2], reach_of[3]);
     if (lane < pw * n) t.cols[lane] = plane_axis(ok ? g.sample_x(lane / n, lane % n) : off_map, width, item, -1);
     if (lane == 0) {
       t.inv_count = g.inv_count;
       t.valid = ok;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) t.reach[e] = reach[e];
+      if (reach) reinterpret_cast<short4*>(reach)[r] = make_short4(reach_of[0], reach_of[1], reach_of[2], reach_of[3]);
     }
   }
 }
@@ -1091,6 +1092,7 @@ __global__ void channels_last_to_nchw(const typename acc_type<T>::type* __restri
 constexpr int kTileRows = 8, kTileCols = 8, kTilePixels = kTileRows * kTileCols;
 constexpr int kTileChannels = 128;  // 4 a lane
 constexpr int kTileWarps = 2;       // a block
+constexpr int kTileBatch = 4;       // samples whose gradient reads go out together
 static_assert(kTilePixels * kTileChannels * 4 * kTileWarps <= 64 * 1024, "_rules.TILE_SHARED_BYTES");
 
 // Four consecutive channels at p, element by element unless vectors (8 or 16
@@ -1154,18 +1156,33 @@ __device__ __forceinline__ void set_tile_sum(unsigned at, float4 v) {
                : "memory");
 }
 
-// One corner of a sample: pixel (y, x) of the tile (either may lie outside:
-// nothing) gains w * g.
-__device__ __forceinline__ void tile_add(unsigned base, int lane, int y, int x, float w, float4 g) {
-  if ((unsigned)y >= (unsigned)kTileRows || (unsigned)x >= (unsigned)kTileCols) return;
-  const unsigned at = tile_slot(base, y * kTileCols + x, lane);
-  float4 s = tile_sum(at);
+// A sample's corners on the tile (rows ylo, yhi and columns xlo, xhi of it;
+// outside: nothing) gain their weights times g: the four sums read, then
+// written, so that one round trip to shared memory serves them. A row or
+// column clamped at the map's edge (hi == lo) has weight 0 at hi (see
+// axis_weights) and is left out, so the four pixels differ.
+__device__ __forceinline__ void fma4(float w, float4 g, float4& s) {
   s.x = fused(w, g.x, s.x); s.y = fused(w, g.y, s.y); s.z = fused(w, g.z, s.z); s.w = fused(w, g.w, s.w);
-  set_tile_sum(at, s);
+}
+__device__ __forceinline__ void tile_add_sample(unsigned base, int lane, int ylo, int yhi, int xlo, int xhi,
+                                                float wy_lo, float wy_hi, float wx_lo, float wx_hi, float4 g) {
+  const bool y0 = (unsigned)ylo < (unsigned)kTileRows, y1 = yhi != ylo && (unsigned)yhi < (unsigned)kTileRows;
+  const bool x0 = (unsigned)xlo < (unsigned)kTileCols, x1 = xhi != xlo && (unsigned)xhi < (unsigned)kTileCols;
+  const unsigned a00 = tile_slot(base, ylo * kTileCols + xlo, lane), a01 = tile_slot(base, ylo * kTileCols + xhi, lane);
+  const unsigned a10 = tile_slot(base, yhi * kTileCols + xlo, lane), a11 = tile_slot(base, yhi * kTileCols + xhi, lane);
+  float4 s00, s01, s10, s11;
+  if (y0 && x0) s00 = tile_sum(a00);
+  if (y0 && x1) s01 = tile_sum(a01);
+  if (y1 && x0) s10 = tile_sum(a10);
+  if (y1 && x1) s11 = tile_sum(a11);
+  if (y0 && x0) { fma4(wy_lo * wx_lo, g, s00); set_tile_sum(a00, s00); }
+  if (y0 && x1) { fma4(wy_lo * wx_hi, g, s01); set_tile_sum(a01, s01); }
+  if (y1 && x0) { fma4(wy_hi * wx_lo, g, s10); set_tile_sum(a10, s10); }
+  if (y1 && x1) { fma4(wy_hi * wx_hi, g, s11); set_tile_sum(a11, s11); }
 }
 
 // order: roi_image_order's list and starts (num_rois + batch + 2 ints);
-// table: roi_align_plane_geometry's in pixel units. Warps: batch x tiles x
+// table and reach_by_order: roi_align_plane_geometry's in pixel units. Warps: batch x tiles x
 // channel blocks of kTileChannels, channel blocks fastest, then tiles along
 // rows, images slowest (the warps running together read one image's RoIs
 // and gradients). grad_input: every element written, or added to where
@@ -1174,7 +1191,7 @@ template <typename T, bool PS>
 __global__ void __launch_bounds__(kTileWarps * 32) roi_align_backward_tiles(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
     index_t num_rois, int channels, int ph, int pw, int sampling_ratio,
-    const int* __restrict__ order, const void* __restrict__ table,
+    const int* __restrict__ order, const void* __restrict__ table, const void* __restrict__ reach_by_order,
     T* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, int accumulate) {
   typedef typename acc_type<T>::type A;
@@ -1202,47 +1219,70 @@ __global__ void __launch_bounds__(kTileWarps * 32) roi_align_backward_tiles(
   __syncwarp();
 
   const int first = starts[b], last = starts[b + 1];
+  const short4* reach = reinterpret_cast<const short4*>(reach_by_order);
+  const auto reaches = [&](int r) {
+    if (r >= last) return false;
+    const short4 e = reach[r];
+    return e.x < y0 + kTileRows && e.y >= y0 && e.z < x0 + kTileCols && e.w >= x0;
+  };
+  // The next hit's sample axes, loaded while the current one's are added.
+  const auto axes = [&](unsigned hits, int r0, int& roi, A& inv_count, PlaneAxis<A>& row, PlaneAxis<A>& col) {
+    row.lo = row.hi = col.lo = col.hi = -1;
+    row.w_lo = row.w_hi = col.w_lo = col.w_hi = A(0);
+    roi = hits ? order[r0 + __ffs(hits) - 1] : 0;
+    if (!hits) return;
+    const PlaneRoi<A>* g = geo + roi;
+    inv_count = g->inv_count;
+    if (lane < ph * n) row = g->rows[lane];
+    if (lane < pw * n) col = g->cols[lane];
+  };
+  bool hit = reaches(first + lane);
   for (int r0 = first; r0 < last; r0 += 32) {
-    const int r = r0 + lane;
-    int k = -1;
-    bool reaches = false;
-    if (r < last) {
-      k = order[r];
-      const short4 reach = *reinterpret_cast<const short4*>(geo[k].reach);
-      reaches = reach.x < y0 + kTileRows && reach.y >= y0 && reach.z < x0 + kTileCols && reach.w >= x0;
-    }
-    for (unsigned hits = __ballot_sync(0xffffffffu, reaches); hits; hits &= hits - 1) {
-      const int roi = __shfl_sync(0xffffffffu, k, __ffs(hits) - 1);
-      const PlaneRoi<A>* g = geo + roi;
-      PlaneAxis<A> row, col;
-      row.lo = row.hi = col.lo = col.hi = -1;
-      if (lane < ph * n) row = g->rows[lane];
-      if (lane < pw * n) col = g->cols[lane];
+    unsigned hits = __ballot_sync(0xffffffffu, hit);
+    hit = reaches(r0 + 32 + lane);  // the next 32 places', while these are summed
+    int roi;
+    A inv_count;
+    PlaneAxis<A> row, col;
+    axes(hits, r0, roi, inv_count, row, col);
+    while (hits) {
+      hits &= hits - 1;
+      int next_roi;
+      A next_inv;
+      PlaneAxis<A> next_row, next_col;
+      axes(hits, r0, next_roi, next_inv, next_row, next_col);
       row.lo -= y0; row.hi -= y0; col.lo -= x0; col.hi -= x0;
       const unsigned rows = __ballot_sync(0xffffffffu, (unsigned)row.lo < (unsigned)kTileRows ||
                                                            (unsigned)row.hi < (unsigned)kTileRows);
       const unsigned cols = __ballot_sync(0xffffffffu, (unsigned)col.lo < (unsigned)kTileCols ||
                                                            (unsigned)col.hi < (unsigned)kTileCols);
-      const A inv_count = g->inv_count;
+      // entry e of the RoI's samples on the tile: y sample ys[e / nx], x sample xs[e % nx]
+      const int nx = __popc(cols), count = __popc(rows) * nx;
+      const int ys = lane < __popc(rows) ? __fns(rows, 0, lane + 1) : 0;
+      const int xs = lane < nx ? __fns(cols, 0, lane + 1) : 0;
       const T* gk = go + (index_t)roi * go_s0;
-      for (unsigned ys = rows; ys; ys &= ys - 1) {
-        const int iy = __ffs(ys) - 1;
-        const int ylo = __shfl_sync(0xffffffffu, row.lo, iy), yhi = __shfl_sync(0xffffffffu, row.hi, iy);
-        const A wy_lo = __shfl_sync(0xffffffffu, row.w_lo, iy) * inv_count;
-        const A wy_hi = __shfl_sync(0xffffffffu, row.w_hi, iy) * inv_count;
-        const T* gi = gk + (index_t)(iy / n) * go_s2;
-        for (unsigned xs = cols; xs; xs &= xs - 1) {
-          const int ix = __ffs(xs) - 1;
-          const int xlo = __shfl_sync(0xffffffffu, col.lo, ix), xhi = __shfl_sync(0xffffffffu, col.hi, ix);
-          const A wx_lo = __shfl_sync(0xffffffffu, col.w_lo, ix), wx_hi = __shfl_sync(0xffffffffu, col.w_hi, ix);
-          const float4 gv = live ? load_quad(gi + (index_t)(ix / n) * go_s3, go_vectors)
-                                 : make_float4(0.f, 0.f, 0.f, 0.f);
-          tile_add(base, lane, ylo, xlo, wy_lo * wx_lo, gv);
-          tile_add(base, lane, ylo, xhi, wy_lo * wx_hi, gv);
-          tile_add(base, lane, yhi, xlo, wy_hi * wx_lo, gv);
-          tile_add(base, lane, yhi, xhi, wy_hi * wx_hi, gv);
+      for (int e0 = 0; e0 < count; e0 += kTileBatch) {
+        float4 gv[kTileBatch];
+        int iy[kTileBatch], ix[kTileBatch];
+#pragma unroll
+        for (int u = 0; u < kTileBatch; ++u) {  // every gradient read of the batch first
+          const int e = min(e0 + u, count - 1);
+          iy[u] = __shfl_sync(0xffffffffu, ys, e / nx);
+          ix[u] = __shfl_sync(0xffffffffu, xs, e % nx);
+          gv[u] = live && e0 + u < count ? load_quad(gk + (iy[u] / n) * go_s2 + (ix[u] / n) * go_s3, go_vectors)
+                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < kTileBatch; ++u) {
+          if (e0 + u >= count) break;
+          const int ylo = __shfl_sync(0xffffffffu, row.lo, iy[u]), yhi = __shfl_sync(0xffffffffu, row.hi, iy[u]);
+          const int xlo = __shfl_sync(0xffffffffu, col.lo, ix[u]), xhi = __shfl_sync(0xffffffffu, col.hi, ix[u]);
+          const A wy_lo = __shfl_sync(0xffffffffu, row.w_lo, iy[u]) * inv_count;
+          const A wy_hi = __shfl_sync(0xffffffffu, row.w_hi, iy[u]) * inv_count;
+          const A wx_lo = __shfl_sync(0xffffffffu, col.w_lo, ix[u]), wx_hi = __shfl_sync(0xffffffffu, col.w_hi, ix[u]);
+          tile_add_sample(base, lane, ylo, yhi, xlo, xhi, wy_lo, wy_hi, wx_lo, wx_hi, gv[u]);
         }
       }
+      roi = next_roi; inv_count = next_inv; row = next_row; col = next_col;
     }
   }
   __syncwarp();

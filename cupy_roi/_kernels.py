@@ -80,10 +80,10 @@ SIGNATURES = {
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
     "roi_image_order": "pqipp",
-    "roi_align_plane_geometry": "pqiiiiiii" "aii" "p",
+    "roi_align_plane_geometry": "pqiiiiiii" "aii" "ppp",
     "roi_align_forward_plane": "piiiqqqq" "qiiii" "pp" "pqqqq",
     "channels_last_to_nchw": "piiqp",
-    "roi_align_backward_tiles": "pqqqq" "qiiii" "pp" "piii" "qqqqi",
+    "roi_align_backward_tiles": "pqqqq" "qiiii" "ppp" "piii" "qqqqi",
     "tile_gradient_channels_last": "pqqqq" "qiii" "p",
 }
 

@@ -363,7 +363,7 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
         _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
         item = _ITEMSIZE[scalar]
         _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
-             (rows, k, n, h, w, stride * item, item, ph, pw, scale, sampling_ratio, aligned, table))
+             (rows, k, n, h, w, stride * item, item, ph, pw, scale, sampling_ratio, aligned, table, 0, 0))
         _run("roi_align", "roi_align_forward_plane", device, stream, scalar, False, n * c * PLANE_THREADS,
              (x[0], n, h, w, *x[1], k, ph, pw, sampling_ratio, stride, order, table, out[0], *out[1]),
              blocks=n * c, threads=PLANE_THREADS, shared=shared)
@@ -404,14 +404,16 @@ def backward_tiles(device, scalar, ps, shape, size, sampling_ratio, k, determini
 
 
 def _tile_workspace(grad_strides, k, shape, size, scalar):
-    """(bytes, table offset, gradient copy offset or 0) of the tile backward's
-    workspace: the plane mode's, then grad_output laid out channels fastest
-    where it is not."""
+    """(bytes, table offset, reach offset, gradient copy offset or 0) of the
+    tile backward's workspace: the plane mode's, each RoI's reach (4 shorts,
+    in the order's places), then grad_output laid out channels fastest where
+    it is not."""
     nbytes, table = _plane_workspace(k, shape[0])
+    reach, nbytes = nbytes, nbytes + 8 * k
     if grad_strides[1] == 1:
-        return nbytes, table, 0
+        return nbytes, table, reach, 0
     copy = -(-nbytes // 16) * 16
-    return copy + k * shape[1] * size[0] * size[1] * _ITEMSIZE[scalar], table, copy
+    return copy + k * shape[1] * size[0] * size[1] * _ITEMSIZE[scalar], table, reach, copy
 
 
 def _tiles_apply(device, scalar, ps, shape, size, sampling_ratio, k, deterministic, fresh):
@@ -434,8 +436,8 @@ def _backward_by_tiles(device, stream, scalar, grad, shape, rows, k, size, scale
                        grad_input, order, fresh):
     n, c, h, w = shape
     ph, pw = size
-    _, table, copy = _tile_workspace(grad[1], k, shape, size, scalar)
-    table += order
+    _, table, reach, copy = _tile_workspace(grad[1], k, shape, size, scalar)
+    table, reach = order + table, order + reach
     if copy:
         bin_tiles, channel_tiles = -(-ph * pw // 32), -(-c // 32)
         _run("roi_align", "tile_gradient_channels_last", device, stream, scalar, False,
@@ -443,10 +445,10 @@ def _backward_by_tiles(device, stream, scalar, grad, shape, rows, k, size, scale
         grad = (order + copy, (c * ph * pw, 1, pw * c, c))
     _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
     _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
-         (rows, k, n, h, w, 1, 1, ph, pw, scale, sampling_ratio, aligned, table))
+         (rows, k, n, h, w, 1, 1, ph, pw, scale, sampling_ratio, aligned, table, order, reach))
     warps = n * -(-h // TILE_ROWS) * -(-w // TILE_COLS) * -(-c // TILE_CHANNELS)
     _run("roi_align", "roi_align_backward_tiles", device, stream, scalar, False, warps * 32,
-         (grad[0], *grad[1], k, c, ph, pw, sampling_ratio, order, table, grad_input[0], n, h, w, *grad_input[1],
+         (grad[0], *grad[1], k, c, ph, pw, sampling_ratio, order, table, reach, grad_input[0], n, h, w, *grad_input[1],
           0 if fresh else 1),
          blocks=-(-warps // TILE_WARPS), threads=TILE_WARPS * 32, shared=TILE_SHARED_BYTES)
 

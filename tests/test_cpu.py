@@ -324,7 +324,7 @@ def test_roialign_forward_plane_rule(monkeypatch):
     order, geometry, (forward, blocks, args, kw) = launches
     assert order == ("roi_image_order", 1, (22, k, n, work, work + 4 * k), {})
     assert geometry == ("roi_align_plane_geometry", 32 * k // 256,
-                        (22, k, n, h, w, 272 * 4, 4, 7, 7, 0.25, 2, False, table), {})  # a warp a RoI
+                        (22, k, n, h, w, 272 * 4, 4, 7, 7, 0.25, 2, False, table, 0, 0), {})  # a warp a RoI
     assert forward == "roi_align_forward_plane" and blocks == n * c
     assert args == (11, n, h, w, *nchw, k, 7, 7, 2, 272, work, table, 7, *out[1])
     assert kw == {"threads": 1024, "shared": 201 * 272 * 4}
@@ -422,9 +422,9 @@ def test_roialign_backward_tile_rule(monkeypatch):
     table = -(-4 * (k + n + 2) // 16) * 16
     for scalar, item in (("float32", 4), ("float16", 2)):
         nbytes = _rules.roi_align_backward_workspace(0, scalar, False, g_nhwc, mask_rcnn, (7, 7), 2, k, fresh=True)
-        assert nbytes == table + 1040 * k
+        assert nbytes == table + 1048 * k
         nbytes = _rules.roi_align_backward_workspace(0, scalar, False, g_nchw, mask_rcnn, (7, 7), 2, k, fresh=True)
-        assert nbytes == table + 1040 * k + k * c * 49 * item
+        assert nbytes == table + 1048 * k + k * c * 49 * item
     # the array API's accumulation buffer is float for the half types: the atomics then
     assert _rules.roi_align_backward_workspace(0, "float16", False, g_nhwc, mask_rcnn, (7, 7), 2, k) == 4 * k
     assert _rules.roi_align_backward_workspace(0, "float32", False, g_nhwc, mask_rcnn, (7, 7), 2, k, True) == 4 * k
@@ -438,18 +438,18 @@ def test_roialign_backward_tile_rule(monkeypatch):
         _rules.roi_align_backward(0, 0, "float32", False, grad, mask_rcnn, 22, k, (7, 7), 0.25, 2, True,
                                   (44, nhwc), 0, work, fresh)
         names = [launch[0] for launch in launched]
-        copy = table + 1040 * k
+        reach, copy = work + table + 1040 * k, table + 1048 * k
         if grad[1] == g_nchw:
             assert names[0] == "tile_gradient_channels_last"
-            assert launched[0][2] == (11, *g_nchw, k, c, 7, 7, work + table + 1040 * k)
+            assert launched[0][2] == (11, *g_nchw, k, c, 7, 7, work + copy)
             names = names[1:]
             grad = (work + copy, g_nhwc)
         assert names == ["roi_image_order", "roi_align_plane_geometry", "roi_align_backward_tiles"]
         *_, (_, geometry_total, geometry, _), (_, total, args, kw) = launched
-        assert geometry == (22, k, n, h, w, 1, 1, 7, 7, 0.25, 2, True, work + table)  # pixel units
+        assert geometry == (22, k, n, h, w, 1, 1, 7, 7, 0.25, 2, True, work + table, work, reach)  # pixel units
         warps = n * 25 * 34 * 2
         assert total == warps * 32 and kw == {"blocks": warps // 2, "threads": 64, "shared": 65536}
-        assert args == (*grad[0:1], *grad[1], k, c, 7, 7, 2, work, work + table, 44, n, h, w, *nhwc,
+        assert args == (*grad[0:1], *grad[1], k, c, 7, 7, 2, work, work + table, reach, 44, n, h, w, *nhwc,
                         0 if fresh else 1)
 
 
