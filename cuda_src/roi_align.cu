@@ -728,65 +728,30 @@ __device__ __forceinline__ PlaneAxis<A> plane_axis(A v, int size, int scale, int
   return a;
 }
 
-// The lowest lo and highest hi over a warp's lanes (on: the lane's sample
-// lies on the map), as shorts: the range is empty (first > last) when none
-// does. Shuffles rather than __reduce_*_sync, which needs sm_80.
-__device__ __forceinline__ void warp_reach(bool on, int lo, int hi, short& first, short& last) {
-  lo = on ? lo : 0x7fff;
-  hi = on ? hi : -1;
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) {
-    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, m));
-    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, m));
-  }
-  first = (short)min(lo, 0x7fff);
-  last = (short)min(hi, 0x7fff);
-}
-
 // A warp a RoI: table[k] for every RoI k (rows of an invalid batch index
-// too, though the plane kernels read none of theirs). Rows lo/hi are in
-// units of row_bytes, columns of item bytes: the forward's byte offsets in
-// its plane, or pixel indices (1, 1) for the tile backward. Where reach is
-// given (the tile backward), reach[r] (4 shorts) is the first and last pixel
-// row, first and last column that the samples of RoI order[r] reach (first
-// > last: none), in the order's places: the tile kernel's test of which RoIs
-// reach a tile reads them 32 places at a time.
+// too, though the plane kernel reads none of theirs).
 template <typename T, bool PS>
 __global__ void roi_align_plane_geometry(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
-    int row_bytes, int item, int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio,
-    int aligned, void* __restrict__ table, const int* __restrict__ order, void* __restrict__ reach) {
+    int plane_stride, int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio, int aligned,
+    void* __restrict__ table) {
   typedef typename acc_type<T>::type A;
   PlaneRoi<A>* geo = reinterpret_cast<PlaneRoi<A>*>(table);
   const int lane = threadIdx.x & 31;
-  for (index_t r = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < num_rois;
-       r += ((index_t)blockDim.x * gridDim.x) >> 5) {
-    const index_t k = order ? order[r] : r;
+  for (index_t k = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; k < num_rois;
+       k += ((index_t)blockDim.x * gridDim.x) >> 5) {
     PlaneRoi<A>& t = geo[k];
     int b; A x1, y1, x2, y2;
     const bool ok = load_roi(rois, k, batch, b, x1, y1, x2, y2);
     AlignGrid<A> g;
     g.set(x1, y1, x2, y2, spatial_scale, ph, pw, sampling_ratio, aligned != 0);
-    const int n = sampling_ratio;
+    if (lane == 0) { t.inv_count = g.inv_count; t.valid = ok; }
+    const int n = sampling_ratio, item = sizeof(T);
     const A off_map = A(-2);  // any position axis_weights drops
-    int lo, hi;
-    A w_lo, w_hi;
-    short reach_of[4];
-    const bool row_on = lane < ph * n && axis_weights(ok ? g.sample_y(lane / n, lane % n) : off_map, height, lo,
-                                                      hi, w_lo, w_hi);
-    warp_reach(row_on, lo, hi, reach_of[0], reach_of[1]);
     if (lane < ph * n)
-      t.rows[lane] = plane_axis(ok ? g.sample_y(lane / n, lane % n) : off_map, height, row_bytes,
-                                height * row_bytes);
-    const bool col_on = lane < pw * n && axis_weights(ok ? g.sample_x(lane / n, lane % n) : off_map, width, lo,
-                                                      hi, w_lo, w_hi);
-    warp_reach(col_on, lo, hi, reach_of[2], reach_of[3]);
+      t.rows[lane] = plane_axis(ok ? g.sample_y(lane / n, lane % n) : off_map, height, plane_stride * item,
+                                height * plane_stride * item);
     if (lane < pw * n) t.cols[lane] = plane_axis(ok ? g.sample_x(lane / n, lane % n) : off_map, width, item, -1);
-    if (lane == 0) {
-      t.inv_count = g.inv_count;
-      t.valid = ok;
-      if (reach) reinterpret_cast<short4*>(reach)[r] = make_short4(reach_of[0], reach_of[1], reach_of[2], reach_of[3]);
-    }
   }
 }
 
@@ -1075,277 +1040,6 @@ __global__ void channels_last_to_nchw(const typename acc_type<T>::type* __restri
   else
     transpose_tiles<unsigned long long>(src, (unsigned long long)batch, (unsigned long long)channels,
                                         (unsigned long long)pixels, dst);
-}
-
-// Tile backward of plain RoIAlign: the gradient gathered, not scattered. A
-// warp owns a tile of kTileRows x kTileCols pixels of one image and
-// kTileChannels channels (4 a lane), sums in shared memory every sample of
-// every RoI of the image that reaches the tile, and writes each element of
-// grad_input once: no atomics, no zero fill. The atomic backward on Mask
-// R-CNN's map was bound by L2's atomic operations (four corners of 4 KB a
-// sample over 256 channels, session 21), which no work order removes. The
-// lanes own their channels, so the warp adds without atomics; its RoIs come
-// from roi_image_order's list and their geometry from
-// roi_align_plane_geometry's table in pixel units, whose reach says cheaply
-// which RoIs reach the tile. grad_output is read 4 channels a lane: the host
-// hands it over channels fastest (tile_gradient_channels_last).
-constexpr int kTileRows = 8, kTileCols = 8, kTilePixels = kTileRows * kTileCols;
-constexpr int kTileChannels = 128;  // 4 a lane
-constexpr int kTileWarps = 2;       // a block
-constexpr int kTileBatch = 4;       // samples whose gradient reads go out together
-static_assert(kTilePixels * kTileChannels * 4 * kTileWarps <= 64 * 1024, "_rules.TILE_SHARED_BYTES");
-
-// Four consecutive channels at p, element by element unless vectors (8 or 16
-// bytes, aligned).
-template <typename T>
-__device__ __forceinline__ float4 load_quad(const T* p, bool vectors) {
-  if (vectors) {
-    if (sizeof(T) == 4) return *reinterpret_cast<const float4*>(p);
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    const float2 a = widen(*reinterpret_cast<const typename half_pair<T>::type*>(&u.x));
-    const float2 b = widen(*reinterpret_cast<const typename half_pair<T>::type*>(&u.y));
-    return make_float4(a.x, a.y, b.x, b.y);
-  }
-  return make_float4(to_acc(p[0]), to_acc(p[1]), to_acc(p[2]), to_acc(p[3]));
-}
-template <>
-__device__ __forceinline__ float4 load_quad<float>(const float* p, bool vectors) {
-  if (vectors) return *reinterpret_cast<const float4*>(p);
-  return make_float4(p[0], p[1], p[2], p[3]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_quad(T* p, index_t step, bool vectors, float4 v) {
-  if (vectors) {
-    typename half_pair<T>::type a, b;
-    narrow(v.x, v.y, a);
-    narrow(v.z, v.w, b);
-    *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const unsigned*>(&a),
-                                              *reinterpret_cast<const unsigned*>(&b));
-    return;
-  }
-  store(p, v.x); store(p + step, v.y); store(p + 2 * step, v.z); store(p + 3 * step, v.w);
-}
-template <>
-__device__ __forceinline__ void store_quad<float>(float* p, index_t step, bool vectors, float4 v) {
-  if (vectors) { *reinterpret_cast<float4*>(p) = v; return; }
-  p[0] = v.x; p[step] = v.y; p[2 * step] = v.z; p[3 * step] = v.w;
-}
-
-// Whether 4 channels at p of strides s0..s3 load and store as one vector.
-template <typename T>
-__device__ __forceinline__ bool quad_layout(const T* p, index_t s0, index_t s1, index_t s2, index_t s3) {
-  return s1 == 1 && s0 % 4 == 0 && s2 % 4 == 0 && s3 % 4 == 0 &&
-         (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
-}
-
-// A tile's sums: a pixel's 32 lanes of 16 bytes, lane l's at slot l ^ (pixel
-// & 7), so that both a warp over one pixel's channels (the sums, channels-last
-// writes) and eight lanes over eight pixels' same channels (NCHW writes) hit
-// every bank once.
-__device__ __forceinline__ unsigned tile_slot(unsigned base, int pixel, int lane) {
-  return base + (unsigned)((pixel * 32 + (lane ^ (pixel & 7))) * 16);
-}
-__device__ __forceinline__ float4 tile_sum(unsigned at) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(at));
-  return v;
-}
-__device__ __forceinline__ void set_tile_sum(unsigned at, float4 v) {
-  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(at), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-               : "memory");
-}
-
-// A sample's corners on the tile (rows ylo, yhi and columns xlo, xhi of it;
-// outside: nothing) gain their weights times g: the four sums read, then
-// written, so that one round trip to shared memory serves them. A row or
-// column clamped at the map's edge (hi == lo) has weight 0 at hi (see
-// axis_weights) and is left out, so the four pixels differ.
-__device__ __forceinline__ void fma4(float w, float4 g, float4& s) {
-  s.x = fused(w, g.x, s.x); s.y = fused(w, g.y, s.y); s.z = fused(w, g.z, s.z); s.w = fused(w, g.w, s.w);
-}
-__device__ __forceinline__ void tile_add_sample(unsigned base, int lane, int ylo, int yhi, int xlo, int xhi,
-                                                float wy_lo, float wy_hi, float wx_lo, float wx_hi, float4 g) {
-  const bool y0 = (unsigned)ylo < (unsigned)kTileRows, y1 = yhi != ylo && (unsigned)yhi < (unsigned)kTileRows;
-  const bool x0 = (unsigned)xlo < (unsigned)kTileCols, x1 = xhi != xlo && (unsigned)xhi < (unsigned)kTileCols;
-  const unsigned a00 = tile_slot(base, ylo * kTileCols + xlo, lane), a01 = tile_slot(base, ylo * kTileCols + xhi, lane);
-  const unsigned a10 = tile_slot(base, yhi * kTileCols + xlo, lane), a11 = tile_slot(base, yhi * kTileCols + xhi, lane);
-  float4 s00, s01, s10, s11;
-  if (y0 && x0) s00 = tile_sum(a00);
-  if (y0 && x1) s01 = tile_sum(a01);
-  if (y1 && x0) s10 = tile_sum(a10);
-  if (y1 && x1) s11 = tile_sum(a11);
-  if (y0 && x0) { fma4(wy_lo * wx_lo, g, s00); set_tile_sum(a00, s00); }
-  if (y0 && x1) { fma4(wy_lo * wx_hi, g, s01); set_tile_sum(a01, s01); }
-  if (y1 && x0) { fma4(wy_hi * wx_lo, g, s10); set_tile_sum(a10, s10); }
-  if (y1 && x1) { fma4(wy_hi * wx_hi, g, s11); set_tile_sum(a11, s11); }
-}
-
-// order: roi_image_order's list and starts (num_rois + batch + 2 ints);
-// table and reach_by_order: roi_align_plane_geometry's in pixel units. Warps: batch x tiles x
-// channel blocks of kTileChannels, channel blocks fastest, then tiles along
-// rows, images slowest (the warps running together read one image's RoIs
-// and gradients). grad_input: every element written, or added to where
-// accumulate is set.
-template <typename T, bool PS>
-__global__ void __launch_bounds__(kTileWarps * 32) roi_align_backward_tiles(
-    const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
-    index_t num_rois, int channels, int ph, int pw, int sampling_ratio,
-    const int* __restrict__ order, const void* __restrict__ table, const void* __restrict__ reach_by_order,
-    T* __restrict__ grad_input, int batch, int height, int width,
-    index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, int accumulate) {
-  typedef typename acc_type<T>::type A;
-  const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
-  const int* starts = order + num_rois;
-  extern __shared__ __align__(16) unsigned char tile_shared[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned base = (unsigned)__cvta_generic_to_shared(tile_shared) + warp * (kTilePixels * 32 * 16);
-  const int blocks = (channels + kTileChannels - 1) / kTileChannels;
-  const int tiles_x = (width + kTileCols - 1) / kTileCols, tiles_y = (height + kTileRows - 1) / kTileRows;
-  const index_t item = (index_t)blockIdx.x * kTileWarps + warp;
-  if (item >= (index_t)batch * tiles_y * tiles_x * blocks) return;
-  const int cb = (int)(item % blocks);
-  const index_t t = item / blocks;
-  const int tx = (int)(t % tiles_x), ty = (int)(t / tiles_x % tiles_y), b = (int)(t / tiles_x / tiles_y);
-  const int y0 = ty * kTileRows, x0 = tx * kTileCols;
-  const int c = cb * kTileChannels + 4 * lane;
-  const bool live = c < channels;  // the host's rule: channels a multiple of 4
-  const int n = sampling_ratio;
-  const bool go_vectors = quad_layout(grad_output, go_s0, go_s1, go_s2, go_s3);
-  const T* go = grad_output + (live ? c : 0) * go_s1;
-
-#pragma unroll 4
-  for (int p = 0; p < kTilePixels; ++p) set_tile_sum(tile_slot(base, p, lane), make_float4(0.f, 0.f, 0.f, 0.f));
-  __syncwarp();
-
-  const int first = starts[b], last = starts[b + 1];
-  const short4* reach = reinterpret_cast<const short4*>(reach_by_order);
-  const auto reaches = [&](int r) {
-    if (r >= last) return false;
-    const short4 e = reach[r];
-    return e.x < y0 + kTileRows && e.y >= y0 && e.z < x0 + kTileCols && e.w >= x0;
-  };
-  // The next hit's sample axes, loaded while the current one's are added.
-  const auto axes = [&](unsigned hits, int r0, int& roi, A& inv_count, PlaneAxis<A>& row, PlaneAxis<A>& col) {
-    row.lo = row.hi = col.lo = col.hi = -1;
-    row.w_lo = row.w_hi = col.w_lo = col.w_hi = A(0);
-    roi = hits ? order[r0 + __ffs(hits) - 1] : 0;
-    if (!hits) return;
-    const PlaneRoi<A>* g = geo + roi;
-    inv_count = g->inv_count;
-    if (lane < ph * n) row = g->rows[lane];
-    if (lane < pw * n) col = g->cols[lane];
-  };
-  bool hit = reaches(first + lane);
-  for (int r0 = first; r0 < last; r0 += 32) {
-    unsigned hits = __ballot_sync(0xffffffffu, hit);
-    hit = reaches(r0 + 32 + lane);  // the next 32 places', while these are summed
-    int roi;
-    A inv_count;
-    PlaneAxis<A> row, col;
-    axes(hits, r0, roi, inv_count, row, col);
-    while (hits) {
-      hits &= hits - 1;
-      int next_roi;
-      A next_inv;
-      PlaneAxis<A> next_row, next_col;
-      axes(hits, r0, next_roi, next_inv, next_row, next_col);
-      row.lo -= y0; row.hi -= y0; col.lo -= x0; col.hi -= x0;
-      const unsigned rows = __ballot_sync(0xffffffffu, (unsigned)row.lo < (unsigned)kTileRows ||
-                                                           (unsigned)row.hi < (unsigned)kTileRows);
-      const unsigned cols = __ballot_sync(0xffffffffu, (unsigned)col.lo < (unsigned)kTileCols ||
-                                                           (unsigned)col.hi < (unsigned)kTileCols);
-      // entry e of the RoI's samples on the tile: y sample ys[e / nx], x sample xs[e % nx]
-      const int nx = __popc(cols), count = __popc(rows) * nx;
-      const int ys = lane < __popc(rows) ? __fns(rows, 0, lane + 1) : 0;
-      const int xs = lane < nx ? __fns(cols, 0, lane + 1) : 0;
-      const T* gk = go + (index_t)roi * go_s0;
-      for (int e0 = 0; e0 < count; e0 += kTileBatch) {
-        float4 gv[kTileBatch];
-        int iy[kTileBatch], ix[kTileBatch];
-#pragma unroll
-        for (int u = 0; u < kTileBatch; ++u) {  // every gradient read of the batch first
-          const int e = min(e0 + u, count - 1);
-          iy[u] = __shfl_sync(0xffffffffu, ys, e / nx);
-          ix[u] = __shfl_sync(0xffffffffu, xs, e % nx);
-          gv[u] = live && e0 + u < count ? load_quad(gk + (iy[u] / n) * go_s2 + (ix[u] / n) * go_s3, go_vectors)
-                                         : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int u = 0; u < kTileBatch; ++u) {
-          if (e0 + u >= count) break;
-          const int ylo = __shfl_sync(0xffffffffu, row.lo, iy[u]), yhi = __shfl_sync(0xffffffffu, row.hi, iy[u]);
-          const int xlo = __shfl_sync(0xffffffffu, col.lo, ix[u]), xhi = __shfl_sync(0xffffffffu, col.hi, ix[u]);
-          const A wy_lo = __shfl_sync(0xffffffffu, row.w_lo, iy[u]) * inv_count;
-          const A wy_hi = __shfl_sync(0xffffffffu, row.w_hi, iy[u]) * inv_count;
-          const A wx_lo = __shfl_sync(0xffffffffu, col.w_lo, ix[u]), wx_hi = __shfl_sync(0xffffffffu, col.w_hi, ix[u]);
-          tile_add_sample(base, lane, ylo, yhi, xlo, xhi, wy_lo, wy_hi, wx_lo, wx_hi, gv[u]);
-        }
-      }
-      roi = next_roi; inv_count = next_inv; row = next_row; col = next_col;
-    }
-  }
-  __syncwarp();
-
-  T* out = grad_input + (index_t)b * gi_s0;
-  if (gi_s1 == 1) {  // channels-last: a pixel's channels a store
-    if (!live) return;
-    const bool vectors = quad_layout(grad_input, gi_s0, gi_s1, gi_s2, gi_s3);
-    for (int p = 0; p < kTilePixels; ++p) {
-      const int y = y0 + p / kTileCols, x = x0 + p % kTileCols;
-      if (y >= height || x >= width) continue;
-      T* o = out + y * gi_s2 + x * gi_s3 + c;
-      float4 v = tile_sum(tile_slot(base, p, lane));
-      if (accumulate) {
-        const float4 was = load_quad(o, vectors);
-        v.x += was.x; v.y += was.y; v.z += was.z; v.w += was.w;
-      }
-      store_quad(o, 1, vectors, v);
-    }
-    return;
-  }
-  // NCHW-like: a lane a pixel, 32 pixels' runs of a channel a store
-  for (int p = lane; p < kTilePixels; p += 32) {
-    const int y = y0 + p / kTileCols, x = x0 + p % kTileCols;
-    if (y >= height || x >= width) continue;
-    T* o = out + y * gi_s2 + x * gi_s3;
-    for (int l = 0; l < 32; ++l) {
-      const int cl = cb * kTileChannels + 4 * l;
-      if (cl >= channels) break;
-      float4 v = tile_sum(tile_slot(base, p, l));
-      T* oc = o + cl * gi_s1;
-      if (accumulate) {
-        v.x += to_acc(oc[0]); v.y += to_acc(oc[gi_s1]); v.z += to_acc(oc[2 * gi_s1]); v.w += to_acc(oc[3 * gi_s1]);
-      }
-      store_quad(oc, gi_s1, false, v);
-    }
-  }
-}
-
-// grad_output (num_rois, channels, ph, pw) of any strides into dst, the same
-// laid out channels fastest ((num_rois, ph, pw, channels), contiguous), for
-// roi_align_backward_tiles' 4-channel reads: 32 x 32 tiles of (channels,
-// bins) through shared memory, reads along bins, writes along channels.
-template <typename T, bool PS>
-__global__ void tile_gradient_channels_last(const T* __restrict__ src, index_t s0, index_t s1, index_t s2,
-                                            index_t s3, index_t num_rois, int channels, int ph, int pw,
-                                            T* __restrict__ dst) {
-  typedef typename acc_type<T>::type A;  // exact for the half types, and a plain shared array
-  __shared__ A tile[32][33];  // [channel][bin]
-  const int bins = ph * pw, bin_tiles = (bins + 31) / 32, channel_tiles = (channels + 31) / 32;
-  const int lane = threadIdx.x & 31;
-  for (index_t t = blockIdx.x; t < num_rois * channel_tiles * bin_tiles; t += gridDim.x) {
-    const int q0 = (int)(t % bin_tiles) * 32, c0 = (int)(t / bin_tiles % channel_tiles) * 32;
-    const index_t k = t / bin_tiles / channel_tiles;
-    for (int r = threadIdx.x >> 5; r < 32; r += blockDim.x >> 5) {
-      const int q = q0 + lane;
-      if (c0 + r < channels && q < bins) tile[r][lane] = to_acc(src[k * s0 + (c0 + r) * s1 + (q / pw) * s2 + (q % pw) * s3]);
-    }
-    __syncthreads();
-    for (int r = threadIdx.x >> 5; r < 32; r += blockDim.x >> 5)
-      if (q0 + r < bins && c0 + lane < channels) store(dst + (k * bins + q0 + r) * channels + c0 + lane, tile[lane][r]);
-    __syncthreads();
-  }
 }
 
 // Rotated RoIAlign, mmcv's semantics: rows (batch_index, cx, cy, w, h, theta),
