@@ -30,7 +30,8 @@ FAMILIES = {
     "roi_align": ("roi_align.cu", ("roi_align_forward", "roi_align_backward", "roi_align_rotated_forward",
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
                                    "multi_scale_roi_align_backward", "fixed_point_gradient", "roi_image_order",
-                                   "channels_last_to_nchw", "roi_align_plane_geometry", "roi_align_forward_plane")),
+                                   "channels_last_to_nchw", "roi_align_plane_geometry", "roi_align_forward_plane",
+                                   "roi_align_backward_tiles", "tile_gradient_channels_last")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_backward_warp",
                                      "prroi_pool_coords", "prroi_pool_coords_sum", "fixed_point_gradient")),
@@ -42,11 +43,13 @@ PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward
                         "multi_scale_roi_align_forward", "multi_scale_roi_align_backward",
                         "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum",
                         "roi_image_order", "channels_last_to_nchw", "roi_align_plane_geometry",
-                        "roi_align_forward_plane"))
+                        "roi_align_forward_plane", "roi_align_backward_tiles", "tile_gradient_channels_last"))
 
 #: kernels not instantiated for float64 (the RoIAlign forward's plane mode:
-#: a float64 plane of a map past L2 does not fit in shared memory)
-NOT_FLOAT64 = frozenset(("roi_align_plane_geometry", "roi_align_forward_plane"))
+#: a float64 plane of a map past L2 does not fit in shared memory; the tile
+#: backward sums in float)
+NOT_FLOAT64 = frozenset(("roi_align_plane_geometry", "roi_align_forward_plane", "roi_align_backward_tiles",
+                         "tile_gradient_channels_last"))
 
 #: kernels also instantiated with 4 and 8 output channels per thread (a
 #: third template argument; plain variant, float types: see
@@ -77,9 +80,11 @@ SIGNATURES = {
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
     "roi_image_order": "pqipp",
-    "roi_align_plane_geometry": "pqiiiiii" "aii" "p",
+    "roi_align_plane_geometry": "pqiiiiiii" "aii" "ppp",
     "roi_align_forward_plane": "piiiqqqq" "qiiii" "pp" "pqqqq",
     "channels_last_to_nchw": "piiqp",
+    "roi_align_backward_tiles": "pqqqq" "qiiii" "ppp" "piii" "qqqqi",
+    "tile_gradient_channels_last": "pqqqq" "qiii" "p",
 }
 
 #: kMaxLevels of roi_align.cu: the most pyramid levels one launch takes

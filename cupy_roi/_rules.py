@@ -361,8 +361,9 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
         stride = plane_stride(w, scalar)
         table = order + _plane_workspace(k, n)[1]
         _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
+        item = _ITEMSIZE[scalar]
         _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
-             (rows, k, n, h, w, stride, ph, pw, scale, sampling_ratio, aligned, table))
+             (rows, k, n, h, w, stride * item, item, ph, pw, scale, sampling_ratio, aligned, table, 0, 0))
         _run("roi_align", "roi_align_forward_plane", device, stream, scalar, False, n * c * PLANE_THREADS,
              (x[0], n, h, w, *x[1], k, ph, pw, sampling_ratio, stride, order, table, out[0], *out[1]),
              blocks=n * c, threads=PLANE_THREADS, shared=shared)
@@ -378,17 +379,97 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
         cpt=channels_per_thread(scalar, ps, c_out, block))
 
 
+#: roi_align.cu's tile backward: channels a block, pixels a tile (rows: a warp each, columns)
+TILE_CHANNELS, TILE_ROWS, TILE_COLS = 128, 8, 8
+
+
+def backward_tiles(device, scalar, ps, shape, size, sampling_ratio, k, deterministic):
+    """Whether the RoIAlign backward gathers by tiles (``roi_align_backward_tiles``:
+    a block sums every sample that reaches its 8 x 8 pixels and 128 channels,
+    a warp a row, then writes them once; no atomics, no zero fill) instead of adding each
+    sample's corners with atomics. Plain RoIAlign, float types but float64,
+    not deterministic (the sums' order follows the RoI order of each image,
+    which roi_image_order builds with atomics), a fixed sampling grid with at
+    most 32 samples an axis (the geometry table's), channels a multiple of 4,
+    maps of at most 32767 pixels a side (the table's reach) past a third of L2
+    (where the RoIs go image by image, :func:`roi_order_bytes`)."""
+    n, c, h, w = shape
+    ph, pw = size
+    return bool(not ps and not deterministic and scalar != "float64" and c % 4 == 0
+                and 1 <= sampling_ratio and max(ph, pw) * sampling_ratio <= PLANE_SAMPLES
+                and max(h, w) <= 32767 and 0 < k < 2 ** 31 // 8
+                and roi_order_bytes(device, scalar, ps, shape, k))
+
+
+def _tile_workspace(grad_strides, k, shape, size, scalar):
+    """(bytes, table offset, reach offset, gradient copy offset or 0) of the
+    tile backward's workspace: the plane mode's, each RoI's reach (4 shorts,
+    in the order's places), then grad_output laid out channels fastest where
+    it is not."""
+    nbytes, table = _plane_workspace(k, shape[0])
+    reach, nbytes = nbytes, nbytes + 8 * k
+    if grad_strides[1] == 1:
+        return nbytes, table, reach, 0
+    copy = -(-nbytes // 16) * 16
+    return copy + k * shape[1] * size[0] * size[1] * _ITEMSIZE[scalar], table, reach, copy
+
+
+def _tiles_apply(device, scalar, ps, shape, size, sampling_ratio, k, deterministic, fresh):
+    # a caller's accumulation buffer of another type than the gradient's keeps the atomics
+    return backward_tiles(device, scalar, ps, shape, size, sampling_ratio, k, deterministic) and (
+        fresh or scalar == "float32")
+
+
+def roi_align_backward_workspace(device, scalar, ps, grad_strides, shape, size, sampling_ratio, k,
+                                 deterministic=False, fresh=False):
+    """Bytes of the workspace :func:`roi_align_backward` takes (``order``) with
+    the same arguments: the tile backward's (:func:`backward_tiles`), or
+    :func:`roi_order_bytes`."""
+    if _tiles_apply(device, scalar, ps, shape, size, sampling_ratio, k, deterministic, fresh):
+        return _tile_workspace(grad_strides, k, shape, size, scalar)[0]
+    return roi_order_bytes(device, scalar, ps, shape, k)
+
+
+def _backward_by_tiles(device, stream, scalar, grad, shape, rows, k, size, scale, sampling_ratio, aligned,
+                       grad_input, order, fresh):
+    n, c, h, w = shape
+    ph, pw = size
+    _, table, reach, copy = _tile_workspace(grad[1], k, shape, size, scalar)
+    table, reach = order + table, order + reach
+    if copy:
+        bin_tiles, channel_tiles = -(-ph * pw // 32), -(-c // 32)
+        _run("roi_align", "tile_gradient_channels_last", device, stream, scalar, False,
+             k * bin_tiles * channel_tiles * _kernels.BLOCK, (grad[0], *grad[1], k, c, ph, pw, order + copy))
+        grad = (order + copy, (c * ph * pw, 1, pw * c, c))
+    _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
+    _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
+         (rows, k, n, h, w, 1, 1, ph, pw, scale, sampling_ratio, aligned, table, order, reach))
+    blocks = n * -(-h // TILE_ROWS) * -(-w // TILE_COLS) * -(-c // TILE_CHANNELS)
+    _run("roi_align", "roi_align_backward_tiles", device, stream, scalar, False, blocks * 32 * TILE_ROWS,
+         (grad[0], *grad[1], k, c, ph, pw, sampling_ratio, order, table, reach, grad_input[0], n, h, w, *grad_input[1],
+          0 if fresh else 1),
+         blocks=blocks, threads=32 * TILE_ROWS)
+
+
 def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, sampling_ratio, aligned,
-                       grad_input, max_grad=0, order=0):
-    """``order``: as for :func:`roi_align_forward` (the same
-    :func:`roi_order_bytes`). A buffer walked channels fastest (channels-last)
-    takes :func:`channels_per_thread` channels a thread, in
+                       grad_input, max_grad=0, order=0, fresh=False):
+    """``order``: 0, or the device pointer of the workspace of
+    :func:`roi_align_backward_workspace` bytes (the same arguments). Where
+    :func:`backward_tiles` applies, the tile backward writes ``grad_input``:
+    ``fresh``, it holds nothing yet and has the gradient's type; otherwise
+    it is the caller's accumulation buffer (float32 only), added to. Else a
+    buffer walked channels fastest (channels-last) takes
+    :func:`channels_per_thread` channels a thread, in
     :func:`channels_last_block` blocks where its map exceeds a third of L2
     (:func:`_backward_groups`): Mask R-CNN 7x7 float32 channels-last
     forward+backward 3.41 ms against 6.24 for a thread per bin over all
     channels with RoIs as given (H100, session 21, graph replay)."""
     n, c, h, w = size_in
     ph, pw = size
+    if order and _tiles_apply(device, scalar, ps, size_in, size, sampling_ratio, k, bool(max_grad), fresh):
+        _backward_by_tiles(device, stream, scalar, grad, size_in, rows, k, size, scale, sampling_ratio, aligned,
+                           grad_input, order, fresh)
+        return
     c_out = c // (ph * pw) if ps else c
     block, per_warp = backward_work_order("roi_align", device, ps, grad_input[1], size_in, size, c_out, scalar,
                                           max_grad)

@@ -206,10 +206,16 @@ def roi_align_backward_cuda(grad: torch.Tensor, rows: torch.Tensor, n: int, c: i
                             sampling_ratio: int, aligned: bool, ps: bool, channels_last: bool,
                             deterministic: bool) -> torch.Tensor:
     shape, scalar, det = (n, c, h, w), _SCALAR[grad.dtype], deterministic_backward(deterministic)
-    transposed = not channels_last and _rules.backward_channels_last(grad.device.index, scalar, ps, shape,
-                                                                     rows.shape[0], det)
+    size, device, k = tuple(grad.shape[2:]), grad.device.index, rows.shape[0]
+    if _rules.backward_tiles(device, scalar, ps, shape, size, sampling_ratio, k, det):
+        out = _empty_grad_input(grad, shape, channels_last)  # the tile backward writes every element
+        order = _workspace(grad.device, _rules.roi_align_backward_workspace(
+            device, scalar, ps, grad.stride(), shape, size, sampling_ratio, k, det, fresh=True))
+        _launch(_rules.roi_align_backward, device, scalar, ps, _view(grad), shape, rows.data_ptr(), k, size, scale,
+                sampling_ratio, aligned, _view(out), 0, order.data_ptr(), True)
+        return out
+    transposed = not channels_last and _rules.backward_channels_last(device, scalar, ps, shape, k, det)
     sink = _GradientBuffer(shape, grad, _layout_format(channels_last or transposed), det)
-    size = tuple(grad.shape[2:])
     order = _workspace(grad.device, _rules.roi_order_bytes(grad.device.index, scalar, ps, shape, rows.shape[0]))
     _launch(_rules.roi_align_backward, grad.device.index, scalar, ps, _view(grad), shape, rows.data_ptr(),
             rows.shape[0], size, scale, sampling_ratio, aligned, _view(sink.buffer), sink.max_grad_ptr,

@@ -306,7 +306,9 @@ def roi_align_backward(grad_output, rois, input_shape, output_size, spatial_scal
     call.check_grad_output(grad_output)
     grad_input = call.grad_input(grad_input, grad_output)
     fixed, max_grad = call.gradient_sink(grad_output, call.shape, grad_input, deterministic)
-    order = call.workspace(_rules.roi_order_bytes(call.device, call.scalar, call.ps, call.shape, call.k))
+    order = call.workspace(_rules.roi_align_backward_workspace(
+        call.device, call.scalar, call.ps, _view(grad_output)[1], call.shape, call.output_size, int(sampling_ratio),
+        call.k, fixed is not None))
     call.run(_rules.roi_align_backward, _view(grad_output), call.shape, _ptr(call.rows), call.k,
              call.output_size, float(spatial_scale), int(sampling_ratio), bool(aligned),
              _view(grad_input if fixed is None else fixed), 0 if fixed is None else _ptr(max_grad),

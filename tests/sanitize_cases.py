@@ -166,9 +166,10 @@ def wide_calls(rng):
 
 
 def plane_calls(rng):
-    """The RoIAlign forward's plane mode (forced by the caller) on a map whose
-    rows copy 16 bytes at a time in every dtype, through the torch op and
-    the array API, sampling grids of 2 (14x14: two passes over the bin
+    """The RoIAlign forward's plane mode and the backward's tile mode (forced
+    by the caller; the other forced calls take the tile mode too) on a map
+    whose rows copy 16 bytes at a time in every dtype, through the torch op
+    and the array API, sampling grids of 2 (14x14: two passes over the bin
     columns) and 4."""
     import cupy
 
@@ -183,6 +184,9 @@ def plane_calls(rng):
             out.backward(torch.ones_like(out))
             if dtype != torch.bfloat16:
                 array_api.roi_align_forward(cupy.from_dlpack(x.detach()), cupy.from_dlpack(rt), size, 0.5, sr)
+            if dtype == torch.float32:  # the backward's tile mode, adding into the caller's grad_input
+                go = cupy.asarray(rng.standard_normal((len(r), c) + size), dtype=cupy.float32)
+                array_api.roi_align_backward(go, cupy.from_dlpack(rt), (n, c, h, w), size, 0.5, sr)
             count += 1
     return count
 

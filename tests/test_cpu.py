@@ -324,7 +324,7 @@ def test_roialign_forward_plane_rule(monkeypatch):
     order, geometry, (forward, blocks, args, kw) = launches
     assert order == ("roi_image_order", 1, (22, k, n, work, work + 4 * k), {})
     assert geometry == ("roi_align_plane_geometry", 32 * k // 256,
-                        (22, k, n, h, w, 272, 7, 7, 0.25, 2, False, table), {})  # a warp a RoI
+                        (22, k, n, h, w, 272 * 4, 4, 7, 7, 0.25, 2, False, table, 0, 0), {})  # a warp a RoI
     assert forward == "roi_align_forward_plane" and blocks == n * c
     assert args == (11, n, h, w, *nchw, k, 7, 7, 2, 272, work, table, 7, *out[1])
     assert kw == {"threads": 1024, "shared": 201 * 272 * 4}
@@ -361,13 +361,13 @@ def test_roialign_backward_work_order_rules(monkeypatch):
 
     mask_rcnn = (16, 256, 200, 272)
     k = 8192
-    assert backward("float32", mask_rcnn, "nhwc", order=33) == (-64, 0, 8, k * 256 * 49)
+    assert backward("float32", mask_rcnn, "nhwc") == (-64, 0, 8, k * 256 * 49)
     assert backward("float16", mask_rcnn, "nhwc") == (-64, 0, 8, k * 256 * 49)  # float accumulation
     assert backward("float32", mask_rcnn, "nhwc", max_grad=55, order=33) == (-32, 0, 8, k * 256 * 49)
     assert backward("float64", mask_rcnn, "nhwc") == (0, 0, 1, k * 256 * 49)
     assert backward("float32", (16, 12, 200, 272), "nhwc") == (0, 0, 4, k * 12 * 49)
     assert backward("float32", (2, 256, 50, 68), "nhwc") == (0, 0, 8, k * 256 * 49)  # fits L2
-    block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", order=33)
+    block, per_warp, cpt, total = backward("float32", mask_rcnn, "nchw", max_grad=55, order=33)
     assert block > 0 and per_warp == 4 and cpt == 1 and total == k * 256 // 4 * 32
     # the multi-level backward: the same modes, by the finest level
     for layout, expect in (("nhwc", (-64, 0, 8)), ("nchw", (4, 4, 1))):
@@ -389,6 +389,68 @@ def test_roialign_backward_work_order_rules(monkeypatch):
     assert not _rules.backward_channels_last(0, "float32", True, mask_rcnn, k, False)  # position-sensitive
     assert not _rules.backward_channels_last(0, "float32", False, (16, 12, 200, 272), k, False)
     assert not _rules.backward_channels_last(0, "float32", False, (2, 256, 50, 68), k, False)  # fits L2
+
+
+def test_roialign_backward_tile_rule(monkeypatch):
+    """Where the RoIAlign backward gathers by tiles (_rules.backward_tiles:
+    a block sums its 8 x 8 pixels and 128 channels, then writes them): plain
+    RoIAlign, float types but float64, not deterministic, a fixed sampling
+    grid of at most 32 samples an axis, channels a multiple of 4, maps past
+    a third of L2 of at most 32767 pixels a side; a caller's accumulation
+    buffer only where it has the gradient's type (float32). Its workspace
+    (order, image starts, geometry table in pixel units, and a channels-last
+    copy of grad_output unless it is one) and its launches, recorded instead
+    of run. test_cuda checks its results."""
+    from cupy_roi import _kernels, _rules
+
+    monkeypatch.setitem(_kernels._properties, (0, "l2CacheSize"), 50 << 20)  # an H100's; no GPU asked
+    mask_rcnn, k = (16, 256, 200, 272), 8192
+    n, c, h, w = mask_rcnn
+
+    def tiles(scalar="float32", ps=False, shape=mask_rcnn, size=(7, 7), sr=2, rois=k, det=False):
+        return _rules.backward_tiles(0, scalar, ps, shape, size, sr, rois, det)
+
+    assert tiles() and tiles("float16") and tiles("bfloat16") and tiles(size=(14, 14)) and tiles(sr=3)
+    assert tiles(shape=(16, 12, 200, 272)) and tiles(sr=4, size=(8, 8))
+    assert not tiles("float64") and not tiles(ps=True) and not tiles(det=True)
+    assert not tiles(sr=0) and not tiles(sr=-1) and not tiles(sr=4, size=(9, 9))  # adaptive; 36 samples
+    assert not tiles(shape=(16, 258, 200, 272))  # channels not a multiple of 4
+    assert not tiles(shape=(2, 256, 50, 68), rois=1024)  # fits L2
+    assert not tiles(shape=(1, 4, 40000, 100)) and not tiles(rois=0)
+    assert not tiles(shape=(5000, 4, 200, 272))  # more images than roi_image_order takes
+    g_nchw, g_nhwc = (49 * c, 49, 7, 1), (49 * c, 1, 7 * c, c)
+    table = -(-4 * (k + n + 2) // 16) * 16
+    for scalar, item in (("float32", 4), ("float16", 2)):
+        nbytes = _rules.roi_align_backward_workspace(0, scalar, False, g_nhwc, mask_rcnn, (7, 7), 2, k, fresh=True)
+        assert nbytes == table + 1048 * k
+        nbytes = _rules.roi_align_backward_workspace(0, scalar, False, g_nchw, mask_rcnn, (7, 7), 2, k, fresh=True)
+        assert nbytes == table + 1048 * k + k * c * 49 * item
+    # the array API's accumulation buffer is float for the half types: the atomics then
+    assert _rules.roi_align_backward_workspace(0, "float16", False, g_nhwc, mask_rcnn, (7, 7), 2, k) == 4 * k
+    assert _rules.roi_align_backward_workspace(0, "float32", False, g_nhwc, mask_rcnn, (7, 7), 2, k, True) == 4 * k
+
+    launched = []
+    monkeypatch.setattr(_rules, "_run", lambda family, kernel, device, stream, scalar, ps, total, args, **kw:
+                        launched.append((kernel, total, args, kw)))
+    work, nhwc = 1 << 20, (c * h * w, 1, w * c, c)
+    for grad, fresh in (((11, g_nchw), True), ((11, g_nhwc), False)):
+        launched.clear()
+        _rules.roi_align_backward(0, 0, "float32", False, grad, mask_rcnn, 22, k, (7, 7), 0.25, 2, True,
+                                  (44, nhwc), 0, work, fresh)
+        names = [launch[0] for launch in launched]
+        reach, copy = work + table + 1040 * k, table + 1048 * k
+        if grad[1] == g_nchw:
+            assert names[0] == "tile_gradient_channels_last"
+            assert launched[0][2] == (11, *g_nchw, k, c, 7, 7, work + copy)
+            names = names[1:]
+            grad = (work + copy, g_nhwc)
+        assert names == ["roi_image_order", "roi_align_plane_geometry", "roi_align_backward_tiles"]
+        *_, (_, geometry_total, geometry, _), (_, total, args, kw) = launched
+        assert geometry == (22, k, n, h, w, 1, 1, 7, 7, 0.25, 2, True, work + table, work, reach)  # pixel units
+        blocks = n * 25 * 34 * 2
+        assert total == blocks * 256 and kw == {"blocks": blocks, "threads": 256}
+        assert args == (*grad[0:1], *grad[1], k, c, 7, 7, 2, work, work + table, reach, 44, n, h, w, *nhwc,
+                        0 if fresh else 1)
 
 
 def test_prroi_backward_launches_by_mode(monkeypatch):
