@@ -1100,11 +1100,21 @@ constexpr int kTileChannels = 128;            // 4 a lane
 constexpr int kTileThreads = 32 * kTileRows;  // a warp a row
 constexpr int kTileHits = kTileRows;          // RoIs whose samples are listed at once, a warp each
 
-// A sample axis on the tile: lo and hi relative to the tile's first row or
-// column (either may lie outside it), the weight at hi (at lo 1 - it, as
-// axis_weights has it), and the offset of its bin row or column in
-// grad_output.
-struct __align__(16) TileAxis { int lo, hi; float w_hi; int offset; };
+// A RoI's y sample on a row of the tile: its weight there (times the RoI's
+// 1 / count) and the offset of its bin row in grad_output.
+struct __align__(8) TileRowSample { float w; int offset; };
+// A RoI's x sample on the tile: the byte offsets of its columns lo and hi in
+// a row of sums (-1: off the tile, or hi clamped onto lo at the map's edge,
+// where its weight is 0, see axis_weights), their weights, and the offset
+// of its bin column in grad_output.
+struct __align__(16) TileColumnSample { short lo, hi; float w_lo, w_hi; int offset; };
+// Dynamic shared memory: the sums (a float4 a lane and pixel), then each
+// listed RoI's y samples by row (at most kPlaneSamples a row), then its x
+// samples.
+constexpr int kTileSumBytes = kTilePixels * 32 * 16;
+constexpr int kTileRowBytes = kTileHits * kTileRows * kPlaneSamples * sizeof(TileRowSample);
+constexpr int kTileColumnBytes = kTileHits * kPlaneSamples * sizeof(TileColumnSample);
+static_assert(kTileSumBytes + kTileRowBytes + kTileColumnBytes == 53248, "_rules.TILE_SHARED_BYTES");
 
 // Four consecutive channels at p, element by element unless vectors (8 or 16
 // bytes, aligned).
@@ -1150,12 +1160,11 @@ __device__ __forceinline__ bool quad_layout(const T* p, index_t s0, index_t s1, 
          (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
 }
 
-// A tile's sums: a pixel's 32 lanes of 16 bytes, lane l's at slot l ^ (pixel
-// & 7), so that both a warp over one pixel's channels (the sums, channels-last
-// writes) and eight lanes over eight pixels' same channels (NCHW writes) hit
-// every bank once.
+// A tile's sums: a pixel's 32 lanes of 16 bytes, lane after lane (a warp
+// over one pixel's channels hits every bank once; the NCHW write-out's eight
+// lanes over eight pixels hit the same banks, once a block).
 __device__ __forceinline__ unsigned tile_slot(unsigned base, int pixel, int lane) {
-  return base + (unsigned)((pixel * 32 + (lane ^ (pixel & 7))) * 16);
+  return base + (unsigned)((pixel * 32 + lane) * 16);
 }
 __device__ __forceinline__ float4 tile_sum(unsigned at) {
   float4 v;
@@ -1185,16 +1194,18 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
     T* __restrict__ grad_input, int batch, int height, int width,
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, int accumulate) {
   typedef typename acc_type<T>::type A;
-  __shared__ __align__(16) float4 sums[kTilePixels * 32];
-  __shared__ TileAxis ys[kTileHits][kPlaneSamples], xs[kTileHits][kPlaneSamples];
+  extern __shared__ __align__(16) unsigned char tile_shared[];
+  TileRowSample (*ys)[kTileRows][kPlaneSamples] =
+      reinterpret_cast<TileRowSample (*)[kTileRows][kPlaneSamples]>(tile_shared + kTileSumBytes);
+  TileColumnSample (*xs)[kPlaneSamples] =
+      reinterpret_cast<TileColumnSample (*)[kPlaneSamples]>(tile_shared + kTileSumBytes + kTileRowBytes);
   __shared__ int hits[kTileThreads];
-  __shared__ int hit_count, hit_roi[kTileHits], hit_ny[kTileHits], hit_nx[kTileHits];
-  __shared__ float hit_inv[kTileHits];
+  __shared__ int hit_count, hit_roi[kTileHits], hit_nx[kTileHits], hit_ny[kTileHits][kTileRows];
   const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
   const short4* reach = reinterpret_cast<const short4*>(reach_by_order);
   const int* starts = order + num_rois;
   const int lane = threadIdx.x & 31, row = threadIdx.x >> 5;
-  const unsigned base = (unsigned)__cvta_generic_to_shared(sums);
+  const unsigned base = (unsigned)__cvta_generic_to_shared(tile_shared);
   const int blocks = (channels + kTileChannels - 1) / kTileChannels;
   const int tiles_x = (width + kTileCols - 1) / kTileCols, tiles_y = (height + kTileRows - 1) / kTileRows;
   const int cb = (int)(blockIdx.x % (unsigned)blocks);
@@ -1207,10 +1218,10 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   const bool go_vectors = quad_layout(grad_output, go_s0, go_s1, go_s2, go_s3);
   const T* go = grad_output + (live ? c : 0) * go_s1;
   const int first_pixel = row * kTileCols;
+  const unsigned row_sums = tile_slot(base, first_pixel, lane);  // column x's sum: + x * 512
 
 #pragma unroll
-  for (int p = 0; p < kTileCols; ++p)
-    set_tile_sum(tile_slot(base, first_pixel + p, lane), make_float4(0.f, 0.f, 0.f, 0.f));
+  for (int p = 0; p < kTileCols; ++p) set_tile_sum(row_sums + p * 512, make_float4(0.f, 0.f, 0.f, 0.f));
 
   const int first = starts[b], last = starts[b + 1];
   for (int s0 = first; s0 < last; s0 += kTileThreads) {
@@ -1232,53 +1243,56 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
     const int count = hit_count;
     for (int h0 = 0; h0 < count; h0 += kTileHits) {
       if (h0 + row < count) {  // warp `row` lists RoI h0 + row's samples on the tile
-        const int roi = hits[h0 + row];
+        const int h = row, roi = hits[h0 + h];
         const PlaneRoi<A>* g = geo + roi;
         PlaneAxis<A> ya, xa;
         ya.lo = ya.hi = xa.lo = xa.hi = -1 << 20;
-        ya.w_hi = xa.w_hi = A(0);
+        ya.w_lo = ya.w_hi = xa.w_lo = xa.w_hi = A(0);
         if (lane < ph * n) ya = g->rows[lane];
         if (lane < pw * n) xa = g->cols[lane];
+        const A inv_count = g->inv_count;
         ya.lo -= y0; ya.hi -= y0; xa.lo -= x0; xa.hi -= x0;
-        const bool in_y = (unsigned)ya.lo < (unsigned)kTileRows || (unsigned)ya.hi < (unsigned)kTileRows;
-        const bool in_x = (unsigned)xa.lo < (unsigned)kTileCols || (unsigned)xa.hi < (unsigned)kTileCols;
-        const unsigned ym = __ballot_sync(0xffffffffu, in_y), xm = __ballot_sync(0xffffffffu, in_x);
         const unsigned below = (1u << lane) - 1;
-        if (in_y) ys[row][__popc(ym & below)] = TileAxis{ya.lo, ya.hi, ya.w_hi, (lane / n) * (int)go_s2};
-        if (in_x) xs[row][__popc(xm & below)] = TileAxis{xa.lo, xa.hi, xa.w_hi, (lane / n) * (int)go_s3};
-        if (lane == 0) {
-          hit_roi[row] = roi;
-          hit_inv[row] = g->inv_count;
-          hit_ny[row] = __popc(ym);
-          hit_nx[row] = __popc(xm);
+        // y samples by row: at lo, and at hi unless clamped onto lo
+        const bool hi_apart = ya.hi != ya.lo;
+#pragma unroll
+        for (int rr = 0; rr < kTileRows; ++rr) {
+          const bool at_lo = ya.lo == rr, at_hi = hi_apart && ya.hi == rr;
+          const unsigned on = __ballot_sync(0xffffffffu, at_lo || at_hi);
+          if (at_lo || at_hi)
+            ys[h][rr][__popc(on & below)] = TileRowSample{(at_lo ? ya.w_lo : ya.w_hi) * inv_count,
+                                                          (lane / n) * (int)go_s2};
+          if (lane == 0) hit_ny[h][rr] = __popc(on);
         }
+        const bool x_lo = (unsigned)xa.lo < (unsigned)kTileCols;
+        const bool x_hi = xa.hi != xa.lo && (unsigned)xa.hi < (unsigned)kTileCols;
+        const unsigned xm = __ballot_sync(0xffffffffu, x_lo || x_hi);
+        if (x_lo || x_hi)
+          xs[h][__popc(xm & below)] = TileColumnSample{(short)(x_lo ? xa.lo * 512 : -1),
+                                                       (short)(x_hi ? xa.hi * 512 : -1), xa.w_lo, xa.w_hi,
+                                                       (lane / n) * (int)go_s3};
+        if (lane == 0) { hit_roi[h] = roi; hit_nx[h] = __popc(xm); }
       }
       __syncthreads();
       // warp `row` adds the listed samples' corners on its row
       const int listed = min(kTileHits, count - h0);
       for (int h = 0; h < listed; ++h) {
-        const int ny = hit_ny[h], nx = hit_nx[h];
+        const int ny = hit_ny[h][row];
+        if (!ny) continue;
+        const int nx = hit_nx[h];
         const T* gk = go + (index_t)hit_roi[h] * go_s0;
-        const A inv_count = hit_inv[h];
         for (int iy = 0; iy < ny; ++iy) {
-          const TileAxis ey = ys[h][iy];
-          // a row clamped at the map's edge (hi == lo) has weight 0 at hi: left out
-          const bool at_lo = ey.lo == row, at_hi = ey.hi == row && ey.hi != ey.lo;
-          if (!at_lo && !at_hi) continue;
-          const A w = (at_lo ? A(1) - ey.w_hi : ey.w_hi) * inv_count;
+          const TileRowSample ey = ys[h][row][iy];
           const T* gy = gk + ey.offset;
           for (int ix = 0; ix < nx; ++ix) {
-            const TileAxis ex = xs[h][ix];
+            const TileColumnSample ex = xs[h][ix];
             const float4 gv = live ? load_quad(gy + ex.offset, go_vectors) : make_float4(0.f, 0.f, 0.f, 0.f);
-            const bool x_lo = (unsigned)ex.lo < (unsigned)kTileCols;
-            const bool x_hi = ex.hi != ex.lo && (unsigned)ex.hi < (unsigned)kTileCols;
-            const unsigned a_lo = tile_slot(base, first_pixel + ex.lo, lane);
-            const unsigned a_hi = tile_slot(base, first_pixel + ex.hi, lane);
+            const unsigned a_lo = row_sums + ex.lo, a_hi = row_sums + ex.hi;
             float4 s_lo, s_hi;
-            if (x_lo) s_lo = tile_sum(a_lo);
-            if (x_hi) s_hi = tile_sum(a_hi);
-            if (x_lo) { fma4(w * (A(1) - ex.w_hi), gv, s_lo); set_tile_sum(a_lo, s_lo); }
-            if (x_hi) { fma4(w * ex.w_hi, gv, s_hi); set_tile_sum(a_hi, s_hi); }
+            if (ex.lo >= 0) s_lo = tile_sum(a_lo);
+            if (ex.hi >= 0) s_hi = tile_sum(a_hi);
+            if (ex.lo >= 0) { fma4(ey.w * ex.w_lo, gv, s_lo); set_tile_sum(a_lo, s_lo); }
+            if (ex.hi >= 0) { fma4(ey.w * ex.w_hi, gv, s_hi); set_tile_sum(a_hi, s_hi); }
           }
         }
       }
@@ -1294,7 +1308,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
     const bool vectors = quad_layout(grad_input, gi_s0, gi_s1, gi_s2, gi_s3);
     for (int p = 0; p < kTileCols && x0 + p < width; ++p) {
       T* o = out + (x0 + p) * gi_s3 + c;
-      float4 v = tile_sum(tile_slot(base, first_pixel + p, lane));
+      float4 v = tile_sum(row_sums + p * 512);
       if (accumulate) {
         const float4 was = load_quad(o, vectors);
         v.x += was.x; v.y += was.y; v.z += was.z; v.w += was.w;
@@ -1321,29 +1335,34 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
 
 // grad_output (num_rois, channels, ph, pw) of any strides into dst, the same
 // laid out channels fastest ((num_rois, ph, pw, channels), contiguous), for
-// roi_align_backward_tiles' 4-channel reads: 32 x 32 tiles of (channels,
-// bins) through shared memory, reads along bins, writes along channels.
+// roi_align_backward_tiles' 4-channel reads: a block a RoI's 32 channels,
+// 32 x 32 tiles of (channels, bins) through shared memory, reads along bins,
+// writes along channels. Divisions once a block, in 32 bits where they fit.
 template <typename T, bool PS>
 __global__ void tile_gradient_channels_last(const T* __restrict__ src, index_t s0, index_t s1, index_t s2,
                                             index_t s3, index_t num_rois, int channels, int ph, int pw,
                                             T* __restrict__ dst) {
   typedef typename acc_type<T>::type A;  // exact for the half types, and a plain shared array
   __shared__ A tile[32][33];  // [channel][bin]
-  const int bins = ph * pw, bin_tiles = (bins + 31) / 32, channel_tiles = (channels + 31) / 32;
-  const int lane = threadIdx.x & 31;
-  const bool flat = s2 == pw * s3;  // the bins one run: no divisions
-  for (index_t t = blockIdx.x; t < num_rois * channel_tiles * bin_tiles; t += gridDim.x) {
-    const int q0 = (int)(t % bin_tiles) * 32, c0 = (int)(t / bin_tiles % channel_tiles) * 32;
-    const index_t k = t / bin_tiles / channel_tiles;
-    for (int r = threadIdx.x >> 5; r < 32; r += blockDim.x >> 5) {
+  const int bins = ph * pw, channel_tiles = (channels + 31) / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const bool flat = s2 == pw * s3;  // the bins one run
+  const index_t pairs = num_rois * channel_tiles;
+  for (index_t t = blockIdx.x; t < pairs; t += gridDim.x) {
+    const index_t k = pairs <= 0xffffffffLL ? (index_t)((unsigned)t / (unsigned)channel_tiles) : t / channel_tiles;
+    const int c0 = (int)(t - k * channel_tiles) * 32;
+    const T* sk = src + k * s0 + c0 * s1;
+    T* dk = dst + k * bins * channels + c0;
+    for (int q0 = 0; q0 < bins; q0 += 32) {
       const int q = q0 + lane;
-      if (c0 + r < channels && q < bins)
-        tile[r][lane] = to_acc(src[k * s0 + (c0 + r) * s1 + (flat ? q * s3 : (q / pw) * s2 + (q % pw) * s3)]);
+      const index_t at = flat ? q * s3 : (q / pw) * s2 + (q % pw) * s3;
+      for (int r = warp; r < 32; r += warps)
+        if (c0 + r < channels && q < bins) tile[r][lane] = to_acc(sk[r * s1 + at]);
+      __syncthreads();
+      for (int r = warp; r < 32; r += warps)
+        if (q0 + r < bins && c0 + lane < channels) store(dk + (index_t)(q0 + r) * channels + lane, tile[lane][r]);
+      __syncthreads();
     }
-    __syncthreads();
-    for (int r = threadIdx.x >> 5; r < 32; r += blockDim.x >> 5)
-      if (q0 + r < bins && c0 + lane < channels) store(dst + (k * bins + q0 + r) * channels + c0 + lane, tile[lane][r]);
-    __syncthreads();
   }
 }
 

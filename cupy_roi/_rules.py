@@ -379,8 +379,9 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
         cpt=channels_per_thread(scalar, ps, c_out, block))
 
 
-#: roi_align.cu's tile backward: channels a block, pixels a tile (rows: a warp each, columns)
-TILE_CHANNELS, TILE_ROWS, TILE_COLS = 128, 8, 8
+#: roi_align.cu's tile backward: channels a block, pixels a tile (rows: a warp each, columns), and a
+#: block's dynamic shared memory (the sums and the listed RoIs' samples)
+TILE_CHANNELS, TILE_ROWS, TILE_COLS, TILE_SHARED_BYTES = 128, 8, 8, 53248
 
 
 def backward_tiles(device, scalar, ps, shape, size, sampling_ratio, k, deterministic):
@@ -408,7 +409,7 @@ def _tile_workspace(grad_strides, k, shape, size, scalar):
     it is not."""
     nbytes, table = _plane_workspace(k, shape[0])
     reach, nbytes = nbytes, nbytes + 8 * k
-    if grad_strides[1] == 1:
+    if grad_strides[1] == 1 and all(0 <= s < 2 ** 26 for s in grad_strides[2:]):  # bin offsets in 32 bits
         return nbytes, table, reach, 0
     copy = -(-nbytes // 16) * 16
     return copy + k * shape[1] * size[0] * size[1] * _ITEMSIZE[scalar], table, reach, copy
@@ -437,9 +438,8 @@ def _backward_by_tiles(device, stream, scalar, grad, shape, rows, k, size, scale
     _, table, reach, copy = _tile_workspace(grad[1], k, shape, size, scalar)
     table, reach = order + table, order + reach
     if copy:
-        bin_tiles, channel_tiles = -(-ph * pw // 32), -(-c // 32)
         _run("roi_align", "tile_gradient_channels_last", device, stream, scalar, False,
-             k * bin_tiles * channel_tiles * _kernels.BLOCK, (grad[0], *grad[1], k, c, ph, pw, order + copy))
+             k * -(-c // 32) * _kernels.BLOCK, (grad[0], *grad[1], k, c, ph, pw, order + copy))
         grad = (order + copy, (c * ph * pw, 1, pw * c, c))
     _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
     _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
@@ -448,7 +448,7 @@ def _backward_by_tiles(device, stream, scalar, grad, shape, rows, k, size, scale
     _run("roi_align", "roi_align_backward_tiles", device, stream, scalar, False, blocks * 32 * TILE_ROWS,
          (grad[0], *grad[1], k, c, ph, pw, sampling_ratio, order, table, reach, grad_input[0], n, h, w, *grad_input[1],
           0 if fresh else 1),
-         blocks=blocks, threads=32 * TILE_ROWS)
+         blocks=blocks, threads=32 * TILE_ROWS, shared=TILE_SHARED_BYTES)
 
 
 def roi_align_backward(device, stream, scalar, ps, grad, size_in, rows, k, size, scale, sampling_ratio, aligned,

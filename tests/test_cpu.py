@@ -448,7 +448,7 @@ def test_roialign_backward_tile_rule(monkeypatch):
         *_, (_, geometry_total, geometry, _), (_, total, args, kw) = launched
         assert geometry == (22, k, n, h, w, 1, 1, 7, 7, 0.25, 2, True, work + table, work, reach)  # pixel units
         blocks = n * 25 * 34 * 2
-        assert total == blocks * 256 and kw == {"blocks": blocks, "threads": 256}
+        assert total == blocks * 256 and kw == {"blocks": blocks, "threads": 256, "shared": 53248}
         assert args == (*grad[0:1], *grad[1], k, c, 7, 7, 2, work, work + table, reach, 44, n, h, w, *nhwc,
                         0 if fresh else 1)
 
