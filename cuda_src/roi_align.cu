@@ -1208,13 +1208,16 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   const unsigned base = (unsigned)__cvta_generic_to_shared(tile_shared);
   const int blocks = (channels + kTileChannels - 1) / kTileChannels;
   const int tiles_x = (width + kTileCols - 1) / kTileCols, tiles_y = (height + kTileRows - 1) / kTileRows;
-  const int cb = (int)(blockIdx.x % (unsigned)blocks);
-  const index_t t = blockIdx.x / (unsigned)blocks;
-  const int tx = (int)(t % tiles_x), ty = (int)(t / tiles_x % tiles_y), b = (int)(t / tiles_x / tiles_y);
-  const int y0 = ty * kTileRows, x0 = tx * kTileCols;
-  const int c = cb * kTileChannels + 4 * lane;
+  // 32-bit divisions: the grid is at most 2^31 blocks
+  const unsigned cb = blockIdx.x % (unsigned)blocks, t = blockIdx.x / (unsigned)blocks;
+  const unsigned tx = t % (unsigned)tiles_x, ty = t / (unsigned)tiles_x % (unsigned)tiles_y;
+  const int b = (int)(t / (unsigned)tiles_x / (unsigned)tiles_y);
+  const int y0 = (int)ty * kTileRows, x0 = (int)tx * kTileCols;
+  const int c = (int)cb * kTileChannels + 4 * lane;
   const bool live = c < channels;  // the host's rule: channels a multiple of 4
   const int n = sampling_ratio;
+  // this lane's sample's bin row and column in grad_output (phase A), worked out once
+  const int bin_of_lane = lane / n, row_offset = bin_of_lane * (int)go_s2, column_offset = bin_of_lane * (int)go_s3;
   const bool go_vectors = quad_layout(grad_output, go_s0, go_s1, go_s2, go_s3);
   const T* go = grad_output + (live ? c : 0) * go_s1;
   const int first_pixel = row * kTileCols;
@@ -1260,8 +1263,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
           const bool at_lo = ya.lo == rr, at_hi = hi_apart && ya.hi == rr;
           const unsigned on = __ballot_sync(0xffffffffu, at_lo || at_hi);
           if (at_lo || at_hi)
-            ys[h][rr][__popc(on & below)] = TileRowSample{(at_lo ? ya.w_lo : ya.w_hi) * inv_count,
-                                                          (lane / n) * (int)go_s2};
+            ys[h][rr][__popc(on & below)] = TileRowSample{(at_lo ? ya.w_lo : ya.w_hi) * inv_count, row_offset};
           if (lane == 0) hit_ny[h][rr] = __popc(on);
         }
         const bool x_lo = (unsigned)xa.lo < (unsigned)kTileCols;
@@ -1270,7 +1272,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
         if (x_lo || x_hi)
           xs[h][__popc(xm & below)] = TileColumnSample{(short)(x_lo ? xa.lo * 512 : -1),
                                                        (short)(x_hi ? xa.hi * 512 : -1), xa.w_lo, xa.w_hi,
-                                                       (lane / n) * (int)go_s3};
+                                                       column_offset};
         if (lane == 0) { hit_roi[h] = roi; hit_nx[h] = __popc(xm); }
       }
       __syncthreads();
@@ -1322,7 +1324,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   if (x0 + p >= width) return;
   T* o = out + (x0 + p) * gi_s3;
   for (int q = lane >> 3; q < 32; q += 4) {
-    const int cq = cb * kTileChannels + 4 * q;
+    const int cq = (int)cb * kTileChannels + 4 * q;
     if (cq >= channels) break;
     float4 v = tile_sum(tile_slot(base, first_pixel + p, q));
     T* oc = o + cq * gi_s1;
@@ -1353,14 +1355,19 @@ __global__ void tile_gradient_channels_last(const T* __restrict__ src, index_t s
     const int c0 = (int)(t - k * channel_tiles) * 32;
     const T* sk = src + k * s0 + c0 * s1;
     T* dk = dst + k * bins * channels + c0;
+    const int rows = min(32, channels - c0);
     for (int q0 = 0; q0 < bins; q0 += 32) {
       const int q = q0 + lane;
-      const index_t at = flat ? q * s3 : (q / pw) * s2 + (q % pw) * s3;
-      for (int r = warp; r < 32; r += warps)
-        if (c0 + r < channels && q < bins) tile[r][lane] = to_acc(sk[r * s1 + at]);
+      if (q < bins) {
+        const T* from = sk + (flat ? q * s3 : (q / pw) * s2 + (q % pw) * s3) + warp * s1;
+        for (int r = warp; r < rows; r += warps, from += warps * s1) tile[r][lane] = to_acc(*from);
+      }
       __syncthreads();
-      for (int r = warp; r < 32; r += warps)
-        if (q0 + r < bins && c0 + lane < channels) store(dk + (index_t)(q0 + r) * channels + lane, tile[lane][r]);
+      if (lane < rows) {
+        const int last = min(32, bins - q0);
+        T* to = dk + (index_t)(q0 + warp) * channels + lane;
+        for (int r = warp; r < last; r += warps, to += (index_t)warps * channels) store(to, tile[lane][r]);
+      }
       __syncthreads();
     }
   }
