@@ -1103,10 +1103,10 @@ constexpr int kTileHits = kTileRows;          // RoIs whose samples are listed a
 // A RoI's y sample on a row of the tile: its weight there (times the RoI's
 // 1 / count) and the offset of its bin row in grad_output.
 struct __align__(8) TileRowSample { float w; int offset; };
-// A RoI's x sample on the tile: the byte offsets of its columns lo and hi in
-// a row of sums (-1: off the tile, or hi clamped onto lo at the map's edge,
-// where its weight is 0, see axis_weights), their weights, and the offset
-// of its bin column in grad_output.
+// A RoI's x sample on the tile: its columns lo and hi in the tile (-1: off
+// the tile, or hi clamped onto lo at the map's edge, where its weight is 0,
+// see axis_weights), their weights, and the offset of its bin column in
+// grad_output.
 struct __align__(16) TileColumnSample { short lo, hi; float w_lo, w_hi; int offset; };
 // Dynamic shared memory: the sums (a float4 a lane and pixel), then each
 // listed RoI's y samples by row (at most kPlaneSamples a row), then its x
@@ -1160,11 +1160,13 @@ __device__ __forceinline__ bool quad_layout(const T* p, index_t s0, index_t s1, 
          (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
 }
 
-// A tile's sums: a pixel's 32 lanes of 16 bytes, lane after lane (a warp
-// over one pixel's channels hits every bank once; the NCHW write-out's eight
-// lanes over eight pixels hit the same banks, once a block).
-__device__ __forceinline__ unsigned tile_slot(unsigned base, int pixel, int lane) {
-  return base + (unsigned)((pixel * 32 + lane) * 16);
+// A tile's sums: a pixel's 32 lanes of 16 bytes, lane l's at slot l ^
+// (column), so that both a warp over one pixel's channels (the sums,
+// channels-last writes) and eight lanes over a row's eight pixels (NCHW
+// writes) hit every bank once. row_sums: the lane's slot of its row's
+// column 0.
+__device__ __forceinline__ unsigned tile_slot(unsigned row_sums, int column, int lane) {
+  return row_sums + (unsigned)(column * 512 + ((lane ^ column) - lane) * 16);
 }
 __device__ __forceinline__ float4 tile_sum(unsigned at) {
   float4 v;
@@ -1221,10 +1223,10 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   const bool go_vectors = quad_layout(grad_output, go_s0, go_s1, go_s2, go_s3);
   const T* go = grad_output + (live ? c : 0) * go_s1;
   const int first_pixel = row * kTileCols;
-  const unsigned row_sums = tile_slot(base, first_pixel, lane);  // column x's sum: + x * 512
+  const unsigned row_sums = base + (unsigned)((first_pixel * 32 + lane) * 16);
 
 #pragma unroll
-  for (int p = 0; p < kTileCols; ++p) set_tile_sum(row_sums + p * 512, make_float4(0.f, 0.f, 0.f, 0.f));
+  for (int p = 0; p < kTileCols; ++p) set_tile_sum(tile_slot(row_sums, p, lane), make_float4(0.f, 0.f, 0.f, 0.f));
 
   const int first = starts[b], last = starts[b + 1];
   for (int s0 = first; s0 < last; s0 += kTileThreads) {
@@ -1270,8 +1272,8 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
         const bool x_hi = xa.hi != xa.lo && (unsigned)xa.hi < (unsigned)kTileCols;
         const unsigned xm = __ballot_sync(0xffffffffu, x_lo || x_hi);
         if (x_lo || x_hi)
-          xs[h][__popc(xm & below)] = TileColumnSample{(short)(x_lo ? xa.lo * 512 : -1),
-                                                       (short)(x_hi ? xa.hi * 512 : -1), xa.w_lo, xa.w_hi,
+          xs[h][__popc(xm & below)] = TileColumnSample{(short)(x_lo ? xa.lo : -1),
+                                                       (short)(x_hi ? xa.hi : -1), xa.w_lo, xa.w_hi,
                                                        column_offset};
         if (lane == 0) { hit_roi[h] = roi; hit_nx[h] = __popc(xm); }
       }
@@ -1289,7 +1291,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
           for (int ix = 0; ix < nx; ++ix) {
             const TileColumnSample ex = xs[h][ix];
             const float4 gv = live ? load_quad(gy + ex.offset, go_vectors) : make_float4(0.f, 0.f, 0.f, 0.f);
-            const unsigned a_lo = row_sums + ex.lo, a_hi = row_sums + ex.hi;
+            const unsigned a_lo = tile_slot(row_sums, ex.lo, lane), a_hi = tile_slot(row_sums, ex.hi, lane);
             float4 s_lo, s_hi;
             if (ex.lo >= 0) s_lo = tile_sum(a_lo);
             if (ex.hi >= 0) s_hi = tile_sum(a_hi);
@@ -1310,7 +1312,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
     const bool vectors = quad_layout(grad_input, gi_s0, gi_s1, gi_s2, gi_s3);
     for (int p = 0; p < kTileCols && x0 + p < width; ++p) {
       T* o = out + (x0 + p) * gi_s3 + c;
-      float4 v = tile_sum(row_sums + p * 512);
+      float4 v = tile_sum(tile_slot(row_sums, p, lane));
       if (accumulate) {
         const float4 was = load_quad(o, vectors);
         v.x += was.x; v.y += was.y; v.z += was.z; v.w += was.w;
@@ -1326,7 +1328,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   for (int q = lane >> 3; q < 32; q += 4) {
     const int cq = (int)cb * kTileChannels + 4 * q;
     if (cq >= channels) break;
-    float4 v = tile_sum(tile_slot(base, first_pixel + p, q));
+    float4 v = tile_sum(tile_slot(row_sums - lane * 16 + q * 16, p, q));
     T* oc = o + cq * gi_s1;
     if (accumulate) {
       v.x += to_acc(oc[0]); v.y += to_acc(oc[gi_s1]); v.z += to_acc(oc[2 * gi_s1]); v.w += to_acc(oc[3 * gi_s1]);
