@@ -1088,9 +1088,11 @@ __global__ void channels_last_to_nchw(const typename acc_type<T>::type* __restri
 // them reach the tile, from roi_align_plane_geometry's reach (4 shorts a
 // place of the order); their samples, from its table in pixel units. The
 // block first lists the RoIs that reach the tile, then, kTileHits at a time,
-// each warp lists one RoI's samples on the tile in shared memory and every
-// warp adds those samples' corners on its row: the lanes own their channels
-// and the warps their rows, so nothing adds to the same sum at once. Session
+// each warp lists one RoI's samples on the tile in shared memory (its y
+// samples by the row they reach, its x samples with their columns' byte
+// offsets) and which rows it reaches; every warp then adds, for the listed
+// RoIs on its row, those samples' corners: the lanes own their channels and
+// the warps their rows, so nothing adds to the same sum at once. Session
 // 23's first version (a warp a tile, each working out every RoI's samples)
 // ran 6 warps an SM at 0.90 G instructions: 3.55 ms against the atomic
 // backward's 2.25. grad_output is read 4 channels a lane: the host hands it
@@ -1101,12 +1103,12 @@ constexpr int kTileThreads = 32 * kTileRows;  // a warp a row
 constexpr int kTileHits = kTileRows;          // RoIs whose samples are listed at once, a warp each
 
 // A RoI's y sample on a row of the tile: its weight there (times the RoI's
-// 1 / count) and the offset of its bin row in grad_output.
+// 1 / count) and the byte offset of its bin row in grad_output.
 struct __align__(8) TileRowSample { float w; int offset; };
-// A RoI's x sample on the tile: its columns lo and hi in the tile (-1: off
-// the tile, or hi clamped onto lo at the map's edge, where its weight is 0,
-// see axis_weights), their weights, and the offset of its bin column in
-// grad_output.
+// A RoI's x sample on the tile: its columns lo and hi as tile_column codes
+// (-1: off the tile, or hi clamped onto lo at the map's edge, where its
+// weight is 0, see axis_weights), their weights, and the byte offset of its
+// bin column in grad_output.
 struct __align__(16) TileColumnSample { short lo, hi; float w_lo, w_hi; int offset; };
 // Dynamic shared memory: the sums (a float4 a lane and pixel), then each
 // listed RoI's y samples by row (at most kPlaneSamples a row), then its x
@@ -1160,13 +1162,14 @@ __device__ __forceinline__ bool quad_layout(const T* p, index_t s0, index_t s1, 
          (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
 }
 
-// A tile's sums: a pixel's 32 lanes of 16 bytes, lane l's at slot l ^
-// (column), so that both a warp over one pixel's channels (the sums,
+// A tile's sums: a row's 8 pixels of 32 lanes of 16 bytes, lane l's at slot
+// l ^ column, so that both a warp over one pixel's channels (the sums,
 // channels-last writes) and eight lanes over a row's eight pixels (NCHW
-// writes) hit every bank once. row_sums: the lane's slot of its row's
-// column 0.
-__device__ __forceinline__ unsigned tile_slot(unsigned row_sums, int column, int lane) {
-  return row_sums + (unsigned)(column * 512 + ((lane ^ column) - lane) * 16);
+// writes) hit every bank once. tile_column(x) ^ (16 * lane) is lane's byte
+// offset in its row for column x (the two codes' bits do not overlap).
+__device__ __forceinline__ int tile_column(int x) { return (x << 9) | (x << 4); }
+__device__ __forceinline__ unsigned tile_slot(unsigned row_base, int column, int lane) {
+  return row_base + (unsigned)(tile_column(column) ^ (lane << 4));
 }
 __device__ __forceinline__ float4 tile_sum(unsigned at) {
   float4 v;
@@ -1180,6 +1183,31 @@ __device__ __forceinline__ void set_tile_sum(unsigned at, float4 v) {
 
 __device__ __forceinline__ void fma4(float w, float4 g, float4& s) {
   s.x = fused(w, g.x, s.x); s.y = fused(w, g.y, s.y); s.z = fused(w, g.z, s.z); s.w = fused(w, g.w, s.w);
+}
+
+// One listed RoI's samples on a warp's row of the tile: for each of its
+// y samples on the row, each x sample's gradient (4 channels a lane, as one
+// vector where kVectors) times the weights, added at the sample's columns.
+template <bool kVectors, typename T>
+__device__ __forceinline__ void add_tile_row(const char* g, const TileRowSample* ys, int ny,
+                                             const TileColumnSample* xs, int nx, unsigned row_base, int lane,
+                                             bool live) {
+  const int lane16 = lane << 4;
+  for (int iy = 0; iy < ny; ++iy) {
+    const TileRowSample ey = ys[iy];
+    const char* gy = g + ey.offset;
+    for (int ix = 0; ix < nx; ++ix) {
+      const TileColumnSample ex = xs[ix];
+      const T* at = reinterpret_cast<const T*>(gy + ex.offset);
+      const float4 gv = live ? load_quad(at, kVectors) : make_float4(0.f, 0.f, 0.f, 0.f);
+      const unsigned a_lo = row_base + (unsigned)(ex.lo ^ lane16), a_hi = row_base + (unsigned)(ex.hi ^ lane16);
+      float4 s_lo, s_hi;
+      if (ex.lo >= 0) s_lo = tile_sum(a_lo);
+      if (ex.hi >= 0) s_hi = tile_sum(a_hi);
+      if (ex.lo >= 0) { fma4(ey.w * ex.w_lo, gv, s_lo); set_tile_sum(a_lo, s_lo); }
+      if (ex.hi >= 0) { fma4(ey.w * ex.w_hi, gv, s_hi); set_tile_sum(a_hi, s_hi); }
+    }
+  }
 }
 
 // order: roi_image_order's list and starts (num_rois + batch + 2 ints);
@@ -1203,6 +1231,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
       reinterpret_cast<TileColumnSample (*)[kPlaneSamples]>(tile_shared + kTileSumBytes + kTileRowBytes);
   __shared__ int hits[kTileThreads];
   __shared__ int hit_count, hit_roi[kTileHits], hit_nx[kTileHits], hit_ny[kTileHits][kTileRows];
+  __shared__ int row_hits[kTileRows][kTileHits], row_hit_count[kTileRows];  // the listed RoIs on each row
   const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
   const short4* reach = reinterpret_cast<const short4*>(reach_by_order);
   const int* starts = order + num_rois;
@@ -1218,15 +1247,16 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   const int c = (int)cb * kTileChannels + 4 * lane;
   const bool live = c < channels;  // the host's rule: channels a multiple of 4
   const int n = sampling_ratio;
-  // this lane's sample's bin row and column in grad_output (phase A), worked out once
-  const int bin_of_lane = lane / n, row_offset = bin_of_lane * (int)go_s2, column_offset = bin_of_lane * (int)go_s3;
   const bool go_vectors = quad_layout(grad_output, go_s0, go_s1, go_s2, go_s3);
+  // this lane's sample's bin row and column in grad_output, in bytes (the host's rule keeps them in 32 bits)
+  const int bin_of_lane = lane / n;
+  const int row_offset = bin_of_lane * (int)go_s2 * (int)sizeof(T), column_offset = bin_of_lane * (int)go_s3 * (int)sizeof(T);
   const T* go = grad_output + (live ? c : 0) * go_s1;
-  const int first_pixel = row * kTileCols;
-  const unsigned row_sums = base + (unsigned)((first_pixel * 32 + lane) * 16);
+  const unsigned row_base = base + (unsigned)(row * kTileCols * 512);
 
 #pragma unroll
-  for (int p = 0; p < kTileCols; ++p) set_tile_sum(tile_slot(row_sums, p, lane), make_float4(0.f, 0.f, 0.f, 0.f));
+  for (int p = 0; p < kTileCols; ++p) set_tile_sum(tile_slot(row_base, p, lane), make_float4(0.f, 0.f, 0.f, 0.f));
+  if (threadIdx.x < kTileRows) row_hit_count[threadIdx.x] = 0;
 
   const int first = starts[b], last = starts[b + 1];
   for (int s0 = first; s0 < last; s0 += kTileThreads) {
@@ -1256,50 +1286,36 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
         if (lane < ph * n) ya = g->rows[lane];
         if (lane < pw * n) xa = g->cols[lane];
         const A inv_count = g->inv_count;
+        if (lane < kTileRows) hit_ny[h][lane] = 0;
+        __syncwarp();
+        // y samples by row: at lo, and at hi unless clamped onto lo (places taken in any order)
         ya.lo -= y0; ya.hi -= y0; xa.lo -= x0; xa.hi -= x0;
-        const unsigned below = (1u << lane) - 1;
-        // y samples by row: at lo, and at hi unless clamped onto lo
-        const bool hi_apart = ya.hi != ya.lo;
-#pragma unroll
-        for (int rr = 0; rr < kTileRows; ++rr) {
-          const bool at_lo = ya.lo == rr, at_hi = hi_apart && ya.hi == rr;
-          const unsigned on = __ballot_sync(0xffffffffu, at_lo || at_hi);
-          if (at_lo || at_hi)
-            ys[h][rr][__popc(on & below)] = TileRowSample{(at_lo ? ya.w_lo : ya.w_hi) * inv_count, row_offset};
-          if (lane == 0) hit_ny[h][rr] = __popc(on);
-        }
+        if ((unsigned)ya.lo < (unsigned)kTileRows)
+          ys[h][ya.lo][atomicAdd(&hit_ny[h][ya.lo], 1)] = TileRowSample{ya.w_lo * inv_count, row_offset};
+        if (ya.hi != ya.lo && (unsigned)ya.hi < (unsigned)kTileRows)
+          ys[h][ya.hi][atomicAdd(&hit_ny[h][ya.hi], 1)] = TileRowSample{ya.w_hi * inv_count, row_offset};
         const bool x_lo = (unsigned)xa.lo < (unsigned)kTileCols;
         const bool x_hi = xa.hi != xa.lo && (unsigned)xa.hi < (unsigned)kTileCols;
         const unsigned xm = __ballot_sync(0xffffffffu, x_lo || x_hi);
         if (x_lo || x_hi)
-          xs[h][__popc(xm & below)] = TileColumnSample{(short)(x_lo ? xa.lo : -1),
-                                                       (short)(x_hi ? xa.hi : -1), xa.w_lo, xa.w_hi,
-                                                       column_offset};
+          xs[h][__popc(xm & ((1u << lane) - 1))] = TileColumnSample{
+              (short)(x_lo ? tile_column(xa.lo) : -1), (short)(x_hi ? tile_column(xa.hi) : -1), xa.w_lo, xa.w_hi,
+              column_offset};
+        __syncwarp();
+        if (lane < kTileRows && hit_ny[h][lane]) row_hits[lane][atomicAdd(&row_hit_count[lane], 1)] = h;
         if (lane == 0) { hit_roi[h] = roi; hit_nx[h] = __popc(xm); }
       }
       __syncthreads();
       // warp `row` adds the listed samples' corners on its row
-      const int listed = min(kTileHits, count - h0);
-      for (int h = 0; h < listed; ++h) {
-        const int ny = hit_ny[h][row];
-        if (!ny) continue;
-        const int nx = hit_nx[h];
-        const T* gk = go + (index_t)hit_roi[h] * go_s0;
-        for (int iy = 0; iy < ny; ++iy) {
-          const TileRowSample ey = ys[h][row][iy];
-          const T* gy = gk + ey.offset;
-          for (int ix = 0; ix < nx; ++ix) {
-            const TileColumnSample ex = xs[h][ix];
-            const float4 gv = live ? load_quad(gy + ex.offset, go_vectors) : make_float4(0.f, 0.f, 0.f, 0.f);
-            const unsigned a_lo = tile_slot(row_sums, ex.lo, lane), a_hi = tile_slot(row_sums, ex.hi, lane);
-            float4 s_lo, s_hi;
-            if (ex.lo >= 0) s_lo = tile_sum(a_lo);
-            if (ex.hi >= 0) s_hi = tile_sum(a_hi);
-            if (ex.lo >= 0) { fma4(ey.w * ex.w_lo, gv, s_lo); set_tile_sum(a_lo, s_lo); }
-            if (ex.hi >= 0) { fma4(ey.w * ex.w_hi, gv, s_hi); set_tile_sum(a_hi, s_hi); }
-          }
-        }
+      const int mine = row_hit_count[row];
+      for (int i = 0; i < mine; ++i) {
+        const int h = row_hits[row][i];
+        const char* gk = reinterpret_cast<const char*>(go + (index_t)hit_roi[h] * go_s0);
+        if (go_vectors) add_tile_row<true, T>(gk, ys[h][row], hit_ny[h][row], xs[h], hit_nx[h], row_base, lane, live);
+        else add_tile_row<false, T>(gk, ys[h][row], hit_ny[h][row], xs[h], hit_nx[h], row_base, lane, live);
       }
+      __syncwarp();
+      if (lane == 0) row_hit_count[row] = 0;  // this warp read its row's list; the next lists come after the barrier
       __syncthreads();  // before the next RoIs' lists
     }
   }
@@ -1312,7 +1328,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
     const bool vectors = quad_layout(grad_input, gi_s0, gi_s1, gi_s2, gi_s3);
     for (int p = 0; p < kTileCols && x0 + p < width; ++p) {
       T* o = out + (x0 + p) * gi_s3 + c;
-      float4 v = tile_sum(tile_slot(row_sums, p, lane));
+      float4 v = tile_sum(tile_slot(row_base, p, lane));
       if (accumulate) {
         const float4 was = load_quad(o, vectors);
         v.x += was.x; v.y += was.y; v.z += was.z; v.w += was.w;
@@ -1328,7 +1344,7 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   for (int q = lane >> 3; q < 32; q += 4) {
     const int cq = (int)cb * kTileChannels + 4 * q;
     if (cq >= channels) break;
-    float4 v = tile_sum(tile_slot(row_sums - lane * 16 + q * 16, p, q));
+    float4 v = tile_sum(tile_slot(row_base, p, q));
     T* oc = o + cq * gi_s1;
     if (accumulate) {
       v.x += to_acc(oc[0]); v.y += to_acc(oc[gi_s1]); v.z += to_acc(oc[2 * gi_s1]); v.w += to_acc(oc[3 * gi_s1]);

@@ -409,7 +409,7 @@ def _tile_workspace(grad_strides, k, shape, size, scalar):
     it is not."""
     nbytes, table = _plane_workspace(k, shape[0])
     reach, nbytes = nbytes, nbytes + 8 * k
-    if grad_strides[1] == 1 and all(0 <= s < 2 ** 26 for s in grad_strides[2:]):  # bin offsets in 32 bits
+    if grad_strides[1] == 1 and all(0 <= s < 2 ** 23 for s in grad_strides[2:]):  # bin byte offsets in 32 bits
         return nbytes, table, reach, 0
     copy = -(-nbytes // 16) * 16
     return copy + k * shape[1] * size[0] * size[1] * _ITEMSIZE[scalar], table, reach, copy
