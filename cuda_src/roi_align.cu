@@ -1089,8 +1089,8 @@ __global__ void channels_last_to_nchw(const typename acc_type<T>::type* __restri
 // place of the order); their samples, from its table in pixel units. The
 // block first lists the RoIs that reach the tile, then, kTileHits at a time,
 // each warp lists one RoI's samples on the tile in shared memory (its y
-// samples by the row they reach, its x samples with their columns' byte
-// offsets) and which rows it reaches; every warp then adds, for the listed
+// samples by the row they reach, its x samples with their columns' codes
+// in a row of sums) and which rows it reaches; every warp then adds, for the listed
 // RoIs on its row, those samples' corners: the lanes own their channels and
 // the warps their rows, so nothing adds to the same sum at once. Session
 // 23's first version (a warp a tile, each working out every RoI's samples)

@@ -405,8 +405,13 @@ def backward_tiles(device, scalar, ps, shape, size, sampling_ratio, k, determini
     ph, pw = size
     return bool(not ps and not deterministic and scalar != "float64" and c % 4 == 0
                 and 1 <= sampling_ratio and max(ph, pw) * sampling_ratio <= PLANE_SAMPLES
-                and max(h, w) <= 32767 and 0 < k < 2 ** 31 // 8
+                and max(h, w) <= 32767 and 0 < k < 2 ** 31 // 8 and _tile_blocks(shape) < 2 ** 31
                 and roi_order_bytes(device, scalar, ps, shape, k))
+
+
+def _tile_blocks(shape):
+    n, c, h, w = shape
+    return n * -(-h // TILE_ROWS) * -(-w // TILE_COLS) * -(-c // TILE_CHANNELS)
 
 
 def _tile_workspace(grad_strides, k, shape, size, scalar):
@@ -451,7 +456,7 @@ def _backward_by_tiles(device, stream, scalar, grad, shape, rows, k, size, scale
     _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
     _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
          (rows, k, n, h, w, 1, 1, ph, pw, scale, sampling_ratio, aligned, table, order, reach))
-    blocks = n * -(-h // TILE_ROWS) * -(-w // TILE_COLS) * -(-c // TILE_CHANNELS)
+    blocks = _tile_blocks(shape)
     _run("roi_align", "roi_align_backward_tiles", device, stream, scalar, False, blocks * 32 * TILE_ROWS,
          (grad[0], *grad[1], k, c, ph, pw, sampling_ratio, order, table, reach, grad_input[0], n, h, w, *grad_input[1],
           0 if fresh else 1),

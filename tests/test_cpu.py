@@ -418,6 +418,7 @@ def test_roialign_backward_tile_rule(monkeypatch):
     assert not tiles(shape=(2, 256, 50, 68), rois=1024)  # fits L2
     assert not tiles(shape=(1, 4, 40000, 100)) and not tiles(rois=0)
     assert not tiles(shape=(5000, 4, 200, 272))  # more images than roi_image_order takes
+    assert not tiles(shape=(4096, 1024, 8000, 8000))  # 2^31 blocks or more
     g_nchw, g_nhwc = (49 * c, 49, 7, 1), (49 * c, 1, 7 * c, c)
     table = -(-4 * (k + n + 2) // 16) * 16
     for scalar, item in (("float32", 4), ("float16", 2)):
