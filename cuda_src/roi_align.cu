@@ -720,12 +720,12 @@ struct PlaneRoi {
 };
 static_assert(sizeof(PlaneRoi<float>) == 1040, "_rules.PLANE_ROI_BYTES");
 
+// A sample's axis_weights (on: it lies on the map) as a table entry, lo/hi
+// times scale; off the map, off_map and zero weights.
 template <typename A>
-__device__ __forceinline__ PlaneAxis<A> plane_axis(A v, int size, int scale, int off_map) {
-  PlaneAxis<A> a;
-  if (axis_weights(v, size, a.lo, a.hi, a.w_lo, a.w_hi)) { a.lo *= scale; a.hi *= scale; }
-  else { a.lo = a.hi = off_map; a.w_lo = a.w_hi = A(0); }
-  return a;
+__device__ __forceinline__ PlaneAxis<A> plane_axis(bool on, int lo, int hi, A w_lo, A w_hi, int scale,
+                                                   int off_map) {
+  return on ? PlaneAxis<A>{lo * scale, hi * scale, w_lo, w_hi} : PlaneAxis<A>{off_map, off_map, A(0), A(0)};
 }
 
 // The lowest lo and highest hi over a warp's lanes (on: the lane's sample
@@ -775,13 +775,11 @@ __global__ void roi_align_plane_geometry(
     const bool row_on = lane < ph * n && axis_weights(ok ? g.sample_y(lane / n, lane % n) : off_map, height, lo,
                                                       hi, w_lo, w_hi);
     warp_reach(row_on, lo, hi, reach_of[0], reach_of[1]);
-    if (lane < ph * n)
-      t.rows[lane] = plane_axis(ok ? g.sample_y(lane / n, lane % n) : off_map, height, row_bytes,
-                                height * row_bytes);
+    if (lane < ph * n) t.rows[lane] = plane_axis(row_on, lo, hi, w_lo, w_hi, row_bytes, height * row_bytes);
     const bool col_on = lane < pw * n && axis_weights(ok ? g.sample_x(lane / n, lane % n) : off_map, width, lo,
                                                       hi, w_lo, w_hi);
     warp_reach(col_on, lo, hi, reach_of[2], reach_of[3]);
-    if (lane < pw * n) t.cols[lane] = plane_axis(ok ? g.sample_x(lane / n, lane % n) : off_map, width, item, -1);
+    if (lane < pw * n) t.cols[lane] = plane_axis(col_on, lo, hi, w_lo, w_hi, item, -1);
     if (lane == 0) {
       t.inv_count = g.inv_count;
       t.valid = ok;
