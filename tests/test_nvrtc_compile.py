@@ -17,12 +17,26 @@ import pytest
 from cupy_roi import _kernels
 
 ARCHITECTURES = ("sm_70", "sm_80", "sm_90")
-# Machine code (NVRTC's front end, NVVM and ptxas) for the newest; PTX (front
-# end and NVVM: every arch-dependent intrinsic and type) for the others. ptxas
-# then runs once per kernel: it took half of each compile (CI is bound by these
-# compiles), and what it checks beyond the PTX (registers, shared memory per
-# block) has the same limits on all three.
+# Every kernel of every scalar type compiles for every arch; how far depends
+# on what each step can find, since CI is bound by these compiles:
+# - NVRTC's front end and NVVM check everything arch- and type-dependent (the
+#   intrinsics and types the headers allow or forbid, their lowering to PTX)
+#   at any optimization level: PTX with NVVM's optimizer off, which took 80%
+#   of each PTX compile.
+# - ptxas checks what lies beyond the PTX: shared memory per block, inline
+#   PTX text, registers under the launch bounds. Their limits are the same on
+#   all three archs, and they differ by scalar type only through the
+#   accumulation type (shared arrays) and the inline PTX text, so machine
+#   code, optimized as the loader compiles, for the newest arch and one type
+#   of each: float64 (double), float32 (float) and float16 (the 16-bit PTX
+#   loads bfloat16 shares, and float accumulation).
 MACHINE_CODE_ARCH = "sm_90"
+MACHINE_CODE_TYPES = ("float16", "float32", "float64")
+PTX_OPTIONS = ("-Xnvvm", "-opt=0")
+
+
+def _machine_code(scalar_type, arch):
+    return arch == MACHINE_CODE_ARCH and scalar_type in MACHINE_CODE_TYPES
 
 
 def _nvidia_dir(package):
@@ -120,8 +134,11 @@ _compiles = {}  # (family, scalar type, arch) -> Future of _compile's result
 
 
 def _compile_kernels(nvrtc, include, family, scalar_type, arch):
-    target = arch if arch == MACHINE_CODE_ARCH else arch.replace("sm_", "compute_")
-    options = [f"--gpu-architecture={target}", f"-I{include}", "--std=c++14"]
+    if _machine_code(scalar_type, arch):
+        options = [f"--gpu-architecture={arch}"]
+    else:
+        options = [f"--gpu-architecture={arch.replace('sm_', 'compute_')}", *PTX_OPTIONS]
+    options += [f"-I{include}", "--std=c++14"]
     return _compile(nvrtc, _kernels.source(family), _kernels.name_expressions(family, scalar_type), options)
 
 
@@ -137,6 +154,9 @@ def start_compiles(keys):
     if _executor is None:
         workers = max(1, (os.cpu_count() or 2) - 1)
         _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvrtc")
+    # the longest first (machine code, then the longer sources), so that the
+    # last ones, which may keep the suite waiting, are short
+    keys = sorted(keys, key=lambda k: (not _machine_code(*k[1:]), -len(_kernels.source(k[0]))))
     for key in keys:
         if key not in _compiles:
             _compiles[key] = _executor.submit(_compile_kernels, nvrtc, include, *key)
