@@ -266,12 +266,17 @@ def channels_last_to_nchw(device, stream, scalar, src, shape, dst):
          (src, n, c, h * w, dst))
 
 
+#: roi_align.cu's kOrderThreads: roi_image_order's one block
+ORDER_THREADS = 1024
+
+
 def _fill_order(device, stream, scalar, rows, k, n, order, total, starts=0):
     """Lists the ``k`` RoIs image by image into the workspace ``order`` (0:
     none) ahead of a RoIAlign launch of ``total`` threads (none: nothing),
     and where each image's begin into ``starts`` (0: not)."""
     if order and total:
-        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order, starts), blocks=1)
+        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order, starts), blocks=1,
+             threads=ORDER_THREADS)
 
 
 #: roi_align.cu's plane mode: kPlaneThreads, kPlaneSamples, sizeof(PlaneRoi<float>)

@@ -263,7 +263,7 @@ def test_roialign_forward_work_order_rules(monkeypatch):
     _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out,
                              33)
     (order, order_args, order_kw), (forward, args, kw) = launched
-    assert order == "roi_image_order" and order_args == (22, 8192, n, 33, 0) and order_kw == {"blocks": 1}
+    assert order == "roi_image_order" and order_args == (22, 8192, n, 33, 0) and order_kw == {"blocks": 1, "threads": 1024}
     assert forward == "roi_align_forward" and args[-1] == 33 and args[16] == -64 and kw["cpt"] == 8
     launched.clear()
     _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out)
