@@ -1099,28 +1099,33 @@ __global__ void channels_last_to_nchw(const typename acc_type<T>::type* __restri
 
 // Tile backward of plain RoIAlign: the gradient gathered, not scattered. A
 // block owns a tile of kTileRows x kTileCols pixels of one image and
-// kTileChannels channels (4 a lane), a warp a row of it; it sums in shared
-// memory every sample of every RoI of the image that reaches the tile, and
-// writes each element of grad_input once: no atomics, no zero fill. The
-// atomic backward on Mask R-CNN's map was bound by L2's atomic operations
-// (four corners of 4 KB a sample over 256 channels, session 21), which no
-// work order removes. The RoIs come from roi_image_order's list; which of
-// them reach the tile, from roi_align_plane_geometry's reach (4 shorts a
-// place of the order); their samples, from its table in pixel units. The
-// block first lists the RoIs that reach the tile, then, kTileHits at a time,
-// each warp lists one RoI's samples on the tile in shared memory (its y
-// samples by the row they reach, its x samples with their columns' codes
-// in a row of sums) and which rows it reaches; every warp then adds, for the listed
-// RoIs on its row, those samples' corners: the lanes own their channels and
-// the warps their rows, so nothing adds to the same sum at once. Session
-// 23's first version (a warp a tile, each working out every RoI's samples)
-// ran 6 warps an SM at 0.90 G instructions: 3.55 ms against the atomic
-// backward's 2.25. grad_output is read 4 channels a lane: the host hands it
-// over channels fastest (tile_gradient_channels_last).
+// kTileChannels channels (8 a lane: two runs of 4, kTileChannels / 2
+// apart), a warp a row of it; it sums in shared memory every sample of every
+// RoI of the image that reaches the tile, and writes each element of
+// grad_input once: no atomics, no zero fill. The atomic backward on Mask
+// R-CNN's map was bound by L2's atomic operations (four corners of 4 KB a
+// sample over 256 channels, session 21), which no work order removes. The
+// RoIs come from roi_image_order's list; which of them reach the tile, from
+// roi_align_plane_geometry's reach (4 shorts a place of the order); their
+// samples, from its table in pixel units. The block first lists the RoIs
+// that reach the tile, then, kTileHits at a time, each warp lists one RoI's
+// samples on the tile in shared memory (its y samples sorted by the row they
+// reach, its x samples with their columns' codes in a row of sums) and
+// which rows it reaches; every warp then adds, for the listed RoIs on its
+// row, those samples' corners: the lanes own their channels and the warps
+// their rows, so nothing adds to the same sum at once. Session 23's first
+// version (a warp a tile, each working out every RoI's samples) ran 6 warps
+// an SM at 0.90 G instructions: 3.55 ms against the atomic backward's 2.25.
+// Its v7 (128 channels a block, 4 a lane) spent half its instructions on
+// listing and on each (row, RoI) visit, which a RoI's few samples on a tile
+// do not amortize (session 24's source-level profile): 256 channels a block
+// share them. grad_output is read 4 channels a load: the host hands it over
+// channels fastest (tile_gradient_channels_last).
 constexpr int kTileRows = 8, kTileCols = 8, kTilePixels = kTileRows * kTileCols;
-constexpr int kTileChannels = 128;            // 4 a lane
+constexpr int kTileChannels = 256;            // 8 a lane
 constexpr int kTileThreads = 32 * kTileRows;  // a warp a row
 constexpr int kTileHits = kTileRows;          // RoIs whose samples are listed at once, a warp each
+constexpr int kTileRowSamples = 2 * kPlaneSamples;  // a sample's y reaches at most two rows
 
 // A RoI's y sample on a row of the tile: its weight there (times the RoI's
 // 1 / count) and the byte offset of its bin row in grad_output.
@@ -1130,13 +1135,13 @@ struct __align__(8) TileRowSample { float w; int offset; };
 // weight is 0, see axis_weights), their weights, and the byte offset of its
 // bin column in grad_output.
 struct __align__(16) TileColumnSample { short lo, hi; float w_lo, w_hi; int offset; };
-// Dynamic shared memory: the sums (a float4 a lane and pixel), then each
-// listed RoI's y samples by row (at most kPlaneSamples a row), then its x
-// samples.
-constexpr int kTileSumBytes = kTilePixels * 32 * 16;
-constexpr int kTileRowBytes = kTileHits * kTileRows * kPlaneSamples * sizeof(TileRowSample);
+// Dynamic shared memory: the sums of the first 4 channels of each lane (a
+// float4 a lane and pixel), those of its second 4, then each listed RoI's y
+// samples sorted by row, then its x samples. 72 KB: three blocks an SM.
+constexpr int kTileHalfBytes = kTilePixels * 32 * 16;
+constexpr int kTileRowBytes = kTileHits * kTileRowSamples * sizeof(TileRowSample);
 constexpr int kTileColumnBytes = kTileHits * kPlaneSamples * sizeof(TileColumnSample);
-static_assert(kTileSumBytes + kTileRowBytes + kTileColumnBytes == 53248, "_rules.TILE_SHARED_BYTES");
+static_assert(2 * kTileHalfBytes + kTileRowBytes + kTileColumnBytes == 73728, "_rules.TILE_SHARED_BYTES");
 
 // Four consecutive channels at p, element by element unless vectors (8 or 16
 // bytes, aligned).
@@ -1182,11 +1187,11 @@ __device__ __forceinline__ bool quad_layout(const T* p, index_t s0, index_t s1, 
          (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
 }
 
-// A tile's sums: a row's 8 pixels of 32 lanes of 16 bytes, lane l's at slot
-// l ^ column, so that both a warp over one pixel's channels (the sums,
-// channels-last writes) and eight lanes over a row's eight pixels (NCHW
-// writes) hit every bank once. tile_column(x) ^ (16 * lane) is lane's byte
-// offset in its row for column x (the two codes' bits do not overlap).
+// A tile's sums, each half: a row's 8 pixels of 32 lanes of 16 bytes, lane
+// l's at slot l ^ column, so that both a warp over one pixel's channels (the
+// sums, channels-last writes) and eight lanes over a row's eight pixels
+// (NCHW writes) hit every bank once. tile_column(x) ^ (16 * lane) is lane's
+// byte offset in its row for column x (the two codes' bits do not overlap).
 __device__ __forceinline__ int tile_column(int x) { return (x << 9) | (x << 4); }
 __device__ __forceinline__ unsigned tile_slot(unsigned row_base, int column, int lane) {
   return row_base + (unsigned)(tile_column(column) ^ (lane << 4));
@@ -1205,27 +1210,49 @@ __device__ __forceinline__ void fma4(float w, float4 g, float4& s) {
   s.x = fused(w, g.x, s.x); s.y = fused(w, g.y, s.y); s.z = fused(w, g.z, s.z); s.w = fused(w, g.w, s.w);
 }
 
-// One listed RoI's samples on a warp's row of the tile: for each of its
-// y samples on the row, each x sample's gradient (4 channels a lane, as one
-// vector where kVectors) times the weights, added at the sample's columns.
+// Both halves' sums at byte `at` of the first half: s += w * g.
+__device__ __forceinline__ void add_to_sums(unsigned at, float w, float4 ga, float4 gb) {
+  float4 sa = tile_sum(at), sb = tile_sum(at + kTileHalfBytes);
+  fma4(w, ga, sa);
+  fma4(w, gb, sb);
+  set_tile_sum(at, sa);
+  set_tile_sum(at + kTileHalfBytes, sb);
+}
+
+// A lane's 8 channels of one bin: at g (4 of them) and g + half (the other
+// 4), zero where not live.
 template <bool kVectors, typename T>
-__device__ __forceinline__ void add_tile_row(const char* g, const TileRowSample* ys, int ny,
-                                             const TileColumnSample* xs, int nx, unsigned row_base, int lane,
-                                             bool live) {
-  const int lane16 = lane << 4;
+__device__ __forceinline__ void load_octet(const char* g, int half, bool live_a, bool live_b, float4& ga,
+                                           float4& gb) {
+  ga = live_a ? load_quad(reinterpret_cast<const T*>(g), kVectors) : make_float4(0.f, 0.f, 0.f, 0.f);
+  gb = live_b ? load_quad(reinterpret_cast<const T*>(g + half), kVectors) : make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// One listed RoI's samples on a warp's row of the tile: for each of its
+// y samples on the row, each x sample's gradient (8 channels a lane) times
+// the weights, added at the sample's columns. The next x sample's gradient
+// is read before this one's sums are, so that its latency overlaps them.
+template <bool kVectors, typename T>
+__device__ __forceinline__ void add_tile_row(const char* g, int half, const TileRowSample* ys, int ny,
+                                             const TileColumnSample* xs, int nx, unsigned row_base, int lane16,
+                                             bool live_a, bool live_b) {
+  if (nx == 0) return;
   for (int iy = 0; iy < ny; ++iy) {
     const TileRowSample ey = ys[iy];
     const char* gy = g + ey.offset;
+    TileColumnSample ex = xs[0];
+    float4 ga, gb;
+    load_octet<kVectors, T>(gy + ex.offset, half, live_a, live_b, ga, gb);
     for (int ix = 0; ix < nx; ++ix) {
-      const TileColumnSample ex = xs[ix];
-      const T* at = reinterpret_cast<const T*>(gy + ex.offset);
-      const float4 gv = live ? load_quad(at, kVectors) : make_float4(0.f, 0.f, 0.f, 0.f);
-      const unsigned a_lo = row_base + (unsigned)(ex.lo ^ lane16), a_hi = row_base + (unsigned)(ex.hi ^ lane16);
-      float4 s_lo, s_hi;
-      if (ex.lo >= 0) s_lo = tile_sum(a_lo);
-      if (ex.hi >= 0) s_hi = tile_sum(a_hi);
-      if (ex.lo >= 0) { fma4(ey.w * ex.w_lo, gv, s_lo); set_tile_sum(a_lo, s_lo); }
-      if (ex.hi >= 0) { fma4(ey.w * ex.w_hi, gv, s_hi); set_tile_sum(a_hi, s_hi); }
+      TileColumnSample next = ex;
+      float4 na = ga, nb = gb;
+      if (ix + 1 < nx) {
+        next = xs[ix + 1];
+        load_octet<kVectors, T>(gy + next.offset, half, live_a, live_b, na, nb);
+      }
+      if (ex.lo >= 0) add_to_sums(row_base + (unsigned)(ex.lo ^ lane16), ey.w * ex.w_lo, ga, gb);
+      if (ex.hi >= 0) add_to_sums(row_base + (unsigned)(ex.hi ^ lane16), ey.w * ex.w_hi, ga, gb);
+      ex = next; ga = na; gb = nb;
     }
   }
 }
@@ -1237,7 +1264,7 @@ __device__ __forceinline__ void add_tile_row(const char* g, const TileRowSample*
 // together read one image's RoIs and gradients). grad_input: every element
 // written, or added to where accumulate is set.
 template <typename T, bool PS>
-__global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
+__global__ void __launch_bounds__(kTileThreads, 3) roi_align_backward_tiles(
     const T* __restrict__ grad_output, index_t go_s0, index_t go_s1, index_t go_s2, index_t go_s3,
     index_t num_rois, int channels, int ph, int pw, int sampling_ratio,
     const int* __restrict__ order, const void* __restrict__ table, const void* __restrict__ reach_by_order,
@@ -1245,17 +1272,18 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
     index_t gi_s0, index_t gi_s1, index_t gi_s2, index_t gi_s3, int accumulate) {
   typedef typename acc_type<T>::type A;
   extern __shared__ __align__(16) unsigned char tile_shared[];
-  TileRowSample (*ys)[kTileRows][kPlaneSamples] =
-      reinterpret_cast<TileRowSample (*)[kTileRows][kPlaneSamples]>(tile_shared + kTileSumBytes);
+  TileRowSample (*ys)[kTileRowSamples] =
+      reinterpret_cast<TileRowSample (*)[kTileRowSamples]>(tile_shared + 2 * kTileHalfBytes);
   TileColumnSample (*xs)[kPlaneSamples] =
-      reinterpret_cast<TileColumnSample (*)[kPlaneSamples]>(tile_shared + kTileSumBytes + kTileRowBytes);
+      reinterpret_cast<TileColumnSample (*)[kPlaneSamples]>(tile_shared + 2 * kTileHalfBytes + kTileRowBytes);
   __shared__ int hits[kTileThreads];
-  __shared__ int hit_count, hit_roi[kTileHits], hit_nx[kTileHits], hit_ny[kTileHits][kTileRows];
+  __shared__ int hit_count, hit_nx[kTileHits], hit_ny[kTileHits][kTileRows], hit_y0[kTileHits][kTileRows];
+  __shared__ const char* hit_grad[kTileHits];  // the listed RoI's grad_output
   __shared__ int row_hits[kTileRows][kTileHits], row_hit_count[kTileRows];  // the listed RoIs on each row
   const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
   const short4* reach = reinterpret_cast<const short4*>(reach_by_order);
   const int* starts = order + num_rois;
-  const int lane = threadIdx.x & 31, row = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, row = threadIdx.x >> 5, lane16 = lane << 4;
   const unsigned base = (unsigned)__cvta_generic_to_shared(tile_shared);
   const int blocks = (channels + kTileChannels - 1) / kTileChannels;
   const int tiles_x = (width + kTileCols - 1) / kTileCols, tiles_y = (height + kTileRows - 1) / kTileRows;
@@ -1264,18 +1292,24 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   const unsigned tx = t % (unsigned)tiles_x, ty = t / (unsigned)tiles_x % (unsigned)tiles_y;
   const int b = (int)(t / (unsigned)tiles_x / (unsigned)tiles_y);
   const int y0 = (int)ty * kTileRows, x0 = (int)tx * kTileCols;
-  const int c = (int)cb * kTileChannels + 4 * lane;
-  const bool live = c < channels;  // the host's rule: channels a multiple of 4
+  constexpr int kHalf = kTileChannels / 2;
+  const int c = (int)cb * kTileChannels + 4 * lane;  // and c + kHalf
+  const bool live_a = c < channels, live_b = c + kHalf < channels;  // the host's rule: channels a multiple of 4
   const int n = sampling_ratio;
   const bool go_vectors = quad_layout(grad_output, go_s0, go_s1, go_s2, go_s3);
   // this lane's sample's bin row and column in grad_output, in bytes (the host's rule keeps them in 32 bits)
   const int bin_of_lane = lane / n;
   const int row_offset = bin_of_lane * (int)go_s2 * (int)sizeof(T), column_offset = bin_of_lane * (int)go_s3 * (int)sizeof(T);
-  const T* go = grad_output + (live ? c : 0) * go_s1;
+  // the lane's channels' offset in a RoI's gradient, and the second run's from the first's, in bytes
+  const index_t lane_bytes = (index_t)(live_a ? c : 0) * go_s1 * (index_t)sizeof(T);
+  const int half = (int)(kHalf * go_s1 * (index_t)sizeof(T));
   const unsigned row_base = base + (unsigned)(row * kTileCols * 512);
 
 #pragma unroll
-  for (int p = 0; p < kTileCols; ++p) set_tile_sum(tile_slot(row_base, p, lane), make_float4(0.f, 0.f, 0.f, 0.f));
+  for (int p = 0; p < kTileCols; ++p) {
+    set_tile_sum(tile_slot(row_base, p, lane), make_float4(0.f, 0.f, 0.f, 0.f));
+    set_tile_sum(tile_slot(row_base, p, lane) + kTileHalfBytes, make_float4(0.f, 0.f, 0.f, 0.f));
+  }
   if (threadIdx.x < kTileRows) row_hit_count[threadIdx.x] = 0;
 
   const int first = starts[b], last = starts[b + 1];
@@ -1308,12 +1342,28 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
         const A inv_count = g->inv_count;
         if (lane < kTileRows) hit_ny[h][lane] = 0;
         __syncwarp();
-        // y samples by row: at lo, and at hi unless clamped onto lo (places taken in any order)
+        // y samples sorted by row: each one's rank on its rows (lo, and hi unless clamped onto lo) ...
         ya.lo -= y0; ya.hi -= y0; xa.lo -= x0; xa.hi -= x0;
-        if ((unsigned)ya.lo < (unsigned)kTileRows)
-          ys[h][ya.lo][atomicAdd(&hit_ny[h][ya.lo], 1)] = TileRowSample{ya.w_lo * inv_count, row_offset};
-        if (ya.hi != ya.lo && (unsigned)ya.hi < (unsigned)kTileRows)
-          ys[h][ya.hi][atomicAdd(&hit_ny[h][ya.hi], 1)] = TileRowSample{ya.w_hi * inv_count, row_offset};
+        const bool y_lo = (unsigned)ya.lo < (unsigned)kTileRows;
+        const bool y_hi = ya.hi != ya.lo && (unsigned)ya.hi < (unsigned)kTileRows;
+        int rank_lo = 0, rank_hi = 0;
+        if (y_lo) rank_lo = atomicAdd(&hit_ny[h][ya.lo], 1);
+        if (y_hi) rank_hi = atomicAdd(&hit_ny[h][ya.hi], 1);
+        __syncwarp();
+        // ... then each row's first place: the counts' exclusive prefix sum over lanes 0 .. kTileRows - 1
+        const int rows_count = lane < kTileRows ? hit_ny[h][lane] : 0;
+        int rows_before = rows_count;
+#pragma unroll
+        for (int d = 1; d < kTileRows; d <<= 1) {
+          const int v = __shfl_up_sync(0xffffffffu, rows_before, d);
+          if (lane >= d) rows_before += v;
+        }
+        rows_before -= rows_count;
+        const int place_lo = __shfl_sync(0xffffffffu, rows_before, ya.lo & (kTileRows - 1)) + rank_lo;
+        const int place_hi = __shfl_sync(0xffffffffu, rows_before, ya.hi & (kTileRows - 1)) + rank_hi;
+        if (y_lo) ys[h][place_lo] = TileRowSample{ya.w_lo * inv_count, row_offset};
+        if (y_hi) ys[h][place_hi] = TileRowSample{ya.w_hi * inv_count, row_offset};
+        if (lane < kTileRows) hit_y0[h][lane] = rows_before;
         const bool x_lo = (unsigned)xa.lo < (unsigned)kTileCols;
         const bool x_hi = xa.hi != xa.lo && (unsigned)xa.hi < (unsigned)kTileCols;
         const unsigned xm = __ballot_sync(0xffffffffu, x_lo || x_hi);
@@ -1321,18 +1371,23 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
           xs[h][__popc(xm & ((1u << lane) - 1))] = TileColumnSample{
               (short)(x_lo ? tile_column(xa.lo) : -1), (short)(x_hi ? tile_column(xa.hi) : -1), xa.w_lo, xa.w_hi,
               column_offset};
-        __syncwarp();
-        if (lane < kTileRows && hit_ny[h][lane]) row_hits[lane][atomicAdd(&row_hit_count[lane], 1)] = h;
-        if (lane == 0) { hit_roi[h] = roi; hit_nx[h] = __popc(xm); }
+        if (lane < kTileRows && rows_count && xm) row_hits[lane][atomicAdd(&row_hit_count[lane], 1)] = h;
+        if (lane == 0) {
+          hit_nx[h] = __popc(xm);
+          hit_grad[h] = reinterpret_cast<const char*>(grad_output + (index_t)roi * go_s0);
+        }
       }
       __syncthreads();
       // warp `row` adds the listed samples' corners on its row
       const int mine = row_hit_count[row];
       for (int i = 0; i < mine; ++i) {
         const int h = row_hits[row][i];
-        const char* gk = reinterpret_cast<const char*>(go + (index_t)hit_roi[h] * go_s0);
-        if (go_vectors) add_tile_row<true, T>(gk, ys[h][row], hit_ny[h][row], xs[h], hit_nx[h], row_base, lane, live);
-        else add_tile_row<false, T>(gk, ys[h][row], hit_ny[h][row], xs[h], hit_nx[h], row_base, lane, live);
+        const char* gk = hit_grad[h] + lane_bytes;
+        const TileRowSample* ye = ys[h] + hit_y0[h][row];
+        if (go_vectors)
+          add_tile_row<true, T>(gk, half, ye, hit_ny[h][row], xs[h], hit_nx[h], row_base, lane16, live_a, live_b);
+        else
+          add_tile_row<false, T>(gk, half, ye, hit_ny[h][row], xs[h], hit_nx[h], row_base, lane16, live_a, live_b);
       }
       __syncwarp();
       if (lane == 0) row_hit_count[row] = 0;  // this warp read its row's list; the next lists come after the barrier
@@ -1344,16 +1399,20 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   if (y >= height) return;
   T* out = grad_input + (index_t)b * gi_s0 + y * gi_s2;
   if (gi_s1 == 1) {  // channels-last: a pixel's channels a store
-    if (!live) return;
     const bool vectors = quad_layout(grad_input, gi_s0, gi_s1, gi_s2, gi_s3);
     for (int p = 0; p < kTileCols && x0 + p < width; ++p) {
-      T* o = out + (x0 + p) * gi_s3 + c;
-      float4 v = tile_sum(tile_slot(row_base, p, lane));
-      if (accumulate) {
-        const float4 was = load_quad(o, vectors);
-        v.x += was.x; v.y += was.y; v.z += was.z; v.w += was.w;
+      const unsigned at = tile_slot(row_base, p, lane);
+#pragma unroll
+      for (int part = 0; part < 2; ++part) {
+        if (!(part ? live_b : live_a)) continue;
+        T* o = out + (x0 + p) * gi_s3 + c + part * kHalf;
+        float4 v = tile_sum(at + part * kTileHalfBytes);
+        if (accumulate) {
+          const float4 was = load_quad(o, vectors);
+          v.x += was.x; v.y += was.y; v.z += was.z; v.w += was.w;
+        }
+        store_quad(o, 1, vectors, v);
       }
-      store_quad(o, 1, vectors, v);
     }
     return;
   }
@@ -1361,10 +1420,10 @@ __global__ void __launch_bounds__(kTileThreads) roi_align_backward_tiles(
   const int p = lane & 7;
   if (x0 + p >= width) return;
   T* o = out + (x0 + p) * gi_s3;
-  for (int q = lane >> 3; q < 32; q += 4) {
+  for (int q = lane >> 3; q < 2 * 32; q += 4) {
     const int cq = (int)cb * kTileChannels + 4 * q;
     if (cq >= channels) break;
-    float4 v = tile_sum(tile_slot(row_base, p, q));
+    float4 v = tile_sum(tile_slot(row_base, p, q & 31) + (q >> 5) * kTileHalfBytes);
     T* oc = o + cq * gi_s1;
     if (accumulate) {
       v.x += to_acc(oc[0]); v.y += to_acc(oc[gi_s1]); v.z += to_acc(oc[2 * gi_s1]); v.w += to_acc(oc[3 * gi_s1]);

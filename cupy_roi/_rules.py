@@ -388,12 +388,12 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
 
 #: roi_align.cu's tile backward: channels a block, pixels a tile (rows: a warp each, columns), and a
 #: block's dynamic shared memory (the sums and the listed RoIs' samples)
-TILE_CHANNELS, TILE_ROWS, TILE_COLS, TILE_SHARED_BYTES = 128, 8, 8, 53248
+TILE_CHANNELS, TILE_ROWS, TILE_COLS, TILE_SHARED_BYTES = 256, 8, 8, 73728
 
 
 def backward_tiles(device, scalar, ps, shape, size, sampling_ratio, k, deterministic):
     """Whether the RoIAlign backward gathers by tiles (``roi_align_backward_tiles``:
-    a block sums every sample that reaches its 8 x 8 pixels and 128 channels,
+    a block sums every sample that reaches its 8 x 8 pixels and 256 channels,
     a warp a row, then writes them once; no atomics, no zero fill) instead of adding each
     sample's corners with atomics. Plain RoIAlign, float types but float64,
     not deterministic (the sums' order follows the RoI order of each image,

@@ -188,7 +188,11 @@ def plane_calls(rng):
                 go = cupy.asarray(rng.standard_normal((len(r), c) + size), dtype=cupy.float32)
                 array_api.roi_align_backward(go, cupy.from_dlpack(rt), (n, c, h, w), size, 0.5, sr)
             count += 1
-    return count
+    # the tile backward's two channel blocks of 256, the second's lanes' second runs of 4 past the last channel
+    x = torch.tensor(rng.standard_normal((n, 260, h, w)), dtype=torch.float32, device="cuda").requires_grad_(True)
+    out = cupy_roi.roi_align(x, rt, (2, 3), 0.5, 4, False)
+    out.backward(torch.ones_like(out))
+    return count + 1
 
 
 def shifted_channels_last_calls(rng):

@@ -393,7 +393,7 @@ def test_roialign_backward_work_order_rules(monkeypatch):
 
 def test_roialign_backward_tile_rule(monkeypatch):
     """Where the RoIAlign backward gathers by tiles (_rules.backward_tiles:
-    a block sums its 8 x 8 pixels and 128 channels, then writes them): plain
+    a block sums its 8 x 8 pixels and 256 channels, then writes them): plain
     RoIAlign, float types but float64, not deterministic, a fixed sampling
     grid of at most 32 samples an axis, channels a multiple of 4, maps past
     a third of L2 of at most 32767 pixels a side; a caller's accumulation
@@ -448,8 +448,8 @@ def test_roialign_backward_tile_rule(monkeypatch):
         assert names == ["roi_image_order", "roi_align_plane_geometry", "roi_align_backward_tiles"]
         *_, (_, geometry_total, geometry, _), (_, total, args, kw) = launched
         assert geometry == (22, k, n, h, w, 1, 1, 7, 7, 0.25, 2, True, work + table, work, reach)  # pixel units
-        blocks = n * 25 * 34 * 2
-        assert total == blocks * 256 and kw == {"blocks": blocks, "threads": 256, "shared": 53248}
+        blocks = n * 25 * 34
+        assert total == blocks * 256 and kw == {"blocks": blocks, "threads": 256, "shared": 73728}
         assert args == (*grad[0:1], *grad[1], k, c, 7, 7, 2, work, work + table, reach, 44, n, h, w, *nhwc,
                         0 if fresh else 1)
 
