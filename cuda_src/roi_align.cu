@@ -634,15 +634,17 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
 // (rows of an invalid batch index last), so that the RoIs running together
 // read one image's map, which L2 holds, instead of every image's
 // (benchmarks/NOTES.md, session 20). Where starts is given, image b's RoIs
-// take places starts[b] .. starts[b + 1] (b = batch: the invalid rows). Which thread computes a RoI never
-// changes its result. One block of kOrderThreads threads; batch at most
-// kMaxOrderImages, num_rois below 2^31 (the host checks both). Lanes of a
-// warp on one image take their places with one shared-memory atomic. Each
-// thread reads kOrderLoads batch indices before it claims places for them:
-// one at a time, 256 threads took 93 us for 8192 RoIs (H100, session 24),
-// a global load's latency per claim.
+// take places starts[b] .. starts[b + 1] (b = batch: the invalid rows). Which
+// thread computes a RoI never changes its result. One block of kOrderThreads
+// threads; batch at most kMaxOrderImages, num_rois below 2^31 (the host
+// checks both). A thread reads kOrderLoads batch indices before it claims
+// places for them, and the lanes of a warp on one image claim theirs
+// together. Up to kOrderWarpImages images, each warp counts and places in
+// its own counters, without atomics; beyond, all warps share one counter an
+// image. With one counter an image and a load's latency per claim, 256
+// threads took 93 us for 8192 RoIs of 16 images (H100, session 24).
 constexpr int kMaxOrderImages = 4096;
-constexpr int kOrderThreads = 1024, kOrderLoads = 4;
+constexpr int kOrderThreads = 1024, kOrderWarps = kOrderThreads / 32, kOrderLoads = 4, kOrderWarpImages = 128;
 
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
@@ -650,7 +652,9 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     int* __restrict__ starts) {
   typedef typename acc_type<T>::type A;
   __shared__ int next[kMaxOrderImages + 1];  // per image: its count, then its next free place
-  const int lane = threadIdx.x & 31;
+  __shared__ int warp_next[kOrderWarps][kOrderWarpImages];  // the same per warp, where batch allows
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool per_warp = batch < kOrderWarpImages;
   const auto image = [&](index_t k) {
     const A bf = rois[k * 5];
     return bf >= A(0) && bf < A(batch) && bf == floor(bf) ? (int)bf : batch;
@@ -661,28 +665,54 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     const int leader = __ffs(peers) - 1;
     rank = __popc(peers & ((1u << lane) - 1));
     int first = 0;
-    if (lane == leader) first = atomicAdd(&next[b], __popc(peers));
+    if (lane == leader) {
+      if (per_warp) {  // the warp's own counter: only this lane touches it now
+        first = warp_next[warp][b];
+        warp_next[warp][b] = first + __popc(peers);
+      } else {
+        first = atomicAdd(&next[b], __popc(peers));
+      }
+    }
     return __shfl_sync(peers, first, leader);
   };
-  // the images of RoIs k0, k0 + blockDim.x, ... (kOrderLoads of them; -1 past the last)
+  // the images of this lane's RoIs from the warp's k0: k0 + lane, then blockDim.x on
+  // (kOrderLoads of them; -1 past the last)
   const auto load = [&](index_t k0, int (&b)[kOrderLoads]) {
 #pragma unroll
     for (int u = 0; u < kOrderLoads; ++u) {
-      const index_t k = k0 + u * blockDim.x;
+      const index_t k = k0 + lane + u * blockDim.x;
       b[u] = k < num_rois ? image(k) : -1;
     }
   };
-  const index_t step = kOrderLoads * blockDim.x;
+  // the warp's k0: the same on all its lanes, so that they can sync between claims (a warp's
+  // own counters are read by the next claim's leader)
+  const index_t step = kOrderLoads * blockDim.x, warp_k0 = threadIdx.x - lane;
   for (int b = threadIdx.x; b <= batch; b += blockDim.x) next[b] = 0;
+  if (per_warp)
+    for (int b = lane; b <= batch; b += 32) warp_next[warp][b] = 0;
   __syncthreads();
-  for (index_t k0 = threadIdx.x; k0 < num_rois; k0 += step) {
+  for (index_t k0 = warp_k0; k0 < num_rois; k0 += step) {
     int b[kOrderLoads], rank;
     load(k0, b);
 #pragma unroll
-    for (int u = 0; u < kOrderLoads; ++u)
+    for (int u = 0; u < kOrderLoads; ++u) {
       if (b[u] >= 0) claim(b[u], rank);
+      __syncwarp();
+    }
   }
   __syncthreads();
+  if (per_warp) {  // each image's count, and each warp's first place in it relative to the image's
+    for (int b = threadIdx.x; b <= batch; b += blockDim.x) {
+      int count = 0;
+      for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+        const int c = warp_next[w][b];
+        warp_next[w][b] = count;
+        count += c;
+      }
+      next[b] = count;
+    }
+    __syncthreads();
+  }
   if (threadIdx.x == 0) {
     int start = 0;
     for (int b = 0; b <= batch; ++b) {
@@ -694,15 +724,20 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     if (starts) starts[batch + 1] = start;
   }
   __syncthreads();
-  for (index_t k0 = threadIdx.x; k0 < num_rois; k0 += step) {
+  if (per_warp)
+    for (int b = lane; b <= batch; b += 32) warp_next[warp][b] += next[b];
+  __syncwarp();
+  for (index_t k0 = warp_k0; k0 < num_rois; k0 += step) {
     int b[kOrderLoads], rank;
     load(k0, b);
 #pragma unroll
-    for (int u = 0; u < kOrderLoads; ++u)
+    for (int u = 0; u < kOrderLoads; ++u) {
       if (b[u] >= 0) {
         const int first = claim(b[u], rank);
-        order[first + rank] = (int)(k0 + u * blockDim.x);
+        order[first + rank] = (int)(k0 + lane + u * blockDim.x);
       }
+      __syncwarp();
+    }
   }
 }
 
@@ -1435,16 +1470,21 @@ __global__ void __launch_bounds__(kTileThreads, 3) roi_align_backward_tiles(
 // grad_output (num_rois, channels, ph, pw) of any strides into dst, the same
 // laid out channels fastest ((num_rois, ph, pw, channels), contiguous), for
 // roi_align_backward_tiles' 4-channel reads: a block a RoI's 32 channels,
-// 32 x 32 tiles of (channels, bins) through shared memory, reads along bins,
-// writes along channels. Divisions once a block, in 32 bits where they fit.
+// 32 x 64 tiles of (channels, bins) through shared memory, reads along bins,
+// writes along channels. A thread reads all its elements of a tile before it
+// stores any (one load's latency a tile; they came one at a time, 373 us on
+// Mask R-CNN's 0.41 GB gradient, H100, session 24). Divisions once a block,
+// in 32 bits where they fit.
+constexpr int kCopyBins = 64;
 template <typename T, bool PS>
-__global__ void tile_gradient_channels_last(const T* __restrict__ src, index_t s0, index_t s1, index_t s2,
-                                            index_t s3, index_t num_rois, int channels, int ph, int pw,
-                                            T* __restrict__ dst) {
+__global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
+    const T* __restrict__ src, index_t s0, index_t s1, index_t s2, index_t s3, index_t num_rois, int channels,
+    int ph, int pw, T* __restrict__ dst) {
   typedef typename acc_type<T>::type A;  // exact for the half types, and a plain shared array
-  __shared__ A tile[32][33];  // [channel][bin]
+  constexpr int kWarps = kBlockThreads / 32, kRowsPerWarp = 32 / kWarps, kBinsPerLane = kCopyBins / 32;
+  __shared__ A tile[32][kCopyBins + 1];  // [channel][bin]
   const int bins = ph * pw, channel_tiles = (channels + 31) / 32;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool flat = s2 == pw * s3;  // the bins one run
   const index_t pairs = num_rois * channel_tiles;
   for (index_t t = blockIdx.x; t < pairs; t += gridDim.x) {
@@ -1453,17 +1493,28 @@ __global__ void tile_gradient_channels_last(const T* __restrict__ src, index_t s
     const T* sk = src + k * s0 + c0 * s1;
     T* dk = dst + k * bins * channels + c0;
     const int rows = min(32, channels - c0);
-    for (int q0 = 0; q0 < bins; q0 += 32) {
-      const int q = q0 + lane;
-      if (q < bins) {
-        const T* from = sk + (flat ? q * s3 : (q / pw) * s2 + (q % pw) * s3) + warp * s1;
-        for (int r = warp; r < rows; r += warps, from += warps * s1) tile[r][lane] = to_acc(*from);
+    for (int q0 = 0; q0 < bins; q0 += kCopyBins) {
+      A v[kRowsPerWarp][kBinsPerLane];
+#pragma unroll
+      for (int j = 0; j < kBinsPerLane; ++j) {
+        const int q = q0 + j * 32 + lane;
+        const index_t at = q < bins ? (flat ? q * s3 : (q / pw) * s2 + (q % pw) * s3) : 0;
+#pragma unroll
+        for (int i = 0; i < kRowsPerWarp; ++i) {
+          const int r = warp + i * kWarps;
+          v[i][j] = q < bins && r < rows ? to_acc(sk[at + r * s1]) : A(0);
+        }
       }
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+        for (int j = 0; j < kBinsPerLane; ++j) tile[warp + i * kWarps][j * 32 + lane] = v[i][j];
       __syncthreads();
       if (lane < rows) {
-        const int last = min(32, bins - q0);
+        const int last = min(kCopyBins, bins - q0);
         T* to = dk + (index_t)(q0 + warp) * channels + lane;
-        for (int r = warp; r < last; r += warps, to += (index_t)warps * channels) store(to, tile[lane][r]);
+#pragma unroll 4
+        for (int r = warp; r < last; r += kWarps, to += (index_t)kWarps * channels) store(to, tile[lane][r]);
       }
       __syncthreads();
     }
