@@ -1470,12 +1470,13 @@ __global__ void __launch_bounds__(kTileThreads, 3) roi_align_backward_tiles(
 // grad_output (num_rois, channels, ph, pw) of any strides into dst, the same
 // laid out channels fastest ((num_rois, ph, pw, channels), contiguous), for
 // roi_align_backward_tiles' 4-channel reads: a block a RoI's 32 channels,
-// 32 x 64 tiles of (channels, bins) through shared memory, reads along bins,
+// 32 x 32 tiles of (channels, bins) through shared memory, reads along bins,
 // writes along channels. A thread reads all its elements of a tile before it
-// stores any (one load's latency a tile; they came one at a time, 373 us on
-// Mask R-CNN's 0.41 GB gradient, H100, session 24). Divisions once a block,
-// in 32 bits where they fit.
-constexpr int kCopyBins = 64;
+// stores any. Divisions once a block, in 32 bits where they fit. Measured on
+// the Mask R-CNN gradients (H100, session 24): 14x14 415 -> 377 us, 7x7 372
+// -> 370 (its 49 bins are two tiles either way); tiles of 64 bins took 440
+// at 14x14.
+constexpr int kCopyBins = 32;
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
     const T* __restrict__ src, index_t s0, index_t s1, index_t s2, index_t s3, index_t num_rois, int channels,
