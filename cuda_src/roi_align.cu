@@ -659,21 +659,25 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     const A bf = rois[k * 5];
     return bf >= A(0) && bf < A(batch) && bf == floor(bf) ? (int)bf : batch;
   };
-  // the first place of `count` for the active lanes on image b, and this lane's rank among them
-  const auto claim = [&](int b, int& rank) {
-    const unsigned peers = __match_any_sync(__activemask(), b);
-    const int leader = __ffs(peers) - 1;
-    rank = __popc(peers & ((1u << lane) - 1));
-    int first = 0;
-    if (lane == leader) {
-      if (per_warp) {  // the warp's own counter: only this lane touches it now
-        first = warp_next[warp][b];
-        warp_next[warp][b] = first + __popc(peers);
-      } else {
-        first = atomicAdd(&next[b], __popc(peers));
-      }
+  // this lane's place for a RoI of image b (b < 0: none): the warp's lanes on one image take
+  // theirs together. All the warp's lanes call it at once: no shuffle within the groups of
+  // lanes (one a group, in turn), but one read and two warp syncs.
+  const auto claim = [&](int b) {
+    const unsigned peers = __match_any_sync(0xffffffffu, b);
+    const bool leader = b >= 0 && lane == __ffs(peers) - 1;
+    const int rank = __popc(peers & ((1u << lane) - 1));
+    int first;
+    if (per_warp) {  // the warp's own counters
+      first = b >= 0 ? warp_next[warp][b] : 0;
+      __syncwarp();
+      if (leader) warp_next[warp][b] = first + __popc(peers);
+    } else {  // the shared ones; the leader hands the first place on through warp_next[warp][its lane]
+      if (leader) warp_next[warp][lane] = atomicAdd(&next[b], __popc(peers));
+      __syncwarp();
+      first = b >= 0 ? warp_next[warp][__ffs(peers) - 1] : 0;
     }
-    return __shfl_sync(peers, first, leader);
+    __syncwarp();
+    return first + rank;
   };
   // the images of this lane's RoIs from the warp's k0: k0 + lane, then blockDim.x on
   // (kOrderLoads of them; -1 past the last)
@@ -692,13 +696,10 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     for (int b = lane; b <= batch; b += 32) warp_next[warp][b] = 0;
   __syncthreads();
   for (index_t k0 = warp_k0; k0 < num_rois; k0 += step) {
-    int b[kOrderLoads], rank;
+    int b[kOrderLoads];
     load(k0, b);
 #pragma unroll
-    for (int u = 0; u < kOrderLoads; ++u) {
-      if (b[u] >= 0) claim(b[u], rank);
-      __syncwarp();
-    }
+    for (int u = 0; u < kOrderLoads; ++u) claim(b[u]);
   }
   __syncthreads();
   if (per_warp) {  // each image's count, and each warp's first place in it relative to the image's
@@ -728,15 +729,12 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     for (int b = lane; b <= batch; b += 32) warp_next[warp][b] += next[b];
   __syncwarp();
   for (index_t k0 = warp_k0; k0 < num_rois; k0 += step) {
-    int b[kOrderLoads], rank;
+    int b[kOrderLoads];
     load(k0, b);
 #pragma unroll
     for (int u = 0; u < kOrderLoads; ++u) {
-      if (b[u] >= 0) {
-        const int first = claim(b[u], rank);
-        order[first + rank] = (int)(k0 + lane + u * blockDim.x);
-      }
-      __syncwarp();
+      const int place = claim(b[u]);
+      if (b[u] >= 0) order[place] = (int)(k0 + lane + u * blockDim.x);
     }
   }
 }
