@@ -263,7 +263,8 @@ def test_roialign_forward_work_order_rules(monkeypatch):
     _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out,
                              33)
     (order, order_args, order_kw), (forward, args, kw) = launched
-    assert order == "roi_image_order" and order_args == (22, 8192, n, 33, 0) and order_kw == {"blocks": 1, "threads": 1024}
+    assert order == "roi_image_order" and order_args == (22, 8192, n, 33, 0)
+    assert order_kw == {"blocks": 1, "threads": 1024}
     assert forward == "roi_align_forward" and args[-1] == 33 and args[16] == -64 and kw["cpt"] == 8
     launched.clear()
     _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out)
@@ -322,7 +323,7 @@ def test_roialign_forward_plane_rule(monkeypatch):
     _rules.roi_align_forward(0, 0, "float32", False, (11, nchw), mask_rcnn, 22, k, (7, 7), 0.25, 2, False, out, work)
     table = work + -(-4 * (k + n + 2) // 16) * 16
     order, geometry, (forward, blocks, args, kw) = launches
-    assert order == ("roi_image_order", 1, (22, k, n, work, work + 4 * k), {})
+    assert order == ("roi_image_order", 1, (22, k, n, work, work + 4 * k), {"threads": 1024})
     assert geometry == ("roi_align_plane_geometry", 32 * k // 256,
                         (22, k, n, h, w, 272 * 4, 4, 7, 7, 0.25, 2, False, table, 0, 0), {})  # a warp a RoI
     assert forward == "roi_align_forward_plane" and blocks == n * c
