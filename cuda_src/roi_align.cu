@@ -660,8 +660,9 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     return bf >= A(0) && bf < A(batch) && bf == floor(bf) ? (int)bf : batch;
   };
   // this lane's place for a RoI of image b (b < 0: none): the warp's lanes on one image take
-  // theirs together. All the warp's lanes call it at once: no shuffle within the groups of
-  // lanes (one a group, in turn), but one read and two warp syncs.
+  // theirs together. All the warp's lanes call it at once, and the first place reaches a
+  // group's lanes through shared memory between warp syncs: a shuffle among each group's
+  // lanes ran one group at a time.
   const auto claim = [&](int b) {
     const unsigned peers = __match_any_sync(0xffffffffu, b);
     const bool leader = b >= 0 && lane == __ffs(peers) - 1;
@@ -1474,14 +1475,13 @@ __global__ void __launch_bounds__(kTileThreads, 3) roi_align_backward_tiles(
 // the Mask R-CNN gradients (H100, session 24): 14x14 415 -> 377 us, 7x7 372
 // -> 370 (its 49 bins are two tiles either way); tiles of 64 bins took 440
 // at 14x14.
-constexpr int kCopyBins = 32;
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
     const T* __restrict__ src, index_t s0, index_t s1, index_t s2, index_t s3, index_t num_rois, int channels,
     int ph, int pw, T* __restrict__ dst) {
   typedef typename acc_type<T>::type A;  // exact for the half types, and a plain shared array
-  constexpr int kWarps = kBlockThreads / 32, kRowsPerWarp = 32 / kWarps, kBinsPerLane = kCopyBins / 32;
-  __shared__ A tile[32][kCopyBins + 1];  // [channel][bin]
+  constexpr int kWarps = kBlockThreads / 32, kRowsPerWarp = 32 / kWarps;
+  __shared__ A tile[32][33];  // [channel][bin]
   const int bins = ph * pw, channel_tiles = (channels + 31) / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool flat = s2 == pw * s3;  // the bins one run
@@ -1492,25 +1492,20 @@ __global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
     const T* sk = src + k * s0 + c0 * s1;
     T* dk = dst + k * bins * channels + c0;
     const int rows = min(32, channels - c0);
-    for (int q0 = 0; q0 < bins; q0 += kCopyBins) {
-      A v[kRowsPerWarp][kBinsPerLane];
+    for (int q0 = 0; q0 < bins; q0 += 32) {
+      const int q = q0 + lane;
+      const index_t at = q < bins ? (flat ? q * s3 : (q / pw) * s2 + (q % pw) * s3) : 0;
+      A v[kRowsPerWarp];
 #pragma unroll
-      for (int j = 0; j < kBinsPerLane; ++j) {
-        const int q = q0 + j * 32 + lane;
-        const index_t at = q < bins ? (flat ? q * s3 : (q / pw) * s2 + (q % pw) * s3) : 0;
-#pragma unroll
-        for (int i = 0; i < kRowsPerWarp; ++i) {
-          const int r = warp + i * kWarps;
-          v[i][j] = q < bins && r < rows ? to_acc(sk[at + r * s1]) : A(0);
-        }
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int r = warp + i * kWarps;
+        v[i] = q < bins && r < rows ? to_acc(sk[at + r * s1]) : A(0);
       }
 #pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i)
-#pragma unroll
-        for (int j = 0; j < kBinsPerLane; ++j) tile[warp + i * kWarps][j * 32 + lane] = v[i][j];
+      for (int i = 0; i < kRowsPerWarp; ++i) tile[warp + i * kWarps][lane] = v[i];
       __syncthreads();
       if (lane < rows) {
-        const int last = min(kCopyBins, bins - q0);
+        const int last = min(32, bins - q0);
         T* to = dk + (index_t)(q0 + warp) * channels + lane;
 #pragma unroll 4
         for (int r = warp; r < last; r += kWarps, to += (index_t)kWarps * channels) store(to, tile[lane][r]);
