@@ -861,22 +861,67 @@ __device__ __forceinline__ void plane_copy_wait() {
 #endif
 }
 
+#if __CUDA_ARCH__ >= 900
+// The plane's rows through the copy engine (cp.async.bulk), which one thread
+// starts and an mbarrier counts in bytes. Thread copies (cp.async) took ~8.6
+// us a plane whether or not other SMs copied at the same time: a thread's
+// copies in flight, not DRAM, bounded them (benchmarks/NOTES.md, session 25).
+// Rows go as one run of bytes where the plane is contiguous in both places.
+// Every thread waits on the barrier's first phase.
+__device__ __forceinline__ void plane_bulk_copy(unsigned dst, const char* src, int rows, unsigned row_bytes,
+                                                unsigned dst_step, size_t src_step, unsigned bar) {
+  constexpr unsigned kMaxBulk = 1u << 16;  // bytes a copy instruction, well below the barrier's tx limit
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(rows * row_bytes)
+                 : "memory");
+    const bool contiguous = dst_step == row_bytes && src_step == row_bytes;
+    const int runs = contiguous ? 1 : rows;
+    const unsigned run_bytes = contiguous ? rows * row_bytes : row_bytes;
+    for (int r = 0; r < runs; ++r)
+      for (unsigned o = 0; o < run_bytes; o += kMaxBulk)
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                dst + r * dst_step + o),
+            "l"(src + r * src_step + o), "r"(min(kMaxBulk, run_bytes - o)), "r"(bar)
+            : "memory");
+  }
+  __syncthreads();  // the barrier's initialization, before any thread waits on it
+  asm volatile(
+      "{\n"
+      " .reg .pred done;\n"
+      "wait:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+      " @!done bra wait;\n"
+      "}" ::"r"(bar)
+      : "memory");
+}
+#endif
+
 // Copies the (height x width) plane at src (row stride s2, column stride s3)
 // into shared memory, rows plane_stride elements apart, and zeros the row
-// below it: 16 bytes a copy where rows allow. With one block an SM nothing
-// hides the copy's latency, so the copies go out all at once.
+// below it: whole rows through the copy engine, or 16 bytes a thread-copy,
+// where rows allow. bar: an 8-byte word of shared memory for the copy
+// engine's barrier.
 template <typename T>
 __device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* src, int height, int width,
-                                           index_t s2, index_t s3) {
+                                           index_t s2, index_t s3, unsigned long long* bar) {
   constexpr int kVec = 16 / sizeof(T);
   for (int e = threadIdx.x; e < plane_stride; e += kPlaneThreads) plane[height * plane_stride + e] = T();
   if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && plane_stride % kVec == 0 && aligned16(src)) {
+#if __CUDA_ARCH__ >= 900
+    plane_bulk_copy((unsigned)__cvta_generic_to_shared(plane), reinterpret_cast<const char*>(src), height,
+                    width * sizeof(T), plane_stride * sizeof(T), s2 * sizeof(T),
+                    (unsigned)__cvta_generic_to_shared(bar));
+#else
     const int per_row = width / kVec, total = height * per_row;
     for (int e = threadIdx.x; e < total; e += kPlaneThreads) {
       const int r = e / per_row, q = (e - r * per_row) * kVec;
       plane_copy16(plane + r * plane_stride + q, src + r * s2 + q);
     }
     plane_copy_wait();
+#endif
     return;
   }
   const int total = height * width;
@@ -976,6 +1021,7 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
   const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
   const int* starts = order + num_rois;
   extern __shared__ __align__(16) unsigned char plane_shared[];
+  __shared__ __align__(8) unsigned long long copy_barrier;
   T* plane = reinterpret_cast<T*>(plane_shared);
   const int b = (int)(blockIdx.x % (unsigned)batch), c = (int)(blockIdx.x / (unsigned)batch);
   output += (index_t)c * out_s1;
@@ -987,7 +1033,8 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
       }
   const int first = starts[b], last = starts[b + 1];
   if (first >= last) return;
-  load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3);
+  load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3,
+             &copy_barrier);
   __syncthreads();
   if (sampling_ratio == 1) plane_pool<1>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
   else if (sampling_ratio == 2) plane_pool<2>(plane, order, first, last, geo, ph, pw, output, out_s0, out_s2, out_s3);
@@ -1466,23 +1513,120 @@ __global__ void __launch_bounds__(kTileThreads, 3) roi_align_backward_tiles(
   }
 }
 
+// Words of 2, 4 or 8 bytes, and 16 bytes of them packed as a vector.
+template <int kBytes> struct Word;
+template <> struct Word<2> { typedef unsigned short type; };
+template <> struct Word<4> { typedef unsigned type; };
+template <> struct Word<8> { typedef unsigned long long type; };
+
+__device__ __forceinline__ uint4 pack16(const unsigned short* w) {
+  return make_uint4(w[0] | (unsigned)w[1] << 16, w[2] | (unsigned)w[3] << 16, w[4] | (unsigned)w[5] << 16,
+                    w[6] | (unsigned)w[7] << 16);
+}
+__device__ __forceinline__ uint4 pack16(const unsigned* w) { return make_uint4(w[0], w[1], w[2], w[3]); }
+__device__ __forceinline__ uint4 pack16(const unsigned long long* w) {
+  return make_uint4((unsigned)w[0], (unsigned)(w[0] >> 32), (unsigned)w[1], (unsigned)(w[1] >> 32));
+}
+
+// The words of a 16-byte vector, in memory order.
+__device__ __forceinline__ void unpack16(uint4 v, unsigned short* w) {
+  const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[2 * i] = (unsigned short)(u[i] & 0xffffu);
+    w[2 * i + 1] = (unsigned short)(u[i] >> 16);
+  }
+}
+__device__ __forceinline__ void unpack16(uint4 v, unsigned* w) {
+  w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+}
+__device__ __forceinline__ void unpack16(uint4 v, unsigned long long* w) {
+  w[0] = v.x | (unsigned long long)v.y << 32;
+  w[1] = v.z | (unsigned long long)v.w << 32;
+}
+
+// Shared memory of tile_gradient_channels_last: a run of channels of one
+// RoI's gradient (at most 4 vectors a thread, 16 KB, and the padding of its
+// odd rows), or a 32 x 32 tile of the accumulation type.
+constexpr int kGradStageBytes = 17408;
+
 // grad_output (num_rois, channels, ph, pw) of any strides into dst, the same
 // laid out channels fastest ((num_rois, ph, pw, channels), contiguous), for
-// roi_align_backward_tiles' 4-channel reads: a block a RoI's 32 channels,
-// 32 x 32 tiles of (channels, bins) through shared memory, reads along bins,
-// writes along channels. A thread reads all its elements of a tile before it
-// stores any. Divisions once a block, in 32 bits where they fit. Measured on
-// the Mask R-CNN gradients (H100, session 24): 14x14 415 -> 377 us, 7x7 372
-// -> 370 (its 49 bins are two tiles either way); tiles of 64 bins took 440
-// at 14x14.
+// roi_align_backward_tiles' 4-channel reads. Where each RoI's gradient is
+// one contiguous run (the contiguous grad_output a box head's flatten hands
+// back) and a block's threads read a run of up to 64 channels with 4
+// 16-byte vectors each, the vectors go into shared memory as they lie and
+// each bin's channels out as 16-byte vectors: Mask R-CNN 7x7 370 -> 317 us
+// (H100, session 25). Where a run takes more vectors (14x14: 32 channels, 6
+// a thread, took 427 us: two round trips to DRAM a run) or the gradient is
+// not one run, 32 x 32 tiles of (channels, bins), reads along bins, writes
+// along channels, a thread's reads of a tile issued before its stores,
+// divisions once a block, in 32 bits where they fit (session 24: 14x14 415
+// -> 377 us; tiles of 64 bins took 440).
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
     const T* __restrict__ src, index_t s0, index_t s1, index_t s2, index_t s3, index_t num_rois, int channels,
     int ph, int pw, T* __restrict__ dst) {
   typedef typename acc_type<T>::type A;  // exact for the half types, and a plain shared array
+  typedef typename Word<sizeof(T)>::type W;
+  constexpr int kVec = 16 / sizeof(T), kLoads = 4;  // vectors a thread reads, all before it stores
+  __shared__ __align__(16) unsigned char stage_bytes[kGradStageBytes];
+  const int bins = ph * pw;
+  // channels a block copies (whole 128-byte lines of each bin's run in dst
+  // where the stage holds them, else whole vectors), a channel's bins an odd
+  // number of words apart in the stage: a warp's reads of 4 bins' 8 vectors
+  // (a line) then fall in 32 different banks
+  constexpr int kLine = 128 / sizeof(T);
+  const int row = bins | 1, fit = min(64, kGradStageBytes / (int)sizeof(T) / row);
+  const int run = fit >= kLine ? fit / kLine * kLine : fit / kVec * kVec;
+  if (s3 == 1 && s2 == pw && s1 == bins && s0 == (index_t)channels * bins && channels % kVec == 0 && run > 0 &&
+      run * bins <= kLoads * kBlockThreads * kVec && aligned16(src)) {
+    W* stage = reinterpret_cast<W*>(stage_bytes);
+    const int runs = (channels + run - 1) / run;
+    const index_t pairs = num_rois * runs;
+    for (index_t t = blockIdx.x; t < pairs; t += gridDim.x) {
+      const index_t k = pairs <= 0xffffffffLL ? (index_t)((unsigned)t / (unsigned)runs) : t / runs;
+      const int c0 = (int)(t - k * runs) * run, n = min(run, channels - c0), vecs = n * bins / kVec;
+      const uint4* from = reinterpret_cast<const uint4*>(src + k * s0 + (index_t)c0 * bins);
+      for (int e0 = threadIdx.x; e0 < vecs; e0 += kLoads * kBlockThreads) {
+        uint4 v[kLoads];
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          const int e = e0 + u * kBlockThreads;
+          if (e < vecs) v[u] = from[e];
+        }
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          const int e = e0 + u * kBlockThreads;
+          if (e >= vecs) break;
+          W w[kVec];
+          unpack16(v[u], w);
+          int c = e * kVec / bins, bin = e * kVec - c * bins;
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) {
+            stage[c * row + bin] = w[i];
+            if (++bin == bins) bin = 0, ++c;
+          }
+        }
+      }
+      __syncthreads();
+      const int groups = n / kVec;  // vectors a bin, side by side in a warp
+      T* to = dst + k * bins * channels + c0;
+      for (int e = threadIdx.x; e < bins * groups; e += kBlockThreads) {
+        const int bin = e / groups, g = e - bin * groups;
+        W w[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) w[i] = stage[(g * kVec + i) * row + bin];
+        *reinterpret_cast<uint4*>(to + (index_t)bin * channels + g * kVec) = pack16(w);
+      }
+      __syncthreads();
+    }
+    return;
+  }
   constexpr int kWarps = kBlockThreads / 32, kRowsPerWarp = 32 / kWarps;
-  __shared__ A tile[32][33];  // [channel][bin]
-  const int bins = ph * pw, channel_tiles = (channels + 31) / 32;
+  A (*tile)[33] = reinterpret_cast<A (*)[33]>(stage_bytes);  // [channel][bin]
+  static_assert(sizeof(A) * 32 * 33 <= kGradStageBytes, "the tile fits the stage");
+  const int channel_tiles = (channels + 31) / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool flat = s2 == pw * s3;  // the bins one run
   const index_t pairs = num_rois * channel_tiles;
