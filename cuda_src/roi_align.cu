@@ -1554,12 +1554,12 @@ constexpr int kGradStageBytes = 17408;
 // laid out channels fastest ((num_rois, ph, pw, channels), contiguous), for
 // roi_align_backward_tiles' 4-channel reads. Where each RoI's gradient is
 // one contiguous run (the contiguous grad_output a box head's flatten hands
-// back) and a block's threads read a run of up to 64 channels with 4
-// 16-byte vectors each, the vectors go into shared memory as they lie and
-// each bin's channels out as 16-byte vectors: Mask R-CNN 7x7 370 -> 317 us
-// (H100, session 25). Where a run takes more vectors (14x14: 32 channels, 6
-// a thread, took 427 us: two round trips to DRAM a run) or the gradient is
-// not one run, 32 x 32 tiles of (channels, bins), reads along bins, writes
+// back) and a block's threads read a run of 64 channels (or 32, whole lines
+// of dst either way) with at most 4 16-byte vectors each, the vectors go
+// into shared memory as they lie and each bin's channels out as 16-byte
+// vectors: Mask R-CNN 7x7 370 -> 317 us (H100, session 25). Where a run
+// takes more vectors (14x14: 32 channels, 6 a thread, took 427 us: two
+// round trips to DRAM a run) or the gradient is not one run, 32 x 32 tiles of (channels, bins), reads along bins, writes
 // along channels, a thread's reads of a tile issued before its stores,
 // divisions once a block, in 32 bits where they fit (session 24: 14x14 415
 // -> 377 us; tiles of 64 bins took 440).
@@ -1572,13 +1572,12 @@ __global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
   constexpr int kVec = 16 / sizeof(T), kLoads = 4;  // vectors a thread reads, all before it stores
   __shared__ __align__(16) unsigned char stage_bytes[kGradStageBytes];
   const int bins = ph * pw;
-  // channels a block copies (whole 128-byte lines of each bin's run in dst
-  // where the stage holds them, else whole vectors), a channel's bins an odd
-  // number of words apart in the stage: a warp's reads of 4 bins' 8 vectors
-  // (a line) then fall in 32 different banks
+  // channels a block copies: whole 128-byte lines of each bin's run in dst
+  // (runs of 20 channels at 14x14, 80 bytes a bin, took 423 us), a
+  // channel's bins an odd number of words apart in the stage, so that a
+  // warp's reads of 4 bins' 8 vectors (a line) fall in 32 different banks
   constexpr int kLine = 128 / sizeof(T);
-  const int row = bins | 1, fit = min(64, kGradStageBytes / (int)sizeof(T) / row);
-  const int run = fit >= kLine ? fit / kLine * kLine : fit / kVec * kVec;
+  const int row = bins | 1, run = min(64, kGradStageBytes / (int)sizeof(T) / row) / kLine * kLine;
   if (s3 == 1 && s2 == pw && s1 == bins && s0 == (index_t)channels * bins && channels % kVec == 0 && run > 0 &&
       run * bins <= kLoads * kBlockThreads * kVec && aligned16(src)) {
     W* stage = reinterpret_cast<W*>(stage_bytes);
