@@ -863,11 +863,11 @@ __device__ __forceinline__ void plane_copy_wait() {
 
 #if __CUDA_ARCH__ >= 900
 // The plane's rows through the copy engine (cp.async.bulk), which one thread
-// starts and an mbarrier counts in bytes. Thread copies (cp.async) took ~8.6
-// us a plane whether or not other SMs copied at the same time: a thread's
-// copies in flight, not DRAM, bounded them (benchmarks/NOTES.md, session 25).
-// Rows go as one run of bytes where the plane is contiguous in both places.
-// Every thread waits on the barrier's first phase.
+// starts and an mbarrier counts in bytes, instead of 13 thread copies
+// (cp.async) a thread: Mask R-CNN 7x7 float32 1350 -> 1263 us (H100,
+// session 25). Not for bandwidth: copying alone, both take about as long
+// (benchmarks/plane_copy.py). Rows go as one run of bytes where the plane is
+// contiguous in both places. Every thread waits on the barrier's first phase.
 __device__ __forceinline__ void plane_bulk_copy(unsigned dst, const char* src, int rows, unsigned row_bytes,
                                                 unsigned dst_step, size_t src_step, unsigned bar) {
   constexpr unsigned kMaxBulk = 1u << 16;  // bytes a copy instruction, well below the barrier's tx limit
@@ -1559,10 +1559,11 @@ constexpr int kGradStageBytes = 17408;
 // into shared memory as they lie and each bin's channels out as 16-byte
 // vectors: Mask R-CNN 7x7 370 -> 317 us (H100, session 25). Where a run
 // takes more vectors (14x14: 32 channels, 6 a thread, took 427 us: two
-// round trips to DRAM a run) or the gradient is not one run, 32 x 32 tiles of (channels, bins), reads along bins, writes
-// along channels, a thread's reads of a tile issued before its stores,
-// divisions once a block, in 32 bits where they fit (session 24: 14x14 415
-// -> 377 us; tiles of 64 bins took 440).
+// round trips to DRAM a run) or the gradient is not one run: 32 x 32 tiles
+// of (channels, bins), reads along bins, writes along channels, a thread's
+// reads of a tile issued before its stores, divisions once a block, in 32
+// bits where they fit (session 24: 14x14 415 -> 377 us; tiles of 64 bins
+// took 440).
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
     const T* __restrict__ src, index_t s0, index_t s1, index_t s2, index_t s3, index_t num_rois, int channels,
