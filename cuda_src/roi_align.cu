@@ -1545,6 +1545,13 @@ __device__ __forceinline__ void unpack16(uint4 v, unsigned long long* w) {
   w[1] = v.z | (unsigned long long)v.w << 32;
 }
 
+// The RoI of pair t of `pairs` (RoI, part) pairs, `per` parts a RoI: a
+// 32-bit division where the pairs allow (64-bit division is a long
+// software routine).
+__device__ __forceinline__ index_t roi_of_pair(index_t t, index_t pairs, int per) {
+  return pairs <= 0xffffffffLL ? (index_t)((unsigned)t / (unsigned)per) : t / per;
+}
+
 // Shared memory of tile_gradient_channels_last: a run of channels of one
 // RoI's gradient (at most 4 vectors a thread, 16 KB, and the padding of its
 // odd rows), or a 32 x 32 tile of the accumulation type.
@@ -1585,28 +1592,26 @@ __global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
     const int runs = (channels + run - 1) / run;
     const index_t pairs = num_rois * runs;
     for (index_t t = blockIdx.x; t < pairs; t += gridDim.x) {
-      const index_t k = pairs <= 0xffffffffLL ? (index_t)((unsigned)t / (unsigned)runs) : t / runs;
+      const index_t k = roi_of_pair(t, pairs, runs);
       const int c0 = (int)(t - k * runs) * run, n = min(run, channels - c0), vecs = n * bins / kVec;
       const uint4* from = reinterpret_cast<const uint4*>(src + k * s0 + (index_t)c0 * bins);
-      for (int e0 = threadIdx.x; e0 < vecs; e0 += kLoads * kBlockThreads) {
-        uint4 v[kLoads];
+      uint4 v[kLoads];  // the rule above: a run is at most kLoads vectors a thread
 #pragma unroll
-        for (int u = 0; u < kLoads; ++u) {
-          const int e = e0 + u * kBlockThreads;
-          if (e < vecs) v[u] = from[e];
-        }
+      for (int u = 0; u < kLoads; ++u) {
+        const int e = threadIdx.x + u * kBlockThreads;
+        if (e < vecs) v[u] = from[e];
+      }
 #pragma unroll
-        for (int u = 0; u < kLoads; ++u) {
-          const int e = e0 + u * kBlockThreads;
-          if (e >= vecs) break;
-          W w[kVec];
-          unpack16(v[u], w);
-          int c = e * kVec / bins, bin = e * kVec - c * bins;
+      for (int u = 0; u < kLoads; ++u) {
+        const int e = threadIdx.x + u * kBlockThreads;
+        if (e >= vecs) break;
+        W w[kVec];
+        unpack16(v[u], w);
+        int c = e * kVec / bins, bin = e * kVec - c * bins;
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) {
-            stage[c * row + bin] = w[i];
-            if (++bin == bins) bin = 0, ++c;
-          }
+        for (int i = 0; i < kVec; ++i) {
+          stage[c * row + bin] = w[i];
+          if (++bin == bins) bin = 0, ++c;
         }
       }
       __syncthreads();
@@ -1631,7 +1636,7 @@ __global__ void __launch_bounds__(kBlockThreads) tile_gradient_channels_last(
   const bool flat = s2 == pw * s3;  // the bins one run
   const index_t pairs = num_rois * channel_tiles;
   for (index_t t = blockIdx.x; t < pairs; t += gridDim.x) {
-    const index_t k = pairs <= 0xffffffffLL ? (index_t)((unsigned)t / (unsigned)channel_tiles) : t / channel_tiles;
+    const index_t k = roi_of_pair(t, pairs, channel_tiles);
     const int c0 = (int)(t - k * channel_tiles) * 32;
     const T* sk = src + k * s0 + c0 * s1;
     T* dk = dst + k * bins * channels + c0;
