@@ -870,9 +870,10 @@ __device__ __forceinline__ void plane_copy_wait() {
 // (cp.async) a thread: Mask R-CNN 7x7 float32 1350 -> 1263 us (H100,
 // session 25). Not for bandwidth: copying alone, both take about as long
 // (benchmarks/plane_copy.py). Rows go as one run of bytes where the plane is
-// contiguous in both places. Every thread waits on the barrier's first phase.
-__device__ __forceinline__ void plane_bulk_copy(unsigned dst, const char* src, int rows, unsigned row_bytes,
-                                                unsigned dst_step, size_t src_step, unsigned bar) {
+// contiguous in both places. Every thread waits on the barrier's first phase
+// (plane_bulk_wait), after a __syncthreads that shows it the initialization.
+__device__ __forceinline__ void plane_bulk_start(unsigned dst, const char* src, int rows, unsigned row_bytes,
+                                                 unsigned dst_step, size_t src_step, unsigned bar) {
   constexpr unsigned kMaxBulk = 1u << 16;  // bytes a copy instruction, well below the barrier's tx limit
   if (threadIdx.x == 0) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar));
@@ -890,7 +891,9 @@ __device__ __forceinline__ void plane_bulk_copy(unsigned dst, const char* src, i
             "l"(src + r * src_step + o), "r"(min(kMaxBulk, run_bytes - o)), "r"(bar)
             : "memory");
   }
-  __syncthreads();  // the barrier's initialization, before any thread waits on it
+}
+
+__device__ __forceinline__ void plane_bulk_wait(unsigned bar) {
   asm volatile(
       "{\n"
       " .reg .pred done;\n"
@@ -902,21 +905,24 @@ __device__ __forceinline__ void plane_bulk_copy(unsigned dst, const char* src, i
 }
 #endif
 
-// Copies the (height x width) plane at src (row stride s2, column stride s3)
-// into shared memory, rows plane_stride elements apart, and zeros the row
-// below it: whole rows through the copy engine, or 16 bytes a thread-copy,
-// where rows allow. bar: an 8-byte word of shared memory for the copy
-// engine's barrier.
+// Starts copying the (height x width) plane at src (row stride s2, column
+// stride s3) into shared memory, rows plane_stride elements apart, and zeros
+// the row below it: whole rows through the copy engine, or 16 bytes a
+// thread-copy, where rows allow; true where the copy engine's copy is still
+// to come (plane_copy_wait), after a __syncthreads. bar: an 8-byte word of
+// shared memory for the copy engine's barrier. Other copies are done, each
+// thread's visible to the others after a __syncthreads.
 template <typename T>
-__device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* src, int height, int width,
-                                           index_t s2, index_t s3, unsigned long long* bar) {
+__device__ __forceinline__ bool plane_copy_start(T* plane, int plane_stride, const T* src, int height, int width,
+                                                 index_t s2, index_t s3, unsigned long long* bar) {
   constexpr int kVec = 16 / sizeof(T);
   for (int e = threadIdx.x; e < plane_stride; e += kPlaneThreads) plane[height * plane_stride + e] = T();
   if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && plane_stride % kVec == 0 && aligned16(src)) {
 #if __CUDA_ARCH__ >= 900
-    plane_bulk_copy((unsigned)__cvta_generic_to_shared(plane), reinterpret_cast<const char*>(src), height,
-                    width * sizeof(T), plane_stride * sizeof(T), s2 * sizeof(T),
-                    (unsigned)__cvta_generic_to_shared(bar));
+    plane_bulk_start((unsigned)__cvta_generic_to_shared(plane), reinterpret_cast<const char*>(src), height,
+                     width * sizeof(T), plane_stride * sizeof(T), s2 * sizeof(T),
+                     (unsigned)__cvta_generic_to_shared(bar));
+    return true;
 #else
     const int per_row = width / kVec, total = height * per_row;
     for (int e = threadIdx.x; e < total; e += kPlaneThreads) {
@@ -924,8 +930,8 @@ __device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* 
       plane_copy16(plane + r * plane_stride + q, src + r * s2 + q);
     }
     plane_copy_wait();
+    return false;
 #endif
-    return;
   }
   const int total = height * width;
   for (int e = threadIdx.x; e < total; e += 4 * kPlaneThreads) {
@@ -941,7 +947,21 @@ __device__ __forceinline__ void load_plane(T* plane, int plane_stride, const T* 
       if (at < total) plane[r * plane_stride + (at - r * width)] = v[u];
     }
   }
+  return false;
 }
+
+// Brings the lines of a RoI's table entry t that a lane of its slot reads
+// (the first, and where column: its x sample's) into L1: prefetches, which
+// hold no registers while the lines come.
+template <typename A>
+__device__ __forceinline__ void plane_table_prefetch(const PlaneRoi<A>* t, int l, bool column) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(t));
+  if (column) asm volatile("prefetch.global.L1 [%0];" ::"l"(t->cols + l));
+}
+
+// log2 of the lanes a RoI takes in plane_pool: a power of two, at least its
+// pw * n x samples.
+__device__ __forceinline__ int plane_slot_bits(int pw, int n) { return 32 - __clz(pw * n - 1); }
 
 __device__ __forceinline__ float shared_value(const float*, unsigned at) {
   float v;
@@ -970,7 +990,7 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
                                            T* output, index_t out_s0, index_t out_s2, index_t out_s3) {
   static_assert(sizeof(A) == 4, "float positions: the plane modes take no float64");
   const int lane = threadIdx.x & 31;
-  const int slot_bits = 32 - __clz(pw * N - 1), per_warp = 32 >> slot_bits;
+  const int slot_bits = plane_slot_bits(pw, N), per_warp = 32 >> slot_bits;
   const int q = lane >> slot_bits, l = lane & ((1 << slot_bits) - 1);
   const int j = l / N;
   const bool writer = j < pw && (l & (N - 1)) == 0;
@@ -995,7 +1015,12 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
     const unsigned col_lo = base + (on_map ? x.lo : 0), col_hi = base + (on_map ? x.hi : 0);
     const A hx = x.w_lo, lx = x.w_hi;
     T* o = output + k * out_s0 + j * out_s3;
+    const int next = r + kPlaneWarps * per_warp;  // this slot's next RoI
+    const int next_k = next < last ? order[next] : -1;
     for (int i = 0; i < ph; ++i, o += out_s2) {
+      // the next RoI's table lines into L1 while this one pools: the round
+      // trips to L2 at the top of each RoI pair took ~10% of the stall samples
+      if (i == (ph > 1) && next_k >= 0) plane_table_prefetch(geo + next_k, l, j < pw);
       const A y_bin = y_start + i * bin_h;
       A sum = A(0);
 #pragma unroll
@@ -1044,6 +1069,9 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
   T* plane = reinterpret_cast<T*>(plane_shared);
   const int b = (int)(blockIdx.x % (unsigned)batch), c = (int)(blockIdx.x / (unsigned)batch);
   output += (index_t)c * out_s1;
+  // the copy first: it is what the block waits on (an image with no RoIs waits for it too, and leaves)
+  const bool bulk = plane_copy_start(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height,
+                                     width, in_s2, in_s3, &copy_barrier);
   if (b == 0)  // rows of an invalid batch index
     for (int r = starts[batch] + (threadIdx.x >> 5); r < num_rois; r += kPlaneWarps)
       for (int bin = threadIdx.x & 31; bin < ph * pw; bin += 32) {
@@ -1051,10 +1079,17 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
         store(output + order[r] * out_s0 + i * out_s2 + j * out_s3, quiet_nan<A>());
       }
   const int first = starts[b], last = starts[b + 1];
+  {  // the table lines of the slot's first RoI, while the plane comes
+    const int slot_bits = plane_slot_bits(pw, sampling_ratio), lane = threadIdx.x & 31;
+    const int l = lane & ((1 << slot_bits) - 1);
+    const int r = first + (threadIdx.x >> 5) * (32 >> slot_bits) + (lane >> slot_bits);
+    if (r < last) plane_table_prefetch(geo + order[r], l, l < pw * sampling_ratio);
+  }
+  __syncthreads();  // the copy engine's barrier initialized; the other copies' elements
+#if __CUDA_ARCH__ >= 900
+  if (bulk) plane_bulk_wait((unsigned)__cvta_generic_to_shared(&copy_barrier));
+#endif
   if (first >= last) return;
-  load_plane(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height, width, in_s2, in_s3,
-             &copy_barrier);
-  __syncthreads();
   const unsigned row_bytes = plane_stride * sizeof(T);
   if (sampling_ratio == 1)
     plane_pool<1>(plane, order, first, last, geo, height, row_bytes, ph, pw, output, out_s0, out_s2, out_s3);
