@@ -908,10 +908,11 @@ __device__ __forceinline__ void plane_bulk_wait(unsigned bar) {
 // Starts copying the (height x width) plane at src (row stride s2, column
 // stride s3) into shared memory, rows plane_stride elements apart, and zeros
 // the row below it: whole rows through the copy engine, or 16 bytes a
-// thread-copy, where rows allow; true where the copy engine's copy is still
-// to come (plane_copy_wait), after a __syncthreads. bar: an 8-byte word of
-// shared memory for the copy engine's barrier. Other copies are done, each
-// thread's visible to the others after a __syncthreads.
+// thread-copy, where rows allow. Returns true where the copy engine's copy
+// is still to come: every thread waits for it (plane_bulk_wait) after a
+// __syncthreads. Other copies are done when it returns, each thread's
+// visible to the others after a __syncthreads. bar: an 8-byte word of
+// shared memory for the copy engine's barrier.
 template <typename T>
 __device__ __forceinline__ bool plane_copy_start(T* plane, int plane_stride, const T* src, int height, int width,
                                                  index_t s2, index_t s3, unsigned long long* bar) {
