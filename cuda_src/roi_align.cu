@@ -634,10 +634,13 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
 // (rows of an invalid batch index last), so that the RoIs running together
 // read one image's map, which L2 holds, instead of every image's
 // (benchmarks/NOTES.md, session 20). Where starts is given, image b's RoIs
-// take places starts[b] .. starts[b + 1] (b = batch: the invalid rows). Which
-// thread computes a RoI never changes its result. One block of kOrderThreads
-// threads; batch at most kMaxOrderImages, num_rois below 2^31 (the host
-// checks both). A thread reads kOrderLoads batch indices before it claims
+// take places starts[b] .. starts[b + 1] (b = batch: the invalid rows). Where
+// late is given (a byte a RoI: roi_align_plane_geometry's), an image takes two
+// parts, its RoIs of late 0 (places starts[2 b] ..) then those of late 1
+// (starts[2 b + 1] .. starts[2 b + 2]; the invalid rows from starts[2 batch]).
+// Which thread computes a RoI never changes its result. One block of
+// kOrderThreads threads; batch at most kMaxOrderImages (kMaxOrderImages / 2
+// with late), num_rois below 2^31 (the host checks both). A thread reads kOrderLoads batch indices before it claims
 // places for them, and the lanes of a warp on one image claim theirs
 // together. Up to kOrderWarpImages images, each warp counts and places in
 // its own counters, without atomics; beyond, all warps share one counter an
@@ -649,15 +652,18 @@ constexpr int kOrderThreads = 1024, kOrderWarps = kOrderThreads / 32, kOrderLoad
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int* __restrict__ order,
-    int* __restrict__ starts) {
+    int* __restrict__ starts, const unsigned char* __restrict__ late) {
   typedef typename acc_type<T>::type A;
   __shared__ int next[kMaxOrderImages + 1];  // per image: its count, then its next free place
   __shared__ int warp_next[kOrderWarps][kOrderWarpImages];  // the same per warp, where batch allows
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const bool per_warp = batch < kOrderWarpImages;
+  // where late is given, image b's RoIs take two places: 2 b (late[k] 0) and 2 b + 1
+  const int last_bucket = late ? 2 * batch : batch;
+  const bool per_warp = last_bucket < kOrderWarpImages;
   const auto image = [&](index_t k) {
     const A bf = rois[k * 5];
-    return bf >= A(0) && bf < A(batch) && bf == floor(bf) ? (int)bf : batch;
+    const bool ok = bf >= A(0) && bf < A(batch) && bf == floor(bf);
+    return !ok ? last_bucket : late ? 2 * (int)bf + late[k] : (int)bf;
   };
   // this lane's place for a RoI of image b (b < 0: none): the warp's lanes on one image take
   // theirs together. All the warp's lanes call it at once, and the first place reaches a
@@ -692,9 +698,9 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
   // the warp's k0: the same on all its lanes, so that they can sync between claims (a warp's
   // own counters are read by the next claim's leader)
   const index_t step = kOrderLoads * blockDim.x, warp_k0 = threadIdx.x - lane;
-  for (int b = threadIdx.x; b <= batch; b += blockDim.x) next[b] = 0;
+  for (int b = threadIdx.x; b <= last_bucket; b += blockDim.x) next[b] = 0;
   if (per_warp)
-    for (int b = lane; b <= batch; b += 32) warp_next[warp][b] = 0;
+    for (int b = lane; b <= last_bucket; b += 32) warp_next[warp][b] = 0;
   __syncthreads();
   for (index_t k0 = warp_k0; k0 < num_rois; k0 += step) {
     int b[kOrderLoads];
@@ -704,7 +710,7 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
   }
   __syncthreads();
   if (per_warp) {  // each image's count, and each warp's first place in it relative to the image's
-    for (int b = threadIdx.x; b <= batch; b += blockDim.x) {
+    for (int b = threadIdx.x; b <= last_bucket; b += blockDim.x) {
       int count = 0;
       for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
         const int c = warp_next[w][b];
@@ -717,17 +723,17 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
   }
   if (threadIdx.x == 0) {
     int start = 0;
-    for (int b = 0; b <= batch; ++b) {
+    for (int b = 0; b <= last_bucket; ++b) {
       const int count = next[b];
       next[b] = start;
       if (starts) starts[b] = start;
       start += count;
     }
-    if (starts) starts[batch + 1] = start;
+    if (starts) starts[last_bucket + 1] = start;
   }
   __syncthreads();
   if (per_warp)
-    for (int b = lane; b <= batch; b += 32) warp_next[warp][b] += next[b];
+    for (int b = lane; b <= last_bucket; b += 32) warp_next[warp][b] += next[b];
   __syncwarp();
   for (index_t k0 = warp_k0; k0 < num_rois; k0 += step) {
     int b[kOrderLoads];
@@ -801,8 +807,11 @@ __device__ __forceinline__ void warp_reach(bool on, int lo, int hi, short& first
 }
 
 // A warp a RoI: table[k] for every RoI k (rows of an invalid batch index
-// too, though the plane kernels read none of theirs). Rows lo/hi are in
-// units of row_bytes, columns of item bytes: the forward's byte offsets in
+// too, though the plane kernels read none of theirs). Where late is given
+// (the plane forward), late[k] = 1 where RoI k reaches row split_row - 1 or
+// further: the forward pools the others from the plane's first split_row
+// rows before the rest arrive. Rows lo/hi are in units of row_bytes,
+// columns of item bytes: the forward's byte offsets in
 // its plane, or pixel indices (1, 1) for the tile backward. Where reach is
 // given (the tile backward), reach[r] (4 shorts) is the first and last pixel
 // row, first and last column that the samples of RoI order[r] reach (first
@@ -812,7 +821,8 @@ template <typename T, bool PS>
 __global__ void roi_align_plane_geometry(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
     int row_bytes, int item, int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio,
-    int aligned, void* __restrict__ table, const int* __restrict__ order, void* __restrict__ reach) {
+    int aligned, void* __restrict__ table, const int* __restrict__ order, void* __restrict__ reach, int split_row,
+    unsigned char* __restrict__ late) {
   typedef typename acc_type<T>::type A;
   PlaneRoi<A>* geo = reinterpret_cast<PlaneRoi<A>*>(table);
   const int lane = threadIdx.x & 31;
@@ -843,6 +853,8 @@ __global__ void roi_align_plane_geometry(
       t.y_start = g.y_start;
       t.bin_h = g.bin_h;
       if (reach) reinterpret_cast<short4*>(reach)[r] = make_short4(reach_of[0], reach_of[1], reach_of[2], reach_of[3]);
+      // late: a row at or past split_row - 1 (a row's margin for the forward's own sums) on the map
+      if (late) late[k] = reach_of[0] <= reach_of[1] && reach_of[1] >= split_row - 1;
     }
   }
 }
@@ -871,13 +883,19 @@ __device__ __forceinline__ void plane_copy_wait() {
 // session 25). Not for bandwidth: copying alone, both take about as long
 // (benchmarks/plane_copy.py). Rows go as one run of bytes where the plane is
 // contiguous in both places. Every thread waits on the barrier's first phase
-// (plane_bulk_wait), after a __syncthreads that shows it the initialization.
-__device__ __forceinline__ void plane_bulk_start(unsigned dst, const char* src, int rows, unsigned row_bytes,
-                                                 unsigned dst_step, size_t src_step, unsigned bar) {
-  constexpr unsigned kMaxBulk = 1u << 16;  // bytes a copy instruction, well below the barrier's tx limit
+// (plane_bulk_wait), after a __syncthreads that shows it the initialization
+// (plane_bulk_init); plane_bulk_copy starts a copy that a barrier counts.
+__device__ __forceinline__ void plane_bulk_init(unsigned bar) {
   if (threadIdx.x == 0) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar));
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+}
+
+__device__ __forceinline__ void plane_bulk_copy(unsigned dst, const char* src, int rows, unsigned row_bytes,
+                                                unsigned dst_step, size_t src_step, unsigned bar) {
+  constexpr unsigned kMaxBulk = 1u << 16;  // bytes a copy instruction, well below the barrier's tx limit
+  if (threadIdx.x == 0) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(rows * row_bytes)
                  : "memory");
     const bool contiguous = dst_step == row_bytes && src_step == row_bytes;
@@ -908,21 +926,24 @@ __device__ __forceinline__ void plane_bulk_wait(unsigned bar) {
 // Starts copying the (height x width) plane at src (row stride s2, column
 // stride s3) into shared memory, rows plane_stride elements apart, and zeros
 // the row below it: whole rows through the copy engine, or 16 bytes a
-// thread-copy, where rows allow. Returns true where the copy engine's copy
-// is still to come: every thread waits for it (plane_bulk_wait) after a
-// __syncthreads. Other copies are done when it returns, each thread's
-// visible to the others after a __syncthreads. bar: an 8-byte word of
-// shared memory for the copy engine's barrier.
+// thread-copy, where rows allow. Returns true where the copy engine copies:
+// it has started on rows 0 .. split_row, which bar[0] counts (every thread
+// waits for them, plane_bulk_wait, after a __syncthreads); the caller copies
+// the rest on bar[1] (plane_bulk_copy). Other copies are done when it
+// returns, each thread's visible to the others after a __syncthreads. bar:
+// two 8-byte words of shared memory for the copy engine's barriers.
 template <typename T>
 __device__ __forceinline__ bool plane_copy_start(T* plane, int plane_stride, const T* src, int height, int width,
-                                                 index_t s2, index_t s3, unsigned long long* bar) {
+                                                 index_t s2, index_t s3, int split_row, unsigned long long* bar) {
   constexpr int kVec = 16 / sizeof(T);
   for (int e = threadIdx.x; e < plane_stride; e += kPlaneThreads) plane[height * plane_stride + e] = T();
   if (s3 == 1 && width % kVec == 0 && s2 % kVec == 0 && plane_stride % kVec == 0 && aligned16(src)) {
 #if __CUDA_ARCH__ >= 900
-    plane_bulk_start((unsigned)__cvta_generic_to_shared(plane), reinterpret_cast<const char*>(src), height,
-                     width * sizeof(T), plane_stride * sizeof(T), s2 * sizeof(T),
-                     (unsigned)__cvta_generic_to_shared(bar));
+    plane_bulk_init((unsigned)__cvta_generic_to_shared(bar));
+    plane_bulk_init((unsigned)__cvta_generic_to_shared(bar + 1));
+    plane_bulk_copy((unsigned)__cvta_generic_to_shared(plane), reinterpret_cast<const char*>(src),
+                    min(split_row, height), width * sizeof(T), plane_stride * sizeof(T), s2 * sizeof(T),
+                    (unsigned)__cvta_generic_to_shared(bar));
     return true;
 #else
     const int per_row = width / kVec, total = height * per_row;
@@ -988,7 +1009,8 @@ __device__ __forceinline__ float shared_value(const __nv_bfloat16*, unsigned at)
 template <int N, typename T, typename A>
 __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int first, int last,
                                            const PlaneRoi<A>* geo, int height, unsigned row_bytes, int ph, int pw,
-                                           T* output, index_t out_s0, index_t out_s2, index_t out_s3) {
+                                           T* output, index_t out_s0, index_t out_s2, index_t out_s3, int split,
+                                           unsigned rest_bar) {
   static_assert(sizeof(A) == 4, "float positions: the plane modes take no float64");
   const int lane = threadIdx.x & 31;
   const int slot_bits = plane_slot_bits(pw, N), per_warp = 32 >> slot_bits;
@@ -1001,6 +1023,12 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
   const unsigned col_base = 0u - __float_as_uint(kTwo23) * row_bytes;
   const unsigned last_row_bits = __float_as_uint(kTwo23) + height - 1;
   for (int r0 = first + (threadIdx.x >> 5) * per_warp; r0 < last; r0 += kPlaneWarps * per_warp) {
+#if __CUDA_ARCH__ >= 900
+    if (rest_bar && r0 + per_warp > split) {  // a RoI of late 1: the plane's other rows
+      plane_bulk_wait(rest_bar);
+      rest_bar = 0;
+    }
+#endif
     const int r = r0 + q;
     const bool live = r < last;
     const index_t k = order[live ? r : first];  // a slot past the last reads the first RoI, writes nothing
@@ -1051,35 +1079,40 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
   }
 }
 
-// order: roi_image_order's list and starts (num_rois + batch + 2 ints);
+// order: roi_image_order's list and starts, two parts an image (num_rois +
+// 2 batch + 2 ints; late from roi_align_plane_geometry with split_row);
 // table: roi_align_plane_geometry's. Blocks: batch * channels, images
 // fastest, so that the blocks running together read the table's RoIs of
-// every image. Shared memory: (height + 1) x plane_stride elements.
+// every image. Shared memory: (height + 1) x plane_stride elements. Through
+// the copy engine the plane comes in two copies, rows 0 .. split_row first:
+// the image's RoIs of late 0 pool from them while the rest comes (one copy
+// left 0.17 ms of the Mask R-CNN 7x7 forward's 1.06 exposed; two: 1.06 ->
+// 1.02 ms, H100, session 27), the others wait for the second copy.
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     const T* __restrict__ input, int batch, int height, int width,
     index_t in_s0, index_t in_s1, index_t in_s2, index_t in_s3,
-    index_t num_rois, int ph, int pw, int sampling_ratio, int plane_stride,
+    index_t num_rois, int ph, int pw, int sampling_ratio, int plane_stride, int split_row,
     const int* __restrict__ order, const void* __restrict__ table,
     T* __restrict__ output, index_t out_s0, index_t out_s1, index_t out_s2, index_t out_s3) {
   typedef typename acc_type<T>::type A;
   const PlaneRoi<A>* geo = reinterpret_cast<const PlaneRoi<A>*>(table);
   const int* starts = order + num_rois;
   extern __shared__ __align__(16) unsigned char plane_shared[];
-  __shared__ __align__(8) unsigned long long copy_barrier;
+  __shared__ __align__(8) unsigned long long copy_barrier[2];
   T* plane = reinterpret_cast<T*>(plane_shared);
   const int b = (int)(blockIdx.x % (unsigned)batch), c = (int)(blockIdx.x / (unsigned)batch);
   output += (index_t)c * out_s1;
   // the copy first: it is what the block waits on (an image with no RoIs waits for it too, and leaves)
   const bool bulk = plane_copy_start(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height,
-                                     width, in_s2, in_s3, &copy_barrier);
+                                     width, in_s2, in_s3, split_row, copy_barrier);
   if (b == 0)  // rows of an invalid batch index
-    for (int r = starts[batch] + (threadIdx.x >> 5); r < num_rois; r += kPlaneWarps)
+    for (int r = starts[2 * batch] + (threadIdx.x >> 5); r < num_rois; r += kPlaneWarps)
       for (int bin = threadIdx.x & 31; bin < ph * pw; bin += 32) {
         const int i = bin / pw, j = bin - i * pw;
         store(output + order[r] * out_s0 + i * out_s2 + j * out_s3, quiet_nan<A>());
       }
-  const int first = starts[b], last = starts[b + 1];
+  const int first = starts[2 * b], split = starts[2 * b + 1], last = starts[2 * b + 2];
   {  // the table lines of the slot's first RoI, while the plane comes
     const int slot_bits = plane_slot_bits(pw, sampling_ratio), lane = threadIdx.x & 31;
     const int l = lane & ((1 << slot_bits) - 1);
@@ -1087,17 +1120,30 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     if (r < last) plane_table_prefetch(geo + order[r], l, l < pw * sampling_ratio);
   }
   __syncthreads();  // the copy engine's barrier initialized; the other copies' elements
+  unsigned rest_bar = 0;
 #if __CUDA_ARCH__ >= 900
-  if (bulk) plane_bulk_wait((unsigned)__cvta_generic_to_shared(&copy_barrier));
+  if (bulk) {
+    plane_bulk_wait((unsigned)__cvta_generic_to_shared(copy_barrier));
+    rest_bar = (unsigned)__cvta_generic_to_shared(copy_barrier + 1);
+    const int done = min(split_row, height);
+    plane_bulk_copy((unsigned)__cvta_generic_to_shared(plane + done * plane_stride),
+                    reinterpret_cast<const char*>(input + (index_t)b * in_s0 + (index_t)c * in_s1 + done * in_s2),
+                    height - done, width * sizeof(T), plane_stride * sizeof(T), in_s2 * sizeof(T), rest_bar);
+  }
 #endif
-  if (first >= last) return;
   const unsigned row_bytes = plane_stride * sizeof(T);
   if (sampling_ratio == 1)
-    plane_pool<1>(plane, order, first, last, geo, height, row_bytes, ph, pw, output, out_s0, out_s2, out_s3);
+    plane_pool<1>(plane, order, first, last, geo, height, row_bytes, ph, pw, output, out_s0, out_s2, out_s3, split,
+                  rest_bar);
   else if (sampling_ratio == 2)
-    plane_pool<2>(plane, order, first, last, geo, height, row_bytes, ph, pw, output, out_s0, out_s2, out_s3);
+    plane_pool<2>(plane, order, first, last, geo, height, row_bytes, ph, pw, output, out_s0, out_s2, out_s3, split,
+                  rest_bar);
   else
-    plane_pool<4>(plane, order, first, last, geo, height, row_bytes, ph, pw, output, out_s0, out_s2, out_s3);
+    plane_pool<4>(plane, order, first, last, geo, height, row_bytes, ph, pw, output, out_s0, out_s2, out_s3, split,
+                  rest_bar);
+#if __CUDA_ARCH__ >= 900
+  if (rest_bar) plane_bulk_wait(rest_bar);  // the copy's last bytes before the block leaves
+#endif
 }
 
 // Where a RoI's gradient goes: the buffer, its strides and size, the
