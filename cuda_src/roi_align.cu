@@ -1103,9 +1103,9 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
   T* plane = reinterpret_cast<T*>(plane_shared);
   const int b = (int)(blockIdx.x % (unsigned)batch), c = (int)(blockIdx.x / (unsigned)batch);
   output += (index_t)c * out_s1;
+  input += (index_t)b * in_s0 + (index_t)c * in_s1;
   // the copy first: it is what the block waits on (an image with no RoIs waits for it too, and leaves)
-  const bool bulk = plane_copy_start(plane, plane_stride, input + (index_t)b * in_s0 + (index_t)c * in_s1, height,
-                                     width, in_s2, in_s3, split_row, copy_barrier);
+  const bool bulk = plane_copy_start(plane, plane_stride, input, height, width, in_s2, in_s3, split_row, copy_barrier);
   if (b == 0)  // rows of an invalid batch index
     for (int r = starts[2 * batch] + (threadIdx.x >> 5); r < num_rois; r += kPlaneWarps)
       for (int bin = threadIdx.x & 31; bin < ph * pw; bin += 32) {
@@ -1127,8 +1127,8 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
     rest_bar = (unsigned)__cvta_generic_to_shared(copy_barrier + 1);
     const int done = min(split_row, height);
     plane_bulk_copy((unsigned)__cvta_generic_to_shared(plane + done * plane_stride),
-                    reinterpret_cast<const char*>(input + (index_t)b * in_s0 + (index_t)c * in_s1 + done * in_s2),
-                    height - done, width * sizeof(T), plane_stride * sizeof(T), in_s2 * sizeof(T), rest_bar);
+                    reinterpret_cast<const char*>(input + done * in_s2), height - done, width * sizeof(T),
+                    plane_stride * sizeof(T), in_s2 * sizeof(T), rest_bar);
   }
 #endif
   const unsigned row_bytes = plane_stride * sizeof(T);
