@@ -335,7 +335,8 @@ def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
     L2, where the flat grid's reads of overlapping RoIs through L2 bound it:
     plain RoIAlign in a float type but float64, a fixed sampling grid of 1,
     2 or 4 with at most 32 samples an axis, a plane (and a row of zeros) that
-    fits the device's shared memory, and enough samples per map cell that
+    fits the device's shared memory, at most 2048 images (roi_image_order
+    lists each image's RoIs in two parts), and enough samples per map cell that
     copying whole planes pays (:data:`PLANE_MIN_SAMPLES_PER_CELL`). Mask
     R-CNN's map with 512 RoIs an image (float32, H100, kernel time): 7x7
     2.47 -> 1.41 ms, 14x14 (128 RoIs an image) left to the flat grid
