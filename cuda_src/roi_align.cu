@@ -640,11 +640,12 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
 // (starts[2 b + 1] .. starts[2 b + 2]; the invalid rows from starts[2 batch]).
 // Which thread computes a RoI never changes its result. One block of
 // kOrderThreads threads; batch at most kMaxOrderImages (kMaxOrderImages / 2
-// with late), num_rois below 2^31 (the host checks both). A thread reads kOrderLoads batch indices before it claims
-// places for them, and the lanes of a warp on one image claim theirs
-// together. Up to kOrderWarpImages images, each warp counts and places in
-// its own counters, without atomics; beyond, all warps share one counter an
-// image. With one counter an image and a load's latency per claim, 256
+// with late), num_rois below 2^31 (the host checks both). A thread reads
+// kOrderLoads batch indices before it claims places for them, and the lanes
+// of a warp on one image claim theirs together. Up to kOrderWarpImages
+// places (images, or parts with late), each warp counts and places in its
+// own counters, without atomics; beyond, all warps share one counter a
+// place. With one counter an image and a load's latency per claim, 256
 // threads took 93 us for 8192 RoIs of 16 images (H100, session 24).
 constexpr int kMaxOrderImages = 4096;
 constexpr int kOrderThreads = 1024, kOrderWarps = kOrderThreads / 32, kOrderLoads = 4, kOrderWarpImages = 128;
@@ -911,6 +912,17 @@ __device__ __forceinline__ void plane_bulk_copy(unsigned dst, const char* src, i
   }
 }
 
+// Rows from .. to of the (.. x width) plane at src (row stride s2, unit
+// column stride) through the copy engine into shared memory, rows
+// plane_stride elements apart, counted by the barrier at bar.
+template <typename T>
+__device__ __forceinline__ void plane_bulk_rows(T* plane, int plane_stride, const T* src, index_t s2, int width,
+                                                int from, int to, unsigned long long* bar) {
+  plane_bulk_copy((unsigned)__cvta_generic_to_shared(plane + from * plane_stride),
+                  reinterpret_cast<const char*>(src + from * s2), to - from, width * sizeof(T),
+                  plane_stride * sizeof(T), s2 * sizeof(T), (unsigned)__cvta_generic_to_shared(bar));
+}
+
 __device__ __forceinline__ void plane_bulk_wait(unsigned bar) {
   asm volatile(
       "{\n"
@@ -929,7 +941,7 @@ __device__ __forceinline__ void plane_bulk_wait(unsigned bar) {
 // thread-copy, where rows allow. Returns true where the copy engine copies:
 // it has started on rows 0 .. split_row, which bar[0] counts (every thread
 // waits for them, plane_bulk_wait, after a __syncthreads); the caller copies
-// the rest on bar[1] (plane_bulk_copy). Other copies are done when it
+// the rest on bar[1] (plane_bulk_rows). Other copies are done when it
 // returns, each thread's visible to the others after a __syncthreads. bar:
 // two 8-byte words of shared memory for the copy engine's barriers.
 template <typename T>
@@ -941,9 +953,7 @@ __device__ __forceinline__ bool plane_copy_start(T* plane, int plane_stride, con
 #if __CUDA_ARCH__ >= 900
     plane_bulk_init((unsigned)__cvta_generic_to_shared(bar));
     plane_bulk_init((unsigned)__cvta_generic_to_shared(bar + 1));
-    plane_bulk_copy((unsigned)__cvta_generic_to_shared(plane), reinterpret_cast<const char*>(src),
-                    min(split_row, height), width * sizeof(T), plane_stride * sizeof(T), s2 * sizeof(T),
-                    (unsigned)__cvta_generic_to_shared(bar));
+    plane_bulk_rows(plane, plane_stride, src, s2, width, 0, min(split_row, height), bar);
     return true;
 #else
     const int per_row = width / kVec, total = height * per_row;
@@ -1125,10 +1135,7 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
   if (bulk) {
     plane_bulk_wait((unsigned)__cvta_generic_to_shared(copy_barrier));
     rest_bar = (unsigned)__cvta_generic_to_shared(copy_barrier + 1);
-    const int done = min(split_row, height);
-    plane_bulk_copy((unsigned)__cvta_generic_to_shared(plane + done * plane_stride),
-                    reinterpret_cast<const char*>(input + done * in_s2), height - done, width * sizeof(T),
-                    plane_stride * sizeof(T), in_s2 * sizeof(T), rest_bar);
+    plane_bulk_rows(plane, plane_stride, input, in_s2, width, min(split_row, height), height, copy_barrier + 1);
   }
 #endif
   const unsigned row_bytes = plane_stride * sizeof(T);
