@@ -354,12 +354,13 @@ def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
 
 
 def _plane_workspace(k, n):
-    """(bytes, table offset) of the plane mode's workspace: the RoI order
-    and where each image's RoIs begin, in two parts (int32[k + 2 n + 2]),
-    then the geometry table (16-byte aligned), then a byte a RoI (whether it
-    reaches past the plane's first rows)."""
+    """(bytes, table offset, late offset) of the plane mode's workspace: the
+    RoI order and where each image's RoIs begin, in two parts
+    (int32[k + 2 n + 2]), then the geometry table (16-byte aligned), then a
+    byte a RoI (late: whether it reaches past the plane's first rows)."""
     table = -(-4 * (k + 2 * n + 2) // 16) * 16
-    return table + PLANE_ROI_BYTES * k + k, table
+    late = table + PLANE_ROI_BYTES * k
+    return late + k, table, late
 
 
 def roi_align_forward_workspace(device, scalar, ps, strides, shape, size, sampling_ratio, k):
@@ -379,9 +380,9 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
     shared = forward_plane(device, scalar, ps, x[1], shape, size, sampling_ratio, k) if order else 0
     if shared:
         stride = plane_stride(w, scalar)
-        table = order + _plane_workspace(k, n)[1]
+        _, table, late = _plane_workspace(k, n)
+        table, late, split = order + table, order + late, plane_split_row(h)
         item = _ITEMSIZE[scalar]
-        late, split = table + PLANE_ROI_BYTES * k, plane_split_row(h)
         _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
              (rows, k, n, h, w, stride * item, item, ph, pw, scale, sampling_ratio, aligned, table, 0, 0, split, late))
         _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k, late=late)
@@ -438,7 +439,7 @@ def _tile_workspace(grad_strides, k, shape, size, scalar):
     tile backward's workspace: the plane mode's, each RoI's reach (4 shorts,
     in the order's places), then grad_output laid out channels fastest where
     it is not."""
-    nbytes, table = _plane_workspace(k, shape[0])
+    nbytes, table, _ = _plane_workspace(k, shape[0])
     reach = -(-nbytes // 16) * 16
     nbytes = reach + 8 * k
     if grad_strides[1] == 1 and all(0 <= s < 2 ** 23 for s in grad_strides[2:]):  # bin byte offsets in 32 bits
