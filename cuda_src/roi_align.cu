@@ -636,7 +636,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
 // (benchmarks/NOTES.md, session 20). Where starts is given, image b's RoIs
 // take places starts[b] .. starts[b + 1] (b = batch: the invalid rows). Where
 // late is given (a byte a RoI: roi_align_plane_geometry's), an image takes two
-// parts, its RoIs of late 0 (places starts[2 b] ..) then those of late 1
+// parts, its RoIs of late bit 7 clear (places starts[2 b] ..) then set
 // (starts[2 b + 1] .. starts[2 b + 2]; the invalid rows from starts[2 batch]).
 // Which thread computes a RoI never changes its result. One block of
 // kOrderThreads threads; batch at most kMaxOrderImages (kMaxOrderImages / 2
@@ -658,13 +658,13 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
   __shared__ int next[kMaxOrderImages + 1];  // per image: its count, then its next free place
   __shared__ int warp_next[kOrderWarps][kOrderWarpImages];  // the same per warp, where batch allows
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // where late is given, image b's RoIs take two places: 2 b (late[k] 0) and 2 b + 1
+  // where late is given, image b's RoIs take two places: 2 b (late[k] bit 7 clear) and 2 b + 1
   const int last_bucket = late ? 2 * batch : batch;
   const bool per_warp = last_bucket < kOrderWarpImages;
   const auto image = [&](index_t k) {
     const A bf = rois[k * 5];
     const bool ok = bf >= A(0) && bf < A(batch) && bf == floor(bf);
-    return !ok ? last_bucket : late ? 2 * (int)bf + late[k] : (int)bf;
+    return !ok ? last_bucket : late ? 2 * (int)bf + (late[k] >> 7) : (int)bf;
   };
   // this lane's place for a RoI of image b (b < 0: none): the warp's lanes on one image take
   // theirs together. All the warp's lanes call it at once, and the first place reaches a
@@ -744,6 +744,42 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
       const int place = claim(b[u]);
       if (b[u] >= 0) order[place] = (int)(k0 + lane + u * blockDim.x);
     }
+  }
+}
+
+// Each of the parts p < parts of roi_image_order's list (places starts[p] ..
+// starts[p + 1]) in the order of its RoIs' width classes (keys[k] bits 0-6,
+// roi_align_plane_geometry's), ties by RoI index: which two RoIs share a warp
+// of the plane forward sets how many of its reads fall in one bank, and
+// RoIs of about the same width conflict less (benchmarks/plane_banks.py;
+// arranged by hand, Mask R-CNN 7x7 float32 1.018 -> 0.998 ms, H100, session
+// 27). A block a part: a RoI's place is how many of the part's keys (width
+// class, then RoI index) are below its own, counted from shared memory after
+// one barrier (a bitonic sort's 45 barriers took 10.3 against 6.7 us for
+// Mask R-CNN's 32 parts). A part longer than kSortPlaces keeps its order (any
+// order is correct).
+constexpr int kSortThreads = 1024, kSortPlaces = 2048;
+
+template <typename T, bool PS>
+__global__ void __launch_bounds__(kSortThreads) roi_part_sort(int* __restrict__ order, index_t num_rois, int parts,
+                                                              const unsigned char* __restrict__ keys) {
+  __shared__ unsigned long long item[kSortPlaces];  // width class, then RoI index
+  const int* starts = order + num_rois;
+  for (int p = blockIdx.x; p < parts; p += gridDim.x) {
+    const int first = starts[p], count = starts[p + 1] - first;
+    if (count < 2 || count > kSortPlaces) continue;  // the same on every thread of the block
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+      const int k = order[first + i];
+      item[i] = (unsigned long long)(keys[k] & 0x7f) << 32 | (unsigned)k;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+      const unsigned long long mine = item[i];
+      int rank = 0;
+      for (int j = 0; j < count; ++j) rank += item[j] < mine;
+      order[first + rank] = (int)(unsigned)mine;
+    }
+    __syncthreads();
   }
 }
 
@@ -854,8 +890,14 @@ __global__ void roi_align_plane_geometry(
       t.y_start = g.y_start;
       t.bin_h = g.bin_h;
       if (reach) reinterpret_cast<short4*>(reach)[r] = make_short4(reach_of[0], reach_of[1], reach_of[2], reach_of[3]);
-      // late: a row at or past split_row - 1 (a row's margin for the forward's own sums) on the map
-      if (late) late[k] = reach_of[0] <= reach_of[1] && reach_of[1] >= split_row - 1;
+      // late (bit 7): a row at or past split_row - 1 (a row's margin for the forward's own sums) on the
+      // map; bits 0-6: the RoI's width in pixels (at most 127; 0 for a NaN box), which roi_part_sort
+      // orders each image's parts by
+      if (late) {
+        const A width = fabs(g.bin_w) * pw;
+        const int width_class = width < A(127) ? (int)width : (width >= A(127) ? 127 : 0);
+        late[k] = (unsigned char)(((reach_of[0] <= reach_of[1] && reach_of[1] >= split_row - 1) << 7) | width_class);
+      }
     }
   }
 }

@@ -266,8 +266,8 @@ def channels_last_to_nchw(device, stream, scalar, src, shape, dst):
          (src, n, c, h * w, dst))
 
 
-#: roi_align.cu's kOrderThreads: roi_image_order's one block
-ORDER_THREADS = 1024
+#: roi_align.cu's kOrderThreads: roi_image_order's one block; kSortThreads: roi_part_sort's
+ORDER_THREADS = SORT_THREADS = 1024
 
 
 def _fill_order(device, stream, scalar, rows, k, n, order, total, starts=0, late=0):
@@ -386,6 +386,8 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
         _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
              (rows, k, n, h, w, stride * item, item, ph, pw, scale, sampling_ratio, aligned, table, 0, 0, split, late))
         _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k, late=late)
+        _run("roi_align", "roi_part_sort", device, stream, scalar, False, 1, (order, k, 2 * n, late), blocks=2 * n,
+             threads=SORT_THREADS)
         _run("roi_align", "roi_align_forward_plane", device, stream, scalar, False, n * c * PLANE_THREADS,
              (x[0], n, h, w, *x[1], k, ph, pw, sampling_ratio, stride, split, order, table, out[0], *out[1]),
              blocks=n * c, threads=PLANE_THREADS, shared=shared)

@@ -325,7 +325,8 @@ def test_roialign_forward_plane_rule(monkeypatch):
     work = 1 << 20
     _rules.roi_align_forward(0, 0, "float32", False, (11, nchw), mask_rcnn, 22, k, (7, 7), 0.25, 2, False, out, work)
     table, late, split = work + table_at, work + table_at + 1040 * k, h // 3
-    geometry, order, (forward, blocks, args, kw) = launches  # the late flags before the order
+    geometry, order, sort, (forward, blocks, args, kw) = launches  # the late flags before the order
+    assert sort == ("roi_part_sort", 2 * n, (work, k, 2 * n, late), {"threads": 1024})
     assert geometry == ("roi_align_plane_geometry", 32 * k // 256,  # a warp a RoI
                         (22, k, n, h, w, 272 * 4, 4, 7, 7, 0.25, 2, False, table, 0, 0, split, late), {})
     assert order == ("roi_image_order", 1, (22, k, n, work, work + 4 * k, late), {"threads": 1024})
