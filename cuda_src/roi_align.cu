@@ -634,18 +634,14 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
 // (rows of an invalid batch index last), so that the RoIs running together
 // read one image's map, which L2 holds, instead of every image's
 // (benchmarks/NOTES.md, session 20). Where starts is given, image b's RoIs
-// take places starts[b] .. starts[b + 1] (b = batch: the invalid rows). Where
-// late is given (a byte a RoI: roi_align_plane_geometry's), an image takes two
-// parts, its RoIs of late bit 7 clear (places starts[2 b] ..) then set
-// (starts[2 b + 1] .. starts[2 b + 2]; the invalid rows from starts[2 batch]).
-// Which thread computes a RoI never changes its result. One block of
-// kOrderThreads threads; batch at most kMaxOrderImages (kMaxOrderImages / 2
-// with late), num_rois below 2^31 (the host checks both). A thread reads
-// kOrderLoads batch indices before it claims places for them, and the lanes
-// of a warp on one image claim theirs together. Up to kOrderWarpImages
-// places (images, or parts with late), each warp counts and places in its
-// own counters, without atomics; beyond, all warps share one counter a
-// place. With one counter an image and a load's latency per claim, 256
+// take places starts[b] .. starts[b + 1] (b = batch: the invalid rows). Which
+// thread computes a RoI never changes its result. One block of kOrderThreads
+// threads; batch at most kMaxOrderImages, num_rois below 2^31 (the host
+// checks both). A thread reads kOrderLoads batch indices before it claims
+// places for them, and the lanes of a warp on one image claim theirs
+// together. Up to kOrderWarpImages images, each warp counts and places in
+// its own counters, without atomics; beyond, all warps share one counter an
+// image. With one counter an image and a load's latency per claim, 256
 // threads took 93 us for 8192 RoIs of 16 images (H100, session 24).
 constexpr int kMaxOrderImages = 4096;
 constexpr int kOrderThreads = 1024, kOrderWarps = kOrderThreads / 32, kOrderLoads = 4, kOrderWarpImages = 128;
@@ -653,18 +649,15 @@ constexpr int kOrderThreads = 1024, kOrderWarps = kOrderThreads / 32, kOrderLoad
 template <typename T, bool PS>
 __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int* __restrict__ order,
-    int* __restrict__ starts, const unsigned char* __restrict__ late) {
+    int* __restrict__ starts) {
   typedef typename acc_type<T>::type A;
   __shared__ int next[kMaxOrderImages + 1];  // per image: its count, then its next free place
   __shared__ int warp_next[kOrderWarps][kOrderWarpImages];  // the same per warp, where batch allows
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // where late is given, image b's RoIs take two places: 2 b (late[k] bit 7 clear) and 2 b + 1
-  const int last_bucket = late ? 2 * batch : batch;
-  const bool per_warp = last_bucket < kOrderWarpImages;
+  const bool per_warp = batch < kOrderWarpImages;
   const auto image = [&](index_t k) {
     const A bf = rois[k * 5];
-    const bool ok = bf >= A(0) && bf < A(batch) && bf == floor(bf);
-    return !ok ? last_bucket : late ? 2 * (int)bf + (late[k] >> 7) : (int)bf;
+    return bf >= A(0) && bf < A(batch) && bf == floor(bf) ? (int)bf : batch;
   };
   // this lane's place for a RoI of image b (b < 0: none): the warp's lanes on one image take
   // theirs together. All the warp's lanes call it at once, and the first place reaches a
@@ -699,9 +692,9 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
   // the warp's k0: the same on all its lanes, so that they can sync between claims (a warp's
   // own counters are read by the next claim's leader)
   const index_t step = kOrderLoads * blockDim.x, warp_k0 = threadIdx.x - lane;
-  for (int b = threadIdx.x; b <= last_bucket; b += blockDim.x) next[b] = 0;
+  for (int b = threadIdx.x; b <= batch; b += blockDim.x) next[b] = 0;
   if (per_warp)
-    for (int b = lane; b <= last_bucket; b += 32) warp_next[warp][b] = 0;
+    for (int b = lane; b <= batch; b += 32) warp_next[warp][b] = 0;
   __syncthreads();
   for (index_t k0 = warp_k0; k0 < num_rois; k0 += step) {
     int b[kOrderLoads];
@@ -711,7 +704,7 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
   }
   __syncthreads();
   if (per_warp) {  // each image's count, and each warp's first place in it relative to the image's
-    for (int b = threadIdx.x; b <= last_bucket; b += blockDim.x) {
+    for (int b = threadIdx.x; b <= batch; b += blockDim.x) {
       int count = 0;
       for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
         const int c = warp_next[w][b];
@@ -724,17 +717,17 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
   }
   if (threadIdx.x == 0) {
     int start = 0;
-    for (int b = 0; b <= last_bucket; ++b) {
+    for (int b = 0; b <= batch; ++b) {
       const int count = next[b];
       next[b] = start;
       if (starts) starts[b] = start;
       start += count;
     }
-    if (starts) starts[last_bucket + 1] = start;
+    if (starts) starts[batch + 1] = start;
   }
   __syncthreads();
   if (per_warp)
-    for (int b = lane; b <= last_bucket; b += 32) warp_next[warp][b] += next[b];
+    for (int b = lane; b <= batch; b += 32) warp_next[warp][b] += next[b];
   __syncwarp();
   for (index_t k0 = warp_k0; k0 < num_rois; k0 += step) {
     int b[kOrderLoads];
@@ -747,39 +740,83 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
   }
 }
 
-// Each of the parts p < parts of roi_image_order's list (places starts[p] ..
-// starts[p + 1]) in the order of its RoIs' width classes (keys[k] bits 0-6,
-// roi_align_plane_geometry's), ties by RoI index: which two RoIs share a warp
-// of the plane forward sets how many of its reads fall in one bank, and
-// RoIs of about the same width conflict less (benchmarks/plane_banks.py;
-// arranged by hand, Mask R-CNN 7x7 float32 1.018 -> 0.998 ms, H100, session
-// 27). A block a part: a RoI's place is how many of the part's keys (width
-// class, then RoI index) are below its own, counted from shared memory after
-// one barrier (a bitonic sort's 45 barriers took 10.3 against 6.7 us for
-// Mask R-CNN's 32 parts). A part longer than kSortPlaces keeps its order (any
-// order is correct).
-constexpr int kSortThreads = 1024, kSortPlaces = 2048;
+// p[0 .. count) = 0: roi_align_plane_geometry's counts, before it adds to them
+template <typename T, bool PS>
+__global__ void zero_ints(int* __restrict__ p, index_t count) {
+  for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (index_t)blockDim.x * gridDim.x)
+    p[i] = 0;
+}
+
+// Exclusive prefix sums of in[0 .. count) into out[0 .. count], out[count]
+// the total, by all the block's threads (whole warps, at most 1024);
+// scratch: 32 ints of shared memory. Every thread reads out after it returns.
+__device__ __forceinline__ void block_exclusive_scan(const int* in, int count, int* out, int* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per = (count + (int)blockDim.x - 1) / (int)blockDim.x;
+  const int lo = min(count, (int)threadIdx.x * per), hi = min(count, lo + per);
+  int own = 0;
+  for (int i = lo; i < hi; ++i) own += in[i];
+  int below = own;  // the warp's inclusive sums
+#pragma unroll
+  for (int m = 1; m < 32; m <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, below, m);
+    if (lane >= m) below += v;
+  }
+  if (lane == 31) scratch[warp] = below;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0;
+#pragma unroll
+    for (int m = 1; m < 32; m <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, w, m);
+      if (lane >= m) w += v;
+    }
+    scratch[lane] = w;
+  }
+  __syncthreads();
+  int run = below - own + (warp > 0 ? scratch[warp - 1] : 0);
+  for (int i = lo; i < hi; ++i) {
+    out[i] = run;
+    run += in[i];
+  }
+  if (threadIdx.x == blockDim.x - 1) out[count] = run;
+  __syncthreads();
+}
+
+// The plane forward's order (order[0 .. num_rois), then starts[0 .. parts])
+// from roi_align_plane_geometry's slots and counts: RoI k is number
+// slots[k].y of bucket slots[k].x (part * kWidthClasses + width class); counts
+// holds each bucket's RoIs, then each part's. Parts in turn, each by width
+// class: which two RoIs share a warp of the plane forward sets how many of its
+// reads fall in one bank, and RoIs of about the same width conflict less
+// (benchmarks/plane_banks.py). A warp a RoI, its lanes sum the classes below
+// its own, four each. Within a bucket the places follow the geometry's
+// atomics: which thread computes a RoI never changes its result. parts at
+// most kMaxOrderImages + 1 (the host checks).
+constexpr int kWidthClasses = 128, kPlaceThreads = 256;
 
 template <typename T, bool PS>
-__global__ void __launch_bounds__(kSortThreads) roi_part_sort(int* __restrict__ order, index_t num_rois, int parts,
-                                                              const unsigned char* __restrict__ keys) {
-  __shared__ unsigned long long item[kSortPlaces];  // width class, then RoI index
-  const int* starts = order + num_rois;
-  for (int p = blockIdx.x; p < parts; p += gridDim.x) {
-    const int first = starts[p], count = starts[p + 1] - first;
-    if (count < 2 || count > kSortPlaces) continue;  // the same on every thread of the block
-    for (int i = threadIdx.x; i < count; i += blockDim.x) {
-      const int k = order[first + i];
-      item[i] = (unsigned long long)(keys[k] & 0x7f) << 32 | (unsigned)k;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < count; i += blockDim.x) {
-      const unsigned long long mine = item[i];
-      int rank = 0;
-      for (int j = 0; j < count; ++j) rank += item[j] < mine;
-      order[first + rank] = (int)(unsigned)mine;
-    }
-    __syncthreads();
+__global__ void __launch_bounds__(kPlaceThreads) roi_plane_order(const int2* __restrict__ slots, index_t num_rois,
+                                                                 int parts, const int* __restrict__ counts,
+                                                                 int* __restrict__ order) {
+  __shared__ int part_start[kMaxOrderImages + 2];
+  __shared__ int scratch[32];
+  block_exclusive_scan(counts + parts * kWidthClasses, parts, part_start, scratch);
+  int* starts = order + num_rois;
+  if (blockIdx.x == 0)
+    for (int p = threadIdx.x; p <= parts; p += blockDim.x) starts[p] = part_start[p];
+  const int lane = threadIdx.x & 31;
+  for (index_t k = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; k < num_rois;
+       k += ((index_t)blockDim.x * gridDim.x) >> 5) {
+    const int2 slot = slots[k];
+    const int part = slot.x / kWidthClasses, width_class = slot.x - part * kWidthClasses;
+    const int4 c = reinterpret_cast<const int4*>(counts + part * kWidthClasses)[lane];
+    const int first = 4 * lane;
+    int below = (first < width_class ? c.x : 0) + (first + 1 < width_class ? c.y : 0) +
+                (first + 2 < width_class ? c.z : 0) + (first + 3 < width_class ? c.w : 0);
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) below += __shfl_xor_sync(0xffffffffu, below, m);
+    if (lane == 0) order[part_start[part] + below + slot.y] = (int)k;
   }
 }
 
@@ -844,10 +881,15 @@ __device__ __forceinline__ void warp_reach(bool on, int lo, int hi, short& first
 }
 
 // A warp a RoI: table[k] for every RoI k (rows of an invalid batch index
-// too, though the plane kernels read none of theirs). Where late is given
-// (the plane forward), late[k] = 1 where RoI k reaches row split_row - 1 or
-// further: the forward pools the others from the plane's first split_row
-// rows before the rest arrive. Rows lo/hi are in units of row_bytes,
+// too, though the plane kernels read none of theirs). Where slots is given
+// (the plane forward), RoI k goes into a bucket for roi_plane_order: its part
+// (2 b for the RoIs of image b that read no row from split_row - 1 on, which
+// the forward pools while the rest of the plane arrives; 2 b + 1 for the
+// others; 2 batch for rows the forward writes NaN for) times kWidthClasses
+// plus its width class, and slots[k] = (bucket, its rank among the bucket's
+// RoIs, from an atomic on counts[bucket]); counts[(2 batch + 1) *
+// kWidthClasses + part] counts the part's RoIs. counts comes zero-filled
+// (zero_ints). Rows lo/hi are in units of row_bytes,
 // columns of item bytes: the forward's byte offsets in
 // its plane, or pixel indices (1, 1) for the tile backward. Where reach is
 // given (the tile backward), reach[r] (4 shorts) is the first and last pixel
@@ -859,7 +901,7 @@ __global__ void roi_align_plane_geometry(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
     int row_bytes, int item, int ph, int pw, typename acc_type<T>::type spatial_scale, int sampling_ratio,
     int aligned, void* __restrict__ table, const int* __restrict__ order, void* __restrict__ reach, int split_row,
-    unsigned char* __restrict__ late) {
+    int2* __restrict__ slots, int* __restrict__ counts) {
   typedef typename acc_type<T>::type A;
   PlaneRoi<A>* geo = reinterpret_cast<PlaneRoi<A>*>(table);
   const int lane = threadIdx.x & 31;
@@ -890,13 +932,16 @@ __global__ void roi_align_plane_geometry(
       t.y_start = g.y_start;
       t.bin_h = g.bin_h;
       if (reach) reinterpret_cast<short4*>(reach)[r] = make_short4(reach_of[0], reach_of[1], reach_of[2], reach_of[3]);
-      // late (bit 7): a row at or past split_row - 1 (a row's margin for the forward's own sums) on the
-      // map; bits 0-6: the RoI's width in pixels (at most 127; 0 for a NaN box), which roi_part_sort
-      // orders each image's parts by
-      if (late) {
+      if (slots) {
+        // part: the RoI's image, twice, +1 where it reaches row split_row - 1 or further (a row's
+        // margin for the forward's own sums); 2 batch for rows the forward writes NaN for
+        const int part = ok ? 2 * b + (reach_of[0] <= reach_of[1] && reach_of[1] >= split_row - 1) : 2 * batch;
         const A width = fabs(g.bin_w) * pw;
-        const int width_class = width < A(127) ? (int)width : (width >= A(127) ? 127 : 0);
-        late[k] = (unsigned char)(((reach_of[0] <= reach_of[1] && reach_of[1] >= split_row - 1) << 7) | width_class);
+        const int width_class = ok && width < A(kWidthClasses - 1) ? (int)width : ok ? kWidthClasses - 1 : 0;
+        const int bucket = part * kWidthClasses + width_class;
+        const int rank = atomicAdd(counts + bucket, 1);
+        atomicAdd(counts + (2 * batch + 1) * kWidthClasses + part, 1);
+        slots[k] = make_int2(bucket, rank);
       }
     }
   }
@@ -1076,7 +1121,7 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
   const unsigned last_row_bits = __float_as_uint(kTwo23) + height - 1;
   for (int r0 = first + (threadIdx.x >> 5) * per_warp; r0 < last; r0 += kPlaneWarps * per_warp) {
 #if __CUDA_ARCH__ >= 900
-    if (rest_bar && r0 + per_warp > split) {  // a RoI of late 1: the plane's other rows
+    if (rest_bar && r0 + per_warp > split) {  // a RoI of part 2 b + 1: the plane's other rows
       plane_bulk_wait(rest_bar);
       rest_bar = 0;
     }
@@ -1131,13 +1176,13 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
   }
 }
 
-// order: roi_image_order's list and starts, two parts an image (num_rois +
-// 2 batch + 2 ints; late from roi_align_plane_geometry with split_row);
+// order: roi_plane_order's list and starts, two parts an image (num_rois +
+// 2 batch + 2 ints; from roi_align_plane_geometry with split_row);
 // table: roi_align_plane_geometry's. Blocks: batch * channels, images
 // fastest, so that the blocks running together read the table's RoIs of
 // every image. Shared memory: (height + 1) x plane_stride elements. Through
 // the copy engine the plane comes in two copies, rows 0 .. split_row first:
-// the image's RoIs of late 0 pool from them while the rest comes (one copy
+// the image's RoIs of part 2 b pool from them while the rest comes (one copy
 // left 0.17 ms of the Mask R-CNN 7x7 forward's 1.06 exposed; two: 1.06 ->
 // 1.02 ms, H100, session 27), the others wait for the second copy.
 template <typename T, bool PS>

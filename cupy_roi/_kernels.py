@@ -31,7 +31,8 @@ FAMILIES = {
                                    "roi_align_rotated_backward", "multi_scale_roi_align_forward",
                                    "multi_scale_roi_align_backward", "fixed_point_gradient", "roi_image_order",
                                    "channels_last_to_nchw", "roi_align_plane_geometry", "roi_align_forward_plane",
-                                   "roi_align_backward_tiles", "tile_gradient_channels_last", "roi_part_sort")),
+                                   "roi_align_backward_tiles", "tile_gradient_channels_last",
+                                   "zero_ints", "roi_plane_order")),
     "roi_pool": ("roi_pool.cu", ("roi_pool_forward", "roi_pool_backward", "fixed_point_gradient")),
     "prroi_pool": ("prroi_pool.cu", ("prroi_pool_forward", "prroi_pool_backward", "prroi_pool_backward_warp",
                                      "prroi_pool_coords", "prroi_pool_coords_sum", "fixed_point_gradient")),
@@ -44,13 +45,13 @@ PLAIN_ONLY = frozenset(("roi_align_rotated_forward", "roi_align_rotated_backward
                         "fixed_point_gradient", "prroi_pool_backward_warp", "prroi_pool_coords_sum",
                         "roi_image_order", "channels_last_to_nchw", "roi_align_plane_geometry",
                         "roi_align_forward_plane", "roi_align_backward_tiles", "tile_gradient_channels_last",
-                        "roi_part_sort"))
+                        "zero_ints", "roi_plane_order"))
 
 #: kernels not instantiated for float64 (the RoIAlign forward's plane mode:
 #: a float64 plane of a map past L2 does not fit in shared memory; the tile
 #: backward sums in float)
 NOT_FLOAT64 = frozenset(("roi_align_plane_geometry", "roi_align_forward_plane", "roi_align_backward_tiles",
-                         "tile_gradient_channels_last", "roi_part_sort"))
+                         "tile_gradient_channels_last", "zero_ints", "roi_plane_order"))
 
 #: kernels also instantiated with 4 and 8 output channels per thread (a
 #: third template argument; plain variant, float types: see
@@ -80,9 +81,10 @@ SIGNATURES = {
     "prroi_pool_coords": "pqqqq" "piiiqqqq" "pqiii" "a" "i" "p",
     "prroi_pool_coords_sum": "pqip",
     "fixed_point_gradient": "ppqiii" "iiiii" "pqqqq" "ii",
-    "roi_image_order": "pqippp",
-    "roi_part_sort": "pqip",
-    "roi_align_plane_geometry": "pqiiiiiii" "aii" "ppp" "ip",
+    "roi_image_order": "pqipp",
+    "roi_align_plane_geometry": "pqiiiiiii" "aii" "ppp" "ipp",
+    "zero_ints": "pq",
+    "roi_plane_order": "pqipp",
     "roi_align_forward_plane": "piiiqqqq" "qiiiii" "pp" "pqqqq",
     "channels_last_to_nchw": "piiqp",
     "roi_align_backward_tiles": "pqqqq" "qiiii" "ppp" "piii" "qqqqi",

@@ -266,18 +266,16 @@ def channels_last_to_nchw(device, stream, scalar, src, shape, dst):
          (src, n, c, h * w, dst))
 
 
-#: roi_align.cu's kOrderThreads: roi_image_order's one block; kSortThreads: roi_part_sort's
-ORDER_THREADS = SORT_THREADS = 1024
+#: roi_align.cu's kOrderThreads: roi_image_order's one block
+ORDER_THREADS = 1024
 
 
-def _fill_order(device, stream, scalar, rows, k, n, order, total, starts=0, late=0):
+def _fill_order(device, stream, scalar, rows, k, n, order, total, starts=0):
     """Lists the ``k`` RoIs image by image into the workspace ``order`` (0:
     none) ahead of a RoIAlign launch of ``total`` threads (none: nothing),
-    and where each image's begin into ``starts`` (0: not); where ``late``
-    (a byte a RoI) is given, each image's RoIs of late 0 first, then those of
-    late 1, and ``starts`` has each part's begin."""
+    and where each image's begin into ``starts`` (0: not)."""
     if order and total:
-        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order, starts, late),
+        _run("roi_align", "roi_image_order", device, stream, scalar, False, 1, (rows, k, n, order, starts),
              blocks=1, threads=ORDER_THREADS)
 
 
@@ -320,8 +318,8 @@ def _plane_pays(map_bytes, l2_bytes, itemsize, roi_samples, k, cells):
 
 def plane_split_row(h):
     """The plane forward's first copy: rows 0 .. plane_split_row(h) of each
-    plane, then the rest. The RoIs that read no further (the geometry
-    kernel's late flag 0, listed first) pool while the rest comes. A third:
+    plane, then the rest. The RoIs that read no further (the first of each
+    image's two parts in roi_plane_order's list) pool while the rest comes. A third:
     Mask R-CNN 7x7 float32 1.060 -> 1.021 ms with a third, 1.017-1.030 with a
     quarter or a half (H100, session 27)."""
     return max(1, h // 3)
@@ -335,7 +333,7 @@ def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
     L2, where the flat grid's reads of overlapping RoIs through L2 bound it:
     plain RoIAlign in a float type but float64, a fixed sampling grid of 1,
     2 or 4 with at most 32 samples an axis, a plane (and a row of zeros) that
-    fits the device's shared memory, at most 2048 images (roi_image_order
+    fits the device's shared memory, at most 2048 images (roi_plane_order
     lists each image's RoIs in two parts), and enough samples per map cell that
     copying whole planes pays (:data:`PLANE_MIN_SAMPLES_PER_CELL`). Mask
     R-CNN's map with 512 RoIs an image (float32, H100, kernel time): 7x7
@@ -353,14 +351,21 @@ def forward_plane(device, scalar, ps, strides, shape, size, sampling_ratio, k):
     return shared if shared and shared <= _kernels.shared_bytes_optin(device) else 0
 
 
+#: roi_align.cu's kWidthClasses and kPlaceThreads (roi_plane_order)
+WIDTH_CLASSES, PLACE_THREADS = 128, 256
+
+
 def _plane_workspace(k, n):
-    """(bytes, table offset, late offset) of the plane mode's workspace: the
-    RoI order and where each image's RoIs begin, in two parts
-    (int32[k + 2 n + 2]), then the geometry table (16-byte aligned), then a
-    byte a RoI (late: whether it reaches past the plane's first rows)."""
+    """(bytes, table offset, slots offset, counts offset) of the plane mode's
+    workspace: the RoI order and where each image's RoIs begin, in two parts
+    (int32[k + 2 n + 2]), then the geometry table (16-byte aligned), each
+    RoI's bucket and rank in it (int32[k, 2]), then the RoIs of each bucket
+    and of each part (int32[(2 n + 1) * (WIDTH_CLASSES + 1)], 16-byte
+    aligned)."""
     table = -(-4 * (k + 2 * n + 2) // 16) * 16
-    late = table + PLANE_ROI_BYTES * k
-    return late + k, table, late
+    slots = table + PLANE_ROI_BYTES * k
+    counts = -(-(slots + 8 * k) // 16) * 16
+    return counts + 4 * (2 * n + 1) * (WIDTH_CLASSES + 1), table, slots, counts
 
 
 def roi_align_forward_workspace(device, scalar, ps, strides, shape, size, sampling_ratio, k):
@@ -380,14 +385,15 @@ def roi_align_forward(device, stream, scalar, ps, x, shape, rows, k, size, scale
     shared = forward_plane(device, scalar, ps, x[1], shape, size, sampling_ratio, k) if order else 0
     if shared:
         stride = plane_stride(w, scalar)
-        _, table, late = _plane_workspace(k, n)
-        table, late, split = order + table, order + late, plane_split_row(h)
-        item = _ITEMSIZE[scalar]
+        _, table, slots, counts = (order + at for at in _plane_workspace(k, n))
+        split, parts, item = plane_split_row(h), 2 * n + 1, _ITEMSIZE[scalar]
+        _run("roi_align", "zero_ints", device, stream, scalar, False, parts * (WIDTH_CLASSES + 1),
+             (counts, parts * (WIDTH_CLASSES + 1)))
         _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
-             (rows, k, n, h, w, stride * item, item, ph, pw, scale, sampling_ratio, aligned, table, 0, 0, split, late))
-        _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k, late=late)
-        _run("roi_align", "roi_part_sort", device, stream, scalar, False, 1, (order, k, 2 * n, late), blocks=2 * n,
-             threads=SORT_THREADS)
+             (rows, k, n, h, w, stride * item, item, ph, pw, scale, sampling_ratio, aligned, table, 0, 0, split,
+              slots, counts))
+        _run("roi_align", "roi_plane_order", device, stream, scalar, False, 32 * k, (slots, k, parts, counts, order),
+             threads=PLACE_THREADS)
         _run("roi_align", "roi_align_forward_plane", device, stream, scalar, False, n * c * PLANE_THREADS,
              (x[0], n, h, w, *x[1], k, ph, pw, sampling_ratio, stride, split, order, table, out[0], *out[1]),
              blocks=n * c, threads=PLANE_THREADS, shared=shared)
@@ -438,11 +444,10 @@ def _tile_blocks(shape):
 
 def _tile_workspace(grad_strides, k, shape, size, scalar):
     """(bytes, table offset, reach offset, gradient copy offset or 0) of the
-    tile backward's workspace: the plane mode's, each RoI's reach (4 shorts,
-    in the order's places), then grad_output laid out channels fastest where
-    it is not."""
-    nbytes, table, _ = _plane_workspace(k, shape[0])
-    reach = -(-nbytes // 16) * 16
+    tile backward's workspace: the plane mode's order and table, each RoI's
+    reach (4 shorts, in the order's places) where the plane mode has its
+    slots, then grad_output laid out channels fastest where it is not."""
+    _, table, reach, _ = _plane_workspace(k, shape[0])
     nbytes = reach + 8 * k
     if grad_strides[1] == 1 and all(0 <= s < 2 ** 23 for s in grad_strides[2:]):  # bin byte offsets in 32 bits
         return nbytes, table, reach, 0
@@ -478,7 +483,7 @@ def _backward_by_tiles(device, stream, scalar, grad, shape, rows, k, size, scale
         grad = (order + copy, (c * ph * pw, 1, pw * c, c))
     _fill_order(device, stream, scalar, rows, k, n, order, k, starts=order + 4 * k)
     _run("roi_align", "roi_align_plane_geometry", device, stream, scalar, False, 32 * k,
-         (rows, k, n, h, w, 1, 1, ph, pw, scale, sampling_ratio, aligned, table, order, reach, 0, 0))
+         (rows, k, n, h, w, 1, 1, ph, pw, scale, sampling_ratio, aligned, table, order, reach, 0, 0, 0))
     blocks = _tile_blocks(shape)
     _run("roi_align", "roi_align_backward_tiles", device, stream, scalar, False, blocks * 32 * TILE_ROWS,
          (grad[0], *grad[1], k, c, ph, pw, sampling_ratio, order, table, reach, grad_input[0], n, h, w, *grad_input[1],

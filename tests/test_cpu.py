@@ -263,7 +263,7 @@ def test_roialign_forward_work_order_rules(monkeypatch):
     _rules.roi_align_forward(0, 0, "float32", False, (11, nhwc), mask_rcnn, 22, 8192, (7, 7), 0.25, 2, False, out,
                              33)
     (order, order_args, order_kw), (forward, args, kw) = launched
-    assert order == "roi_image_order" and order_args == (22, 8192, n, 33, 0, 0)
+    assert order == "roi_image_order" and order_args == (22, 8192, n, 33, 0)
     assert order_kw == {"blocks": 1, "threads": 1024}
     assert forward == "roi_align_forward" and args[-1] == 33 and args[16] == -64 and kw["cpt"] == 8
     launched.clear()
@@ -310,11 +310,13 @@ def test_roialign_forward_plane_rule(monkeypatch):
     assert not plane(rois=0)
     assert not plane(shape=(2, 256, 300, 272))  # a plane past shared memory
     assert not plane(shape=(5000, 4, 200, 272))  # more images than roi_image_order takes
-    # two places an image in roi_image_order (a RoI's late flag): 2048 images at most
+    # two parts an image in roi_plane_order, 4097 parts at most: 2048 images
     assert plane(shape=(2048, 4, 200, 272), rois=300000) and not plane(shape=(2049, 4, 200, 272), rois=300000)
     table_at = -(-4 * (k + 2 * n + 2) // 16) * 16  # the order, then where each image's two parts begin
+    slots_at = table_at + 1040 * k  # the table, then each RoI's bucket and rank
+    counts_at = -(-(slots_at + 8 * k) // 16) * 16  # then the RoIs of each bucket (128 a part) and of each part
     assert _rules.roi_align_forward_workspace(0, "float32", False, nchw, mask_rcnn, (7, 7), 2, k) == (
-        table_at + 1040 * k + k)  # the table, then the late flags
+        counts_at + 4 * (2 * n + 1) * 129)
     assert _rules.roi_align_forward_workspace(0, "float32", False, nhwc, mask_rcnn, (7, 7), 2, k) == 4 * k
 
     launches = []
@@ -324,12 +326,12 @@ def test_roialign_forward_plane_rule(monkeypatch):
     out = (7, (49 * c, 49, 7, 1))
     work = 1 << 20
     _rules.roi_align_forward(0, 0, "float32", False, (11, nchw), mask_rcnn, 22, k, (7, 7), 0.25, 2, False, out, work)
-    table, late, split = work + table_at, work + table_at + 1040 * k, h // 3
-    geometry, order, sort, (forward, blocks, args, kw) = launches  # the late flags before the order
-    assert sort == ("roi_part_sort", 2 * n, (work, k, 2 * n, late), {"threads": 1024})
+    table, slots, counts, split = work + table_at, work + slots_at, work + counts_at, h // 3
+    zero, geometry, order, (forward, blocks, args, kw) = launches
+    assert zero == ("zero_ints", -(-33 * 129 // 256), (counts, 33 * 129), {})  # counts before the geometry's atomics
     assert geometry == ("roi_align_plane_geometry", 32 * k // 256,  # a warp a RoI
-                        (22, k, n, h, w, 272 * 4, 4, 7, 7, 0.25, 2, False, table, 0, 0, split, late), {})
-    assert order == ("roi_image_order", 1, (22, k, n, work, work + 4 * k, late), {"threads": 1024})
+                        (22, k, n, h, w, 272 * 4, 4, 7, 7, 0.25, 2, False, table, 0, 0, split, slots, counts), {})
+    assert order == ("roi_plane_order", 32 * k // 256, (slots, k, 2 * n + 1, counts, work), {"threads": 256})
     assert forward == "roi_align_forward_plane" and blocks == n * c
     assert args == (11, n, h, w, *nchw, k, 7, 7, 2, 272, split, work, table, 7, *out[1])
     assert kw == {"threads": 1024, "shared": 201 * 272 * 4}
@@ -383,7 +385,7 @@ def test_roialign_backward_work_order_rules(monkeypatch):
         _rules.multi_scale_roi_align_backward(0, 0, "float32", grad, views, shapes, [0.25, 0.125], 22, k, (7, 7),
                                               (1, 224.0, 4, 2, 3), 2, False, 0, 33)
         (order, _, order_args, _), (kernel, total, args, kw) = launched
-        assert order == "roi_image_order" and order_args == (22, k, 16, 33, 0, 0)
+        assert order == "roi_image_order" and order_args == (22, k, 16, 33, 0)
         assert kernel == "multi_scale_roi_align_backward" and args[-1] == 33
         assert (args[-4], args[-3], kw["cpt"]) == expect  # channel block, channels per warp, per thread
     # the torch op's NCHW backward adds into a channels-last buffer where the RoIs go image by image
@@ -425,12 +427,12 @@ def test_roialign_backward_tile_rule(monkeypatch):
     assert not tiles(shape=(5000, 4, 200, 272))  # more images than roi_image_order takes
     assert not tiles(shape=(4096, 1024, 8000, 8000))  # 2^31 blocks or more
     g_nchw, g_nhwc = (49 * c, 49, 7, 1), (49 * c, 1, 7 * c, c)
-    table = -(-4 * (k + 2 * n + 2) // 16) * 16  # the forward's workspace, then each RoI's reach
+    table = -(-4 * (k + 2 * n + 2) // 16) * 16  # the forward's order and table, then each RoI's reach
     for scalar, item in (("float32", 4), ("float16", 2)):
         nbytes = _rules.roi_align_backward_workspace(0, scalar, False, g_nhwc, mask_rcnn, (7, 7), 2, k, fresh=True)
-        assert nbytes == -(-(table + 1041 * k) // 16) * 16 + 8 * k
+        assert nbytes == table + 1040 * k + 8 * k
         nbytes = _rules.roi_align_backward_workspace(0, scalar, False, g_nchw, mask_rcnn, (7, 7), 2, k, fresh=True)
-        assert nbytes == -(-(table + 1041 * k) // 16) * 16 + 8 * k + k * c * 49 * item
+        assert nbytes == table + 1040 * k + 8 * k + k * c * 49 * item
     # the array API's accumulation buffer is float for the half types: the atomics then
     assert _rules.roi_align_backward_workspace(0, "float16", False, g_nhwc, mask_rcnn, (7, 7), 2, k) == 4 * k
     assert _rules.roi_align_backward_workspace(0, "float32", False, g_nhwc, mask_rcnn, (7, 7), 2, k, True) == 4 * k
@@ -444,7 +446,7 @@ def test_roialign_backward_tile_rule(monkeypatch):
         _rules.roi_align_backward(0, 0, "float32", False, grad, mask_rcnn, 22, k, (7, 7), 0.25, 2, True,
                                   (44, nhwc), 0, work, fresh)
         names = [launch[0] for launch in launched]
-        reach = -(-(table + 1041 * k) // 16) * 16
+        reach = table + 1040 * k
         reach, copy = work + reach, reach + 8 * k
         if grad[1] == g_nchw:
             assert names[0] == "tile_gradient_channels_last"
@@ -453,7 +455,7 @@ def test_roialign_backward_tile_rule(monkeypatch):
             grad = (work + copy, g_nhwc)
         assert names == ["roi_image_order", "roi_align_plane_geometry", "roi_align_backward_tiles"]
         *_, (_, geometry_total, geometry, _), (_, total, args, kw) = launched
-        assert geometry == (22, k, n, h, w, 1, 1, 7, 7, 0.25, 2, True, work + table, work, reach, 0, 0)  # pixel units
+        assert geometry == (22, k, n, h, w, 1, 1, 7, 7, 0.25, 2, True, work + table, work, reach, 0, 0, 0)  # pixels
         blocks = n * 25 * 34
         assert total == blocks * 256 and kw == {"blocks": blocks, "threads": 256, "shared": 73728}
         assert args == (*grad[0:1], *grad[1], k, c, 7, 7, 2, work, work + table, reach, 44, n, h, w, *nhwc,
