@@ -629,6 +629,44 @@ __global__ void __launch_bounds__(kBlockThreads, 4) roi_align_forward(
                                               out_at, false);
 }
 
+// Exclusive prefix sums of in[0 .. count) into out[0 .. count], out[count]
+// the total, by all the block's threads (whole warps, at most 1024); out may
+// be in (each thread rewrites only the run it read). scratch: 32 ints of
+// shared memory. Every thread reads out after it returns.
+__device__ __forceinline__ void block_exclusive_scan(const int* in, int count, int* out, int* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per = (count + (int)blockDim.x - 1) / (int)blockDim.x;
+  const int lo = min(count, (int)threadIdx.x * per), hi = min(count, lo + per);
+  int own = 0;
+  for (int i = lo; i < hi; ++i) own += in[i];
+  int below = own;  // the warp's inclusive sums
+#pragma unroll
+  for (int m = 1; m < 32; m <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, below, m);
+    if (lane >= m) below += v;
+  }
+  if (lane == 31) scratch[warp] = below;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0;
+#pragma unroll
+    for (int m = 1; m < 32; m <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, w, m);
+      if (lane >= m) w += v;
+    }
+    scratch[lane] = w;
+  }
+  __syncthreads();
+  int run = below - own + (warp > 0 ? scratch[warp - 1] : 0);
+  for (int i = lo; i < hi; ++i) {
+    const int c = in[i];
+    out[i] = run;
+    run += c;
+  }
+  if (threadIdx.x == blockDim.x - 1) out[count] = run;
+  __syncthreads();
+}
+
 // The order roi_align_forward walks the RoIs in, where their rows come in
 // any order of images: order[0 .. num_rois) lists RoI indices image by image
 // (rows of an invalid batch index last), so that the RoIs running together
@@ -651,7 +689,8 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int* __restrict__ order,
     int* __restrict__ starts) {
   typedef typename acc_type<T>::type A;
-  __shared__ int next[kMaxOrderImages + 1];  // per image: its count, then its next free place
+  __shared__ int next[kMaxOrderImages + 2];  // per image: its count, then its next free place; the total
+  __shared__ int scratch[32];
   __shared__ int warp_next[kOrderWarps][kOrderWarpImages];  // the same per warp, where batch allows
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool per_warp = batch < kOrderWarpImages;
@@ -715,17 +754,10 @@ __global__ void __launch_bounds__(kOrderThreads) roi_image_order(
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    int start = 0;
-    for (int b = 0; b <= batch; ++b) {
-      const int count = next[b];
-      next[b] = start;
-      if (starts) starts[b] = start;
-      start += count;
-    }
-    if (starts) starts[batch + 1] = start;
-  }
-  __syncthreads();
+  block_exclusive_scan(next, batch + 1, next, scratch);  // each image's first place, then the total
+  if (starts)
+    for (int b = threadIdx.x; b <= batch + 1; b += blockDim.x) starts[b] = next[b];
+  __syncthreads();  // the starts read before the shared counters' claims move them
   if (per_warp)
     for (int b = lane; b <= batch; b += 32) warp_next[warp][b] += next[b];
   __syncwarp();
@@ -747,42 +779,6 @@ __global__ void zero_ints(int* __restrict__ p, index_t count) {
     p[i] = 0;
 }
 
-// Exclusive prefix sums of in[0 .. count) into out[0 .. count], out[count]
-// the total, by all the block's threads (whole warps, at most 1024);
-// scratch: 32 ints of shared memory. Every thread reads out after it returns.
-__device__ __forceinline__ void block_exclusive_scan(const int* in, int count, int* out, int* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int per = (count + (int)blockDim.x - 1) / (int)blockDim.x;
-  const int lo = min(count, (int)threadIdx.x * per), hi = min(count, lo + per);
-  int own = 0;
-  for (int i = lo; i < hi; ++i) own += in[i];
-  int below = own;  // the warp's inclusive sums
-#pragma unroll
-  for (int m = 1; m < 32; m <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, below, m);
-    if (lane >= m) below += v;
-  }
-  if (lane == 31) scratch[warp] = below;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0;
-#pragma unroll
-    for (int m = 1; m < 32; m <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, w, m);
-      if (lane >= m) w += v;
-    }
-    scratch[lane] = w;
-  }
-  __syncthreads();
-  int run = below - own + (warp > 0 ? scratch[warp - 1] : 0);
-  for (int i = lo; i < hi; ++i) {
-    out[i] = run;
-    run += in[i];
-  }
-  if (threadIdx.x == blockDim.x - 1) out[count] = run;
-  __syncthreads();
-}
-
 // The plane forward's order (order[0 .. num_rois), then starts[0 .. parts])
 // from roi_align_plane_geometry's slots and counts: RoI k is number
 // slots[k].y of bucket slots[k].x (part * kWidthClasses + width class); counts
@@ -801,6 +797,8 @@ __global__ void __launch_bounds__(kPlaceThreads) roi_plane_order(const int2* __r
                                                                  int* __restrict__ order) {
   __shared__ int part_start[kMaxOrderImages + 2];
   __shared__ int scratch[32];
+  // every block scans the part counts for itself (at most 4097 ints, from L2) rather than read
+  // them from a kernel before it: one launch fewer on the forward's path, and no grid-wide wait
   block_exclusive_scan(counts + parts * kWidthClasses, parts, part_start, scratch);
   int* starts = order + num_rois;
   if (blockIdx.x == 0)
@@ -851,8 +849,8 @@ template <typename A>
 struct PlaneRoi {
   A inv_count;
   int valid;  // 0: a NaN or infinite coordinate (NaN outputs)
-  A y_start, bin_h;  // AlignGrid's: the plane forward works its rows out from them
-  PlaneAxis<A> rows[kPlaneSamples];
+  A y_start, bin_h;  // AlignGrid's, for the forward only: it works its rows out from them
+  PlaneAxis<A> rows[kPlaneSamples];  // the tile backward's only
   PlaneAxis<A> cols[kPlaneSamples];
 };
 static_assert(sizeof(PlaneRoi<float>) == 1040, "_rules.PLANE_ROI_BYTES");
@@ -881,8 +879,9 @@ __device__ __forceinline__ void warp_reach(bool on, int lo, int hi, short& first
 }
 
 // A warp a RoI: table[k] for every RoI k (rows of an invalid batch index
-// too, though the plane kernels read none of theirs). Where slots is given
-// (the plane forward), RoI k goes into a bucket for roi_plane_order: its part
+// too, though the plane kernels read none of theirs), the fields its kernel
+// reads: y_start and bin_h where slots is given (the plane forward), rows
+// where it is not (the tile backward). Where slots is given, RoI k goes into a bucket for roi_plane_order: its part
 // (2 b for the RoIs of image b that read no row from split_row - 1 on, which
 // the forward pools while the rest of the plane arrives; 2 b + 1 for the
 // others; 2 batch for rows the forward writes NaN for) times kWidthClasses
@@ -921,7 +920,8 @@ __global__ void roi_align_plane_geometry(
     const bool row_on = lane < ph * n && axis_weights(ok ? g.sample_y(lane / n, lane % n) : off_map, height, lo,
                                                       hi, w_lo, w_hi);
     warp_reach(row_on, lo, hi, reach_of[0], reach_of[1]);
-    if (lane < ph * n) t.rows[lane] = plane_axis(row_on, lo, hi, w_lo, w_hi, row_bytes, height * row_bytes);
+    // the rows' table for the tile backward; the forward works them out from y_start and bin_h
+    if (!slots && lane < ph * n) t.rows[lane] = plane_axis(row_on, lo, hi, w_lo, w_hi, row_bytes, height * row_bytes);
     const bool col_on = lane < pw * n && axis_weights(ok ? g.sample_x(lane / n, lane % n) : off_map, width, lo,
                                                       hi, w_lo, w_hi);
     warp_reach(col_on, lo, hi, reach_of[2], reach_of[3]);
@@ -929,15 +929,15 @@ __global__ void roi_align_plane_geometry(
     if (lane == 0) {
       t.inv_count = g.inv_count;
       t.valid = ok;
-      t.y_start = g.y_start;
-      t.bin_h = g.bin_h;
       if (reach) reinterpret_cast<short4*>(reach)[r] = make_short4(reach_of[0], reach_of[1], reach_of[2], reach_of[3]);
       if (slots) {
+        t.y_start = g.y_start;
+        t.bin_h = g.bin_h;
         // part: the RoI's image, twice, +1 where it reaches row split_row - 1 or further (a row's
         // margin for the forward's own sums); 2 batch for rows the forward writes NaN for
         const int part = ok ? 2 * b + (reach_of[0] <= reach_of[1] && reach_of[1] >= split_row - 1) : 2 * batch;
         const A width = fabs(g.bin_w) * pw;
-        const int width_class = ok && width < A(kWidthClasses - 1) ? (int)width : ok ? kWidthClasses - 1 : 0;
+        const int width_class = !ok ? 0 : width < A(kWidthClasses - 1) ? (int)width : kWidthClasses - 1;
         const int bucket = part * kWidthClasses + width_class;
         const int rank = atomicAdd(counts + bucket, 1);
         atomicAdd(counts + (2 * batch + 1) * kWidthClasses + part, 1);
@@ -1078,9 +1078,19 @@ __device__ __forceinline__ void plane_table_prefetch(const PlaneRoi<A>* t, int l
   if (column) asm volatile("prefetch.global.L1 [%0];" ::"l"(t->cols + l));
 }
 
-// log2 of the lanes a RoI takes in plane_pool: a power of two, at least its
-// pw * n x samples.
-__device__ __forceinline__ int plane_slot_bits(int pw, int n) { return 32 - __clz(pw * n - 1); }
+// plane_pool's lanes: slots of a power of two lanes, at least a RoI's pw * n
+// x samples, a RoI a slot, per_warp slots a warp; this lane is lane l of
+// slot q. The warp's first RoIs are first + warp * per_warp on.
+struct PlaneSlots {
+  int per_warp, q, l;
+  __device__ __forceinline__ PlaneSlots(int pw, int n) {
+    const int lane = threadIdx.x & 31, bits = 32 - __clz(pw * n - 1);
+    per_warp = 32 >> bits;
+    q = lane >> bits;
+    l = lane & ((1 << bits) - 1);
+  }
+  __device__ __forceinline__ int warp_first(int first) const { return first + (int)(threadIdx.x >> 5) * per_warp; }
+};
 
 __device__ __forceinline__ float shared_value(const float*, unsigned at) {
   float v;
@@ -1109,9 +1119,8 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
                                            T* output, index_t out_s0, index_t out_s2, index_t out_s3, int split,
                                            unsigned rest_bar) {
   static_assert(sizeof(A) == 4, "float positions: the plane modes take no float64");
-  const int lane = threadIdx.x & 31;
-  const int slot_bits = plane_slot_bits(pw, N), per_warp = 32 >> slot_bits;
-  const int q = lane >> slot_bits, l = lane & ((1 << slot_bits) - 1);
+  const PlaneSlots slots(pw, N);
+  const int per_warp = slots.per_warp, q = slots.q, l = slots.l;
   const int j = l / N;
   const bool writer = j < pw && (l & (N - 1)) == 0;
   const unsigned base = (unsigned)__cvta_generic_to_shared(plane);
@@ -1119,7 +1128,7 @@ __device__ __forceinline__ void plane_pool(const T* plane, const int* order, int
   // a row's byte offset from the bits of 2^23 + its index (mod 2^32)
   const unsigned col_base = 0u - __float_as_uint(kTwo23) * row_bytes;
   const unsigned last_row_bits = __float_as_uint(kTwo23) + height - 1;
-  for (int r0 = first + (threadIdx.x >> 5) * per_warp; r0 < last; r0 += kPlaneWarps * per_warp) {
+  for (int r0 = slots.warp_first(first); r0 < last; r0 += kPlaneWarps * per_warp) {
 #if __CUDA_ARCH__ >= 900
     if (rest_bar && r0 + per_warp > split) {  // a RoI of part 2 b + 1: the plane's other rows
       plane_bulk_wait(rest_bar);
@@ -1211,10 +1220,9 @@ __global__ void __launch_bounds__(kPlaneThreads, 1) roi_align_forward_plane(
       }
   const int first = starts[2 * b], split = starts[2 * b + 1], last = starts[2 * b + 2];
   {  // the table lines of the slot's first RoI, while the plane comes
-    const int slot_bits = plane_slot_bits(pw, sampling_ratio), lane = threadIdx.x & 31;
-    const int l = lane & ((1 << slot_bits) - 1);
-    const int r = first + (threadIdx.x >> 5) * (32 >> slot_bits) + (lane >> slot_bits);
-    if (r < last) plane_table_prefetch(geo + order[r], l, l < pw * sampling_ratio);
+    const PlaneSlots slots(pw, sampling_ratio);
+    const int r = slots.warp_first(first) + slots.q;
+    if (r < last) plane_table_prefetch(geo + order[r], slots.l, slots.l < pw * sampling_ratio);
   }
   __syncthreads();  // the copy engine's barrier initialized; the other copies' elements
   unsigned rest_bar = 0;
