@@ -1683,6 +1683,9 @@ __global__ void __launch_bounds__(kTileThreads, 3) roi_align_backward_tiles(
     }
   }
 
+  // the NCHW write-out's lanes read other lanes' sums: where the image has no RoIs, no barrier of
+  // the loop above separates them from the zero fill (racecheck, an image of none)
+  __syncwarp();
   const int y = y0 + row;
   if (y >= height) return;
   T* out = grad_input + (index_t)b * gi_s0 + y * gi_s2;

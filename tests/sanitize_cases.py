@@ -192,7 +192,8 @@ def plane_calls(rng):
     x = torch.tensor(rng.standard_normal((n, 260, h, w)), dtype=torch.float32, device="cuda").requires_grad_(True)
     out = cupy_roi.roi_align(x, rt, (2, 3), 0.5, 4, False)
     out.backward(torch.ones_like(out))
-    # 130 images: roi_image_order's counters shared by all its warps (past 128 images)
+    # 130 images: roi_image_order's counters shared by all its warps (past 128 images); most
+    # images without a RoI (tile blocks that skip to their write-out)
     many = 130
     x = torch.tensor(rng.standard_normal((many, c, h, w)), dtype=torch.float32, device="cuda").requires_grad_(True)
     rt = torch.tensor(rois(rng, many, h, w), device="cuda", dtype=torch.float32)
