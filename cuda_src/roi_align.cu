@@ -878,23 +878,23 @@ __device__ __forceinline__ void warp_reach(bool on, int lo, int hi, short& first
   last = (short)min(hi, 0x7fff);
 }
 
-// A warp a RoI: table[k] for every RoI k (rows of an invalid batch index
-// too, though the plane kernels read none of theirs), the fields its kernel
-// reads: y_start and bin_h where slots is given (the plane forward), rows
-// where it is not (the tile backward). Where slots is given, RoI k goes into a bucket for roi_plane_order: its part
-// (2 b for the RoIs of image b that read no row from split_row - 1 on, which
-// the forward pools while the rest of the plane arrives; 2 b + 1 for the
-// others; 2 batch for rows the forward writes NaN for) times kWidthClasses
-// plus its width class, and slots[k] = (bucket, its rank among the bucket's
-// RoIs, from an atomic on counts[bucket]); counts[(2 batch + 1) *
-// kWidthClasses + part] counts the part's RoIs. counts comes zero-filled
-// (zero_ints). Rows lo/hi are in units of row_bytes,
-// columns of item bytes: the forward's byte offsets in
-// its plane, or pixel indices (1, 1) for the tile backward. Where reach is
-// given (the tile backward), reach[r] (4 shorts) is the first and last pixel
-// row, first and last column that the samples of RoI order[r] reach (first
-// > last: none), in the order's places: the tile kernel's test of which RoIs
-// reach a tile reads them 32 places at a time.
+// A warp a RoI: table[k] for every RoI k (rows of an invalid batch index too,
+// though the plane kernels read none of theirs), the fields its kernel reads:
+// y_start and bin_h where slots is given (the plane forward), rows where it is
+// not (the tile backward). Where slots is given, RoI k goes into a bucket for
+// roi_plane_order: its part (2 b for the RoIs of image b that read no row from
+// split_row - 1 on, which the forward pools while the rest of the plane
+// arrives; 2 b + 1 for the others; 2 batch for rows the forward writes NaN for)
+// times kWidthClasses plus its width class, and slots[k] = (bucket, its rank
+// among the bucket's RoIs, from an atomic on counts[bucket]);
+// counts[(2 batch + 1) * kWidthClasses + part] counts the part's RoIs. counts
+// comes zero-filled (zero_ints). Rows lo/hi are in units of row_bytes,
+// columns of item bytes: the forward's byte offsets in its plane, or pixel
+// indices (1, 1) for the tile backward. Where reach is given (the tile
+// backward), reach[r] (4 shorts) is the first and last pixel row, first and
+// last column that the samples of RoI order[r] reach (first > last: none), in
+// the order's places: the tile kernel's test of which RoIs reach a tile reads
+// them 32 places at a time.
 template <typename T, bool PS>
 __global__ void roi_align_plane_geometry(
     const typename acc_type<T>::type* __restrict__ rois, index_t num_rois, int batch, int height, int width,
